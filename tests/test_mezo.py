@@ -1,0 +1,357 @@
+"""The MeZO engine: descent, restore, determinism, safety, replay."""
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from zoobj import MeZO, NonFiniteLossError, decay_groups, replay
+from zoobj.mezo import RECORD_KEYS, noise, step_seed
+
+
+def least_squares(seed=0, n=64, d=8):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, d, generator=g)
+    x_true = torch.randn(d, generator=g)
+    b = A @ x_true
+    w = torch.zeros(d)
+    return A, b, w, lambda: ((A @ w - b) ** 2).mean()
+
+
+def test_descends_on_least_squares():
+    A, b, w, loss = least_squares()
+    start = float(loss())
+    opt = MeZO([w], lr=0.01, eps=1e-3, seed=1)
+    for _ in range(400):
+        opt.step(loss)
+    assert float(loss()) < 0.05 * start
+
+
+@pytest.mark.parametrize("rule", ["momentum", "adam"])
+def test_stateful_rules_descend(rule):
+    A, b, w, loss = least_squares()
+    start = float(loss())
+    lr = 0.002 if rule == "momentum" else 0.02
+    opt = MeZO([w], lr=lr, eps=1e-3, seed=1, rule=rule)
+    for _ in range(400):
+        opt.step(loss)
+    assert float(loss()) < 0.2 * start
+    assert set(opt.state[0]) >= {"exp_avg"}
+
+
+def test_n_spsa_descends_and_records_n_seeds():
+    A, b, w, loss = least_squares()
+    start = float(loss())
+    opt = MeZO([w], lr=0.01, eps=1e-3, seed=3, n=4)
+    for _ in range(150):
+        opt.step(loss)
+    assert float(loss()) < 0.2 * start
+    rec = opt.trajectory[-1]
+    assert len(rec["seeds"]) == len(rec["grads"]) == len(rec["loss_plus"]) == 4
+    assert len(set(rec["seeds"])) == 4
+
+
+def test_lr_zero_restores_weights():
+    torch.manual_seed(0)
+    ws = [torch.randn(1000), torch.randn(30, 40)]
+    before = [w.clone() for w in ws]
+    opt = MeZO(ws, lr=0.0, eps=1e-3, seed=5, n=2)
+    for _ in range(20):
+        opt.step(lambda: sum((w**2).sum() for w in ws))
+    # 60 in-place passes of +-eps*z: only float32 rounding may remain
+    for w, w0 in zip(ws, before):
+        torch.testing.assert_close(w, w0, rtol=2e-6, atol=1e-6)
+
+
+def test_parameters_change_and_records_are_complete():
+    w = torch.ones(10)
+    opt = MeZO([w], lr=0.1, eps=1e-2, seed=0)
+    w0 = w.clone()
+    loss = opt.step(lambda: (w**2).sum())
+    assert not torch.equal(w, w0)
+    rec = opt.trajectory[0]
+    assert set(rec) == set(RECORD_KEYS)
+    assert rec["step"] == 0 and rec["lr"] == 0.1 and rec["skipped"] is False
+    assert rec["ties"] == 0
+    lp, lm = rec["loss_plus"][0], rec["loss_minus"][0]
+    assert math.isclose(loss, (lp + lm) / 2, rel_tol=1e-6)
+    assert math.isclose(rec["grads"][0], (lp - lm) / 2e-2, rel_tol=1e-5)
+    assert len(__import__("json").dumps(rec)) < 200
+
+
+def run(seed, steps=10, threads=None):
+    if threads:
+        torch.set_num_threads(threads)
+    A, b, w, loss = least_squares()
+    opt = MeZO([w], lr=0.01, eps=1e-3, seed=seed)
+    for _ in range(steps):
+        opt.step(loss)
+    return w, opt.trajectory
+
+
+def test_same_seed_same_trajectory_and_weights():
+    w1, t1 = run(7)
+    w2, t2 = run(7)
+    w3, t3 = run(8)
+    assert torch.equal(w1, w2) and t1 == t2
+    assert not torch.equal(w1, w3)
+    assert [r["seeds"] for r in t1] != [r["seeds"] for r in t3]
+
+
+def test_noise_independent_of_thread_count():
+    torch.set_num_threads(1)
+    z1 = noise((300, 1000), seed=123, index=2)
+    torch.set_num_threads(2)
+    z2 = noise((300, 1000), seed=123, index=2)
+    assert torch.equal(z1, z2)
+    w1, t1 = run(4, threads=1)
+    w2, t2 = run(4, threads=2)
+    assert torch.equal(w1, w2) and t1 == t2
+
+
+def test_noise_is_standard_normal_and_varies_by_seed_and_index():
+    z = noise(200_000, seed=1)
+    assert abs(float(z.mean())) < 0.01
+    assert abs(float(z.std()) - 1) < 0.01
+    assert abs(float((z**4).mean()) - 3) < 0.1  # Gaussian kurtosis
+    other_seed, other_index = noise(200_000, seed=2), noise(200_000, seed=1, index=1)
+    assert abs(float((z * other_seed).mean())) < 0.01
+    assert abs(float((z * other_index).mean())) < 0.01
+
+
+def test_step_seed_is_pure():
+    assert step_seed(3, 10, 1) == step_seed(3, 10, 1)
+    assert len({step_seed(0, t) for t in range(1000)}) == 1000
+    assert all(0 <= step_seed(s, t) < 2**32 for s in range(3) for t in range(3))
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("fail_on_call", [1, 2])
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+def test_exception_in_closure_restores_weights(fail_on_call, exc):
+    torch.manual_seed(0)
+    w = torch.randn(50)
+    opt = MeZO([w], lr=0.1, eps=0.5, seed=0)
+    opt.step(lambda: (w**2).sum())
+    w0 = w.clone()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == fail_on_call:
+            raise exc("stop")
+        return (w**2).sum()
+
+    with pytest.raises(exc):
+        opt.step(closure)
+    torch.testing.assert_close(w, w0, rtol=0, atol=1e-6)
+    assert len(opt.trajectory) == 1 and opt.step_count == 1
+
+
+def test_sigint_during_closure_restores_weights():
+    w = torch.randn(100)
+    w0 = w.clone()
+    opt = MeZO([w], lr=0.1, eps=0.5, seed=0)
+
+    def closure():
+        os.kill(os.getpid(), signal.SIGINT)
+        return (w**2).sum()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    torch.testing.assert_close(w, w0, rtol=0, atol=1e-6)
+    assert opt.trajectory == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_skips_update(bad):
+    w = torch.randn(20)
+    w0 = w.clone()
+    opt = MeZO([w], lr=0.1, eps=1e-2)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return bad if len(calls) == 2 else (w**2).sum()
+
+    opt.step(closure)
+    torch.testing.assert_close(w, w0, rtol=0, atol=1e-6)
+    rec = opt.trajectory[0]
+    assert rec["skipped"] is True and rec["grads"] == [0.0] and rec["loss_minus"] == [None]
+    opt.step(lambda: (w**2).sum())  # training goes on
+    assert opt.trajectory[1]["skipped"] is False
+
+
+def test_non_finite_loss_can_raise():
+    w = torch.randn(20)
+    w0 = w.clone()
+    opt = MeZO([w], lr=0.1, eps=1e-2, on_nonfinite="raise")
+    with pytest.raises(NonFiniteLossError):
+        opt.step(lambda: float("nan"))
+    torch.testing.assert_close(w, w0, rtol=0, atol=1e-6)
+    assert opt.trajectory == []
+
+
+def test_closure_returning_non_number_is_a_type_error_and_restores():
+    w = torch.randn(20)
+    w0 = w.clone()
+    opt = MeZO([w], lr=0.1, eps=1e-2)
+    with pytest.raises(TypeError, match="float or a 0-dim tensor"):
+        opt.step(lambda: "0.5")
+    torch.testing.assert_close(w, w0, rtol=0, atol=1e-6)
+
+
+def test_ties_are_counted():
+    w = torch.randn(5)
+    opt = MeZO([w], lr=0.1, eps=1e-3, n=3)
+    opt.step(lambda: 1.0)  # a constant objective: l+ == l- every time
+    assert opt.trajectory[0]["ties"] == 3 and opt.trajectory[0]["grads"] == [0.0] * 3
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(rule="sgd"),
+        dict(rule="sgd", n=3, weight_decay=0.1),
+        dict(rule="momentum"),
+        dict(rule="adam", n=2),
+    ],
+)
+def test_replay_reproduces_trained_weights_exactly(kwargs):
+    torch.manual_seed(0)
+    base = [torch.randn(40), torch.randn(8, 5)]
+    ws = [b.clone() for b in base]
+    settings = dict(lr=0.01, eps=1e-3, seed=11, **kwargs)
+    opt = MeZO(ws, **settings)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return float("nan") if len(calls) == 7 else sum((w**2).sum() for w in ws)
+
+    for _ in range(12):
+        opt.step(closure)
+    assert any(r["skipped"] for r in opt.trajectory)
+    rebuilt = [b.clone() for b in base]
+    again = replay(rebuilt, opt.trajectory, **settings)
+    for w, r in zip(ws, rebuilt):
+        assert torch.equal(w, r)
+    assert again.step_count == 12
+    # and it continues exactly as the original would have
+    opt.step(lambda: sum((w**2).sum() for w in ws))
+    again.step(lambda: sum((w**2).sum() for w in rebuilt))
+    assert opt.trajectory[-1] == again.trajectory[-1]
+
+
+def test_replay_rejects_out_of_order_records():
+    w = torch.zeros(3)
+    opt = MeZO([w], lr=0.1)
+    with pytest.raises(ValueError, match="step 5"):
+        opt.replay([{"step": 5, "seeds": [1], "grads": [0.0], "lr": 0.1, "loss_plus": [0.0],
+                     "loss_minus": [0.0], "ties": 1, "skipped": False}])
+
+
+def test_param_groups_lr_weight_decay_and_frozen():
+    a, b = torch.ones(100), torch.ones(100)
+    frozen = torch.nn.Parameter(torch.ones(10), requires_grad=False)
+    opt = MeZO([{"params": [a], "lr": 0.0, "weight_decay": 0.5}, {"params": [b, frozen]}], lr=0.1)
+    opt.step(lambda: float((a**2).sum() + (b**2).sum()))
+    torch.testing.assert_close(a, torch.ones(100), rtol=0, atol=1e-6)  # group lr 0: no decay either
+    assert not torch.allclose(b, torch.ones(100))
+    assert torch.equal(frozen, torch.ones(10))
+
+    # weight decay alone shrinks the weights: a zero objective gives g = 0
+    c = torch.ones(100)
+    MeZO([c], lr=0.1, weight_decay=0.5).step(lambda: 0.0)
+    torch.testing.assert_close(c, torch.full((100,), 0.95), rtol=0, atol=1e-6)
+
+
+def test_schedule_sets_recorded_lr():
+    w = torch.ones(4)
+    opt = MeZO([w], lr=0.1, schedule=lambda t: 1.0 / (1 + t))
+    for _ in range(3):
+        opt.step(lambda: (w**2).sum())
+    assert [r["lr"] for r in opt.trajectory] == [0.1, 0.05, pytest.approx(0.033333333)]
+
+
+def test_decay_groups_leave_out_bias_and_norm():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    decay, no_decay = decay_groups(model.named_parameters(), 0.01)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4]), torch.Size([2, 4])]
+    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(eps=0.0), "eps"),
+        (dict(n=0), "n must"),
+        (dict(rule="sign"), "sgd, momentum, adam"),
+        (dict(on_nonfinite="ignore"), "on_nonfinite"),
+    ],
+)
+def test_bad_settings_are_value_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MeZO([torch.zeros(2)], **{"lr": 0.1, **kwargs})
+
+
+def test_bad_params():
+    with pytest.raises(ValueError, match="empty"):
+        MeZO([], lr=0.1)
+    with pytest.raises(TypeError):
+        MeZO(torch.zeros(3), lr=0.1)
+    with pytest.raises(TypeError, match="floating-point"):
+        MeZO([torch.zeros(3, dtype=torch.int64)], lr=0.1)
+
+
+def test_state_dict_round_trip():
+    A, b, w, loss = least_squares()
+    opt = MeZO([w], lr=0.002, rule="momentum")
+    for _ in range(3):
+        opt.step(loss)
+    sd = opt.state_dict()
+    other = MeZO([w.clone()], lr=0.002, rule="momentum")
+    other.load_state_dict(sd)
+    assert other.step_count == 3 and torch.equal(other.state[0]["exp_avg"], opt.state[0]["exp_avg"])
+    with pytest.raises(ValueError, match="rule"):
+        MeZO([w.clone()], lr=0.002, rule="adam").load_state_dict(sd)
+
+
+def test_eager_noise_matches_compiled(monkeypatch):
+    from zoobj import mezo
+
+    compiled = mezo.noise((3, 1000), seed=9, index=4)
+    monkeypatch.setenv("ZOOBJ_COMPILE", "0")
+    eager_kernel = mezo._Kernel()
+    monkeypatch.setattr(mezo, "_kernel", eager_kernel)
+    monkeypatch.setattr(mezo, "_EAGER_CHUNK", 256)  # several chunks, offsets exercised
+    eager = mezo.noise((3, 1000), seed=9, index=4)
+    assert eager_kernel.backend == "eager"
+    torch.testing.assert_close(eager, compiled, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_causal_lm_cross_entropy_falls():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (8, 16))
+
+    def loss():
+        return model(input_ids=ids, labels=ids).loss
+
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    start = float(loss())
+    opt = MeZO(model.parameters(), lr=3e-3, eps=1e-3, seed=0)
+    for _ in range(200):
+        opt.step(loss)
+    assert float(loss()) < start - 0.15
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())

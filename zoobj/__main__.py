@@ -1,0 +1,3 @@
+from zoobj.cli import main
+
+main()
