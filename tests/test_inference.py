@@ -1,0 +1,80 @@
+"""Batched scoring, generation and target NLL agree with one-at-a-time reference code."""
+
+import pytest
+import torch
+
+from tests.tiny import tiny_gemma, tiny_llama, tiny_tokenizer
+from zoobj import inference
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["gemma", "llama"])
+def model(request, tok):
+    build = tiny_gemma if request.param == "gemma" else tiny_llama
+    return build(len(tok))
+
+
+PROMPTS = ["the cat sat on the mat It was", "Title: Denmark\nQuestion: one two three red blue green\nAnswer:", "Yes"]
+
+
+def naive_logprob(model, tok, prompt, cand):
+    p = tok(prompt)["input_ids"]
+    c = tok(cand, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + c])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    return sum(float(logp[len(p) - 1 + k, t]) for k, t in enumerate(c)), len(c)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_score_candidates_matches_one_forward_per_candidate(model, tok, normalize):
+    cands = [[" great", " terrible"], [" Denmark and Norway", " one"], [" so the dog ran", " because"]]
+    got = inference.score_candidates(model, tok, PROMPTS, cands, length_normalize=normalize, batch_size=2)
+    for prompt, cs, row in zip(PROMPTS, cands, got):
+        for c, value in zip(cs, row):
+            total, n = naive_logprob(model, tok, prompt, c)
+            assert value == pytest.approx(total / n if normalize else total, abs=1e-4)
+
+
+def test_single_token_candidates_need_one_forward(model, tok):
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        inference.score_candidates(model, tok, PROMPTS, [["Yes", "No"]] * 3, batch_size=8)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+def naive_generate(model, tok, prompt, max_new):
+    ids = tok(prompt)["input_ids"]
+    stops = inference._stop_ids(tok)
+    out = []
+    for _ in range(max_new):
+        with torch.no_grad():
+            nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+        out.append(nxt)
+        if nxt in stops:
+            break
+    return tok.decode(out, skip_special_tokens=True).split("\n", 1)[0].strip()
+
+
+def test_generate_matches_greedy_one_at_a_time(model, tok):
+    got = inference.generate(model, tok, PROMPTS, max_new_tokens=12, batch_size=2)
+    assert got == [naive_generate(model, tok, p, 12) for p in PROMPTS]
+    assert any(got)  # a random model still says something
+
+
+def test_target_nll_matches_reference(model, tok):
+    targets = [" great", " one\n", " Yes No Maybe"]
+    got = inference.target_nll(model, tok, PROMPTS, targets, batch_size=2)
+    total, count = 0.0, 0
+    for p, t in zip(PROMPTS, targets):
+        lp, n = naive_logprob(model, tok, p, t)
+        total -= lp
+        count += n
+    assert got == pytest.approx(total / count, abs=1e-4)

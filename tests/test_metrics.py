@@ -1,0 +1,407 @@
+"""Metrics: SQuAD scoring, classification, the registry, user rewards, evaluate, bootstrap."""
+
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from zoobj.errors import ConfigError, RewardError
+from zoobj.metrics import (
+    METRICS,
+    bootstrap_ci,
+    get_metric,
+    list_metrics,
+    normalize_answer,
+    per_example_scores,
+    reward,
+    squad_exact_match,
+    squad_f1,
+)
+
+# --- SQuAD v1.1 -------------------------------------------------------------------
+
+
+def test_f1_partial_overlap_hand_worked():
+    # 3 common tokens; P = 3/3, R = 3/4 -> F1 = 2 * 3/4 / (7/4) = 6/7
+    assert get_metric("f1")(["Denmark and Norway"], [["Denmark, Iceland and Norway"]]) == pytest.approx(6 / 7)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The Beatles", "beatles"),
+        ("a cat and an owl", "cat and owl"),
+        ("theatre another", "theatre another"),  # articles only as whole words
+        ("U.S.A., (1990)!", "usa 1990"),
+        ("  New\tYork \n City ", "new york city"),
+        ("THE END", "end"),
+    ],
+)
+def test_normalize_answer(text, expected):
+    assert normalize_answer(text) == expected
+
+
+def test_exact_match_takes_best_gold_and_normalises():
+    assert squad_exact_match("the Eiffel Tower.", ["Paris", "Eiffel tower"]) == 1.0
+    assert squad_exact_match("Eiffel", ["Paris", "Eiffel tower"]) == 0.0
+    assert get_metric("em") is get_metric("exact_match")
+    assert get_metric("em")(["Paris", "Rome"], [["paris"], ["Milan", "Turin"]]) == 0.5
+
+
+def test_f1_is_max_over_golds_and_bare_string_reference():
+    # vs "blue whale": P = 1/2, R = 1 -> 2/3; vs "whale": P = 1/2, R = 1 -> 2/3; vs "shark": 0
+    assert squad_f1("the blue whale", ["shark", "whale"]) == pytest.approx(2 / 3)
+    assert squad_f1("whale", "the whale") == 1.0
+    assert get_metric("f1")(["whale", "x"], ["whale", ["y"]]) == 0.5
+
+
+def test_f1_zero_without_common_tokens():
+    assert squad_f1("red fox", ["blue whale"]) == 0.0
+    assert squad_f1("the", ["a"]) == 0.0  # both normalise to nothing
+
+
+def test_per_example_scores_of_builtins():
+    assert per_example_scores("exact_match", ["x b", "c"], [["b"], ["c"]]) == [0.0, 1.0]
+    assert per_example_scores("accuracy", [1, 2], [1, 1]) == [1.0, 0.0]
+    assert per_example_scores("macro_f1", [1, 2], [1, 1]) is None
+
+
+# --- classification ---------------------------------------------------------------
+
+
+def test_accuracy_by_hand():
+    assert get_metric("accuracy")([0, 1, 2, 2], [0, 1, 1, 2]) == 0.75
+    assert get_metric("accuracy")([1], [0], prompts=["p"], rows=[{"x": 1}]) == 0.0
+
+
+def test_macro_f1_by_hand():
+    # refs 0 0 1 1 2, preds 0 1 1 1 0
+    # class 0: tp 1, fp 1, fn 1 -> 1/2; class 1: tp 2, fp 1, fn 0 -> 4/5; class 2: 0
+    value = get_metric("macro_f1")([0, 1, 1, 1, 0], [0, 0, 1, 1, 2])
+    assert value == pytest.approx((1 / 2 + 4 / 5 + 0) / 3)
+    assert get_metric("macro_f1")([0, 1], [0, 1]) == 1.0
+
+
+def test_batch_length_mismatch_and_empty_batch():
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        get_metric("accuracy")([0, 1], [0])
+    with pytest.raises(ValueError, match="empty"):
+        get_metric("f1")([], [])
+
+
+# --- registry and loading ---------------------------------------------------------
+
+
+def test_registry_is_a_plain_dict_of_callables():
+    assert isinstance(METRICS, dict)
+    assert list_metrics() == sorted(METRICS)
+    assert {"accuracy", "macro_f1", "f1", "exact_match", "em"} <= set(METRICS)
+    assert all(callable(m) for m in METRICS.values())
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ConfigError) as info:
+        get_metric("bleu_score")
+    message = str(info.value)
+    assert "bleu_score" in message and "\n" not in message
+    for name in list_metrics():
+        assert name in message
+
+
+def test_dotted_path_loads_function():
+    metric = get_metric("operator:eq")  # (a, b): per example
+    assert metric(["x", "y", "z", "w"], ["x", "y", "q", "w"]) == 0.75
+    assert get_metric("zoobj.metrics.squad:f1") is get_metric("f1")  # a built-in stays itself
+
+
+def test_file_path_loads_function(tmp_path):
+    path = tmp_path / "my_reward.py"
+    path.write_text("def longer(prediction, reference):\n    return float(len(prediction) > len(reference))\n")
+    metric = get_metric(f"{path}:longer")
+    assert metric(["abc", "a"], ["ab", "ab"]) == 0.5
+    assert per_example_scores(metric, ["abc", "a"], ["ab", "ab"]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("no_such_module_xyz:f", "no_such_module_xyz"),
+        ("operator:no_such_function", "no_such_function"),
+        ("math:pi", "not a function"),
+        ("missing/dir/reward.py:f", "no such file"),
+        ("operator:", "malformed"),
+    ],
+)
+def test_loading_errors_are_one_line_config_errors(spec, needle):
+    with pytest.raises(ConfigError, match=needle) as info:
+        get_metric(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_file_that_fails_to_import(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(ConfigError, match="RuntimeError: boom"):
+        get_metric(f"{path}:f")
+
+
+# --- user rewards: signature dispatch ---------------------------------------------
+
+
+def test_example_form_is_averaged():
+    calls = []
+
+    def score(prediction, reference):
+        calls.append((prediction, reference))
+        return prediction == reference
+
+    metric = get_metric(score)
+    assert metric.form == "example"
+    assert metric(["a", "b", "c", "d"], ["a", "x", "c", "y"]) == 0.5  # bools count as 0/1
+    assert len(calls) == 4
+
+
+def test_batch_form_called_once():
+    calls = []
+
+    def score(predictions, references):
+        calls.append(len(predictions))
+        return 0.25
+
+    metric = get_metric(score)
+    assert metric.form == "batch"
+    assert metric(["a", "b", "c"], ["a", "b", "c"]) == 0.25
+    assert calls == [3]
+    assert per_example_scores(metric, ["a"], ["a"]) is None
+
+
+def test_trl_form_gets_prompts_completions_and_columns():
+    seen = {}
+
+    def score(completions, prompts, **kwargs):
+        seen.update(kwargs, prompts=prompts)
+        return [float(c == s) for c, s in zip(completions, kwargs["solution"])]
+
+    metric = get_metric(score)
+    assert metric.form == "trl"
+    rows = [{"solution": "4", "level": 1}, {"solution": "9", "level": 2}]
+    assert metric(["4", "8"], ["ref4", "ref9"], prompts=["2+2=", "3*3="], rows=rows) == 0.5
+    assert seen["prompts"] == ["2+2=", "3*3="]
+    assert seen["level"] == [1, 2]
+    assert seen["references"] == ["ref4", "ref9"]
+
+
+def test_trl_form_without_kwargs_is_config_error():
+    def score(completions, solution):
+        return [1.0] * len(completions)
+
+    with pytest.raises(ConfigError, match="kwargs"):
+        get_metric(score)
+
+
+def test_decorator_overrides_signature_rule():
+    @reward(form="batch")
+    def whole(preds, refs):
+        return len(preds) / 10
+
+    @reward
+    def each(predictions, references):  # plural names, but marked per example
+        return float(predictions == references)
+
+    @reward(form="trl")
+    def trl(outputs, **kwargs):
+        return [1.0 for _ in outputs]
+
+    assert get_metric(whole).form == "batch"
+    assert get_metric(whole)(["a", "b"], ["a", "b"]) == 0.2
+    assert get_metric(each).form == "example"
+    assert get_metric(each)(["a", "b"], ["a", "c"]) == 0.5
+    assert each("a", "a") == 1.0  # the decorated function is still the user's function
+    assert get_metric(trl).form == "trl"
+    with pytest.raises(ConfigError, match="form"):
+        reward(form="pairwise")
+
+
+def test_two_argument_rule_rejects_other_arities():
+    def three(a, b, c):
+        return 1.0
+
+    with pytest.raises(ConfigError, match="two arguments"):
+        get_metric(three)
+
+
+def test_trl_none_means_not_applicable():
+    def maybe(completions, **kwargs):
+        return [None if c == "?" else float(len(c)) for c in completions]
+
+    metric = get_metric(maybe)
+    assert metric(["ab", "?", "abcd"], [0, 0, 0]) == 3.0  # mean of 2 and 4
+    assert per_example_scores(metric, ["ab", "?"], [0, 0]) == [2.0, None]
+    with pytest.raises(RewardError, match="None for all"):
+        metric(["?", "?"], [0, 0])
+
+
+# --- user rewards: errors ---------------------------------------------------------
+
+
+def _fails_on_third(prediction, reference):
+    if prediction == "c":
+        raise ZeroDivisionError("bad input")
+    return 1.0
+
+
+@pytest.mark.parametrize(
+    ("third", "needle"),
+    [
+        (float("nan"), "nan"),
+        (math.inf, "inf"),
+        (None, "None"),
+        ("0.5", "str"),
+    ],
+)
+def test_unusable_return_values_name_reward_and_example(third, needle):
+    def score(prediction, reference):
+        return third if prediction == "c" else 1.0
+
+    with pytest.raises(RewardError) as info:
+        get_metric(score)(["a", "b", "c"], ["a", "b", "c"])
+    message = str(info.value)
+    assert needle in message and "example 2" in message and "score" in message
+    assert "\n" not in message
+
+
+def test_raising_reward_names_reward_example_and_exception():
+    with pytest.raises(RewardError) as info:
+        get_metric("tests.test_metrics:_fails_on_third")(["a", "b", "c"], ["a", "b", "c"])
+    message = str(info.value)
+    assert "tests.test_metrics:_fails_on_third" in message
+    assert "example 2" in message and "ZeroDivisionError" in message and "bad input" in message
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+def test_trl_reward_errors():
+    def short(completions, **kwargs):
+        return [1.0]
+
+    def bad_value(completions, **kwargs):
+        return [1.0, "high"]
+
+    with pytest.raises(RewardError, match="1 scores for 2 examples"):
+        get_metric(short)(["a", "b"], [0, 0])
+    with pytest.raises(RewardError, match="example 1"):
+        get_metric(bad_value)(["a", "b"], [0, 0])
+
+
+def test_batch_metric_returning_garbage_names_metric():
+    def nan_metric(predictions, references):
+        return float("nan")
+
+    def text_metric(predictions, references):
+        return "good"
+
+    for fn in (nan_metric, text_metric):
+        with pytest.raises(RewardError, match=fn.__name__):
+            get_metric(fn)(["a"], ["a"])
+
+
+def test_numpy_scores_are_accepted():
+    metric = get_metric(lambda prediction, reference: np.float32(0.5))
+    assert metric(["a", "b"], ["a", "b"]) == 0.5
+
+
+# --- evaluate -----------------------------------------------------------------------
+
+
+class _FakeModule:
+    def __init__(self, result):
+        self.result = result
+        self.calls = []
+
+    def compute(self, predictions, references):
+        self.calls.append((predictions, references))
+        return self.result
+
+
+def _fake_evaluate(monkeypatch, load):
+    fake = types.ModuleType("evaluate")
+    fake.load = load
+    monkeypatch.setitem(sys.modules, "evaluate", fake)
+
+
+def test_evaluate_name_main_score_scaled_from_percent(monkeypatch):
+    module = _FakeModule({"exact_match": 70.0, "f1": 85.0})
+    loaded = []
+    _fake_evaluate(monkeypatch, lambda name: loaded.append(name) or module)
+    metric = get_metric("evaluate:f1")
+    assert loaded == ["f1"]  # loaded at get_metric time
+    assert metric(["a"], ["a"]) == pytest.approx(0.85)
+    assert module.calls == [(["a"], ["a"])]
+
+
+def test_evaluate_first_number_when_no_key_matches(monkeypatch):
+    _fake_evaluate(monkeypatch, lambda name: _FakeModule({"name": "x", "score": 0.4, "other": 0.9}))
+    assert get_metric("evaluate:rouge")(["a"], ["a"]) == pytest.approx(0.4)
+
+
+def test_evaluate_local_script(monkeypatch, tmp_path):
+    script = tmp_path / "my_metric.py"
+    script.write_text("# an evaluate metric script\n")
+    loaded = []
+    _fake_evaluate(monkeypatch, lambda path: loaded.append(path) or _FakeModule({"my_metric": 0.3, "n": 7}))
+    assert get_metric(str(script))(["a"], ["a"]) == pytest.approx(0.3)
+    assert loaded == [str(script)]
+
+
+def test_evaluate_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "evaluate", None)  # import fails
+    with pytest.raises(ConfigError, match="pip install evaluate"):
+        get_metric("evaluate:f1")
+
+
+def test_evaluate_load_failure_is_one_clear_line(monkeypatch):
+    def offline(name):
+        raise ConnectionError("Couldn't reach the Hub\nsecond line")
+
+    _fake_evaluate(monkeypatch, offline)
+    with pytest.raises(ConfigError) as info:
+        get_metric("evaluate:squad")
+    message = str(info.value)
+    assert "could not load" in message and "squad" in message and "Hub" in message and "local" in message
+    assert "\n" not in message
+
+
+# --- bootstrap ----------------------------------------------------------------------
+
+
+def test_bootstrap_is_deterministic_and_brackets_the_value():
+    rng = np.random.default_rng(1)
+    refs = rng.integers(0, 2, 200).tolist()
+    preds = [r if rng.random() < 0.7 else 1 - r for r in refs]
+    value = get_metric("accuracy")(preds, refs)
+    first = bootstrap_ci("accuracy", preds, refs, n_resamples=300, seed=3)
+    assert first == bootstrap_ci("accuracy", preds, refs, n_resamples=300, seed=3)
+    assert first != bootstrap_ci("accuracy", preds, refs, n_resamples=300, seed=4)
+    low, high = first
+    assert 0 <= low <= value <= high <= 1
+
+
+def test_bootstrap_narrower_with_more_data():
+    small = bootstrap_ci("accuracy", [1, 0] * 10, [1, 1] * 10, n_resamples=300)
+    large = bootstrap_ci("accuracy", [1, 0] * 1000, [1, 1] * 1000, n_resamples=300)
+    assert large[1] - large[0] < (small[1] - small[0]) / 3
+
+
+def test_bootstrap_recomputes_batch_metrics():
+    @reward(form="batch")
+    def batch_accuracy(predictions, references):
+        return sum(p == r for p, r in zip(predictions, references)) / len(predictions)
+
+    preds, refs = [1, 0, 1, 1, 0, 1] * 5, [1, 1, 1, 1, 0, 0] * 5
+    # per-example resampling and recomputation draw the same indices for one seed
+    assert bootstrap_ci(batch_accuracy, preds, refs, n_resamples=200) == pytest.approx(
+        bootstrap_ci("accuracy", preds, refs, n_resamples=200)
+    )
+    low, high = bootstrap_ci("macro_f1", preds, refs, n_resamples=50)
+    assert 0 <= low <= get_metric("macro_f1")(preds, refs) <= high <= 1

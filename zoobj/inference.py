@@ -1,0 +1,197 @@
+"""Batched forward passes that turn prompts into predictions, and nothing more.
+
+- ``score_candidates``: log-likelihood of each candidate continuation. The prompts are
+  encoded once (left padding, KV cache, logits for the last position only); when every
+  candidate is a single token that one forward is all; otherwise the cache is repeated
+  per candidate and only the candidate tokens run through the model.
+- ``generate``: greedy decoding in batches with the KV cache, prompts sorted by length
+  to waste little on padding, each row stopping at a newline or eos.
+- ``target_nll``: mean negative log-likelihood of target tokens after their prompts,
+  with logits computed only where targets are.
+
+Everything runs under ``torch.inference_mode``; no gradients exist anywhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+
+
+def _cache_kw(model) -> str:
+    """transformers 5 calls the KV cache argument ``cache``; earlier versions ``past_key_values``."""
+    name = getattr(model, "_zoobj_cache_kw", None)
+    if name is None:
+        params = inspect.signature(model.forward).parameters
+        name = "cache" if "cache" in params else "past_key_values"
+        try:
+            model._zoobj_cache_kw = name
+        except AttributeError:  # pragma: no cover
+            pass
+    return name
+
+
+def _cache_out(out):
+    return out.get("cache", None) if "cache" in out else out.get("past_key_values", None)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _encode(tok, texts: Sequence[str], special: bool) -> list[list[int]]:
+    return [tok(t, add_special_tokens=special)["input_ids"] for t in texts]
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield range(start, min(n, start + size))
+
+
+@torch.inference_mode()
+def score_candidates(
+    model, tok, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
+    length_normalize: bool = True, batch_size: int = 16,
+) -> list[list[float]]:
+    """Log-likelihood of each candidate string appended to its prompt.
+
+    ``candidates[i]`` are the continuations of ``prompts[i]``, each exactly as it is to
+    be appended (leading space included where the template wants one). With
+    ``length_normalize`` the score is the mean log-probability per candidate token.
+    """
+    dev, pad = _device(model), tok.pad_token_id
+    prompt_ids = _encode(tok, prompts, special=True)
+    cand_ids = [_encode(tok, cs, special=False) for cs in candidates]
+    for i, cs in enumerate(cand_ids):
+        for j, c in enumerate(cs):
+            if not c:
+                raise ValueError(f"candidate {candidates[i][j]!r} encodes to no tokens")
+    scores: list[list[float]] = [[] for _ in prompts]
+    kw = _cache_kw(model)
+    for rows in _batches(len(prompts), batch_size):
+        ids, mask = _left_pad([prompt_ids[i] for i in rows], pad, dev)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (b, V)
+        flat = [(r, j, c) for r, i in enumerate(rows) for j, c in enumerate(cand_ids[i])]
+        totals = {(r, j): float(first[r, c[0]]) for r, j, c in flat}
+        if any(len(c) > 1 for _, _, c in flat):
+            # Repeat the prompt cache per candidate and run only the candidate tokens.
+            counts = [len(cand_ids[i]) for i in rows]
+            if len(set(counts)) != 1:
+                raise ValueError("examples in one batch must have the same number of candidates")
+            per = counts[0]
+            cache = _cache_out(out)
+            cache.batch_repeat_interleave(per)
+            width = max(len(c) for _, _, c in flat) - 1
+            cids = torch.full((len(flat), max(width, 1)), pad, dtype=torch.long)
+            cmask = torch.zeros((len(flat), max(width, 1)), dtype=torch.long)
+            for k, (_, _, c) in enumerate(flat):
+                cids[k, : len(c) - 1] = torch.tensor(c[:-1])
+                cmask[k, : len(c) - 1] = 1
+            full_mask = torch.cat([mask.repeat_interleave(per, 0), cmask.to(dev)], dim=1)
+            start = mask.sum(-1).repeat_interleave(per, 0)[:, None]
+            pos = start + torch.arange(cids.shape[1], device=dev)[None, :]
+            out2 = model(input_ids=cids.to(dev), attention_mask=full_mask, position_ids=pos, use_cache=True, **{kw: cache})
+            logp = torch.log_softmax(out2.logits.float(), dim=-1)
+            for k, (r, j, c) in enumerate(flat):
+                if len(c) > 1:
+                    nxt = torch.tensor(c[1:], device=dev)
+                    totals[(r, j)] += float(logp[k, : len(c) - 1].gather(-1, nxt[:, None]).sum())
+        for r, j, c in flat:
+            value = totals[(r, j)]
+            scores[rows[r]].append(value / len(c) if length_normalize else value)
+    return scores
+
+
+def _stop_ids(tok) -> set[int]:
+    """Token ids that end an answer: eos, and every token whose text holds a newline."""
+    cached = getattr(tok, "_zoobj_stop_ids", None)
+    if cached is not None:
+        return cached
+    stops = {i for i in (tok.eos_token_id,) if i is not None}
+    vocab = tok.get_vocab()
+    for piece, idx in vocab.items():
+        if "\n" in piece or piece in ("Ċ", "<0x0A>"):
+            stops.add(idx)
+    try:
+        tok._zoobj_stop_ids = stops
+    except AttributeError:  # pragma: no cover
+        pass
+    return stops
+
+
+@torch.inference_mode()
+def generate(
+    model, tok, prompts: Sequence[str], max_new_tokens: int = 50, batch_size: int = 16,
+) -> list[str]:
+    """Greedy continuations, cut at the first newline (or eos), stripped."""
+    dev, pad = _device(model), tok.pad_token_id
+    prompt_ids = _encode(tok, prompts, special=True)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))  # less padding per batch
+    stops = torch.tensor(sorted(_stop_ids(tok)), device=dev)
+    results: list[str] = [""] * len(prompts)
+    kw = _cache_kw(model)
+    for rows in _batches(len(order), batch_size):
+        idx = [order[i] for i in rows]
+        ids, mask = _left_pad([prompt_ids[i] for i in idx], pad, dev)
+        pos = _positions(mask)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        new = torch.full((len(idx), max_new_tokens), pad, dtype=torch.long, device=dev)
+        done = torch.zeros(len(idx), dtype=torch.bool, device=dev)
+        last = pos[:, -1]
+        for t in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            new[:, t] = nxt
+            done |= torch.isin(nxt, stops)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=mask.dtype, device=dev)], dim=1)
+            last = last + 1
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
+                        use_cache=True, **{kw: _cache_out(out)})
+        for r, i in enumerate(idx):
+            text = tok.decode(new[r].tolist(), skip_special_tokens=True)
+            results[i] = text.split("\n", 1)[0].strip()
+    return results
+
+
+@torch.inference_mode()
+def target_nll(model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 16) -> float:
+    """Mean negative log-likelihood per target token of ``targets[i]`` after ``prompts[i]``."""
+    dev, pad = _device(model), tok.pad_token_id
+    total, count = 0.0, 0
+    for rows in _batches(len(prompts), batch_size):
+        p_ids = _encode(tok, [prompts[i] for i in rows], special=True)
+        t_ids = _encode(tok, [targets[i] for i in rows], special=False)
+        seqs = [p + t for p, t in zip(p_ids, t_ids)]
+        ids, mask = _left_pad(seqs, pad, dev)
+        keep = max(len(t) for t in t_ids) + 1  # left padding: every target ends at the last position
+        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=keep)
+        logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # position k predicts token k+1
+        for r, t in enumerate(t_ids):
+            if not t:
+                continue
+            nxt = torch.tensor(t, device=dev)
+            total -= float(logp[r, -len(t):].gather(-1, nxt[:, None]).sum())
+            count += len(t)
+    if count == 0:
+        raise ValueError("no target tokens to score")
+    return total / count

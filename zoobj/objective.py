@@ -1,0 +1,98 @@
+"""(task, metric) -> a loss for MeZO, and the evaluation that reports it.
+
+The metric objective: the perturbed model predicts the batch (candidate scoring or
+greedy generation, forward passes only) and the loss is ``-metric(predictions,
+references)``. The cross-entropy objective, the comparison baseline, is the mean
+negative log-likelihood of the gold continuation (``task.target(row)``) after its
+prompt. Both take a batch of rows and return a float; ``MeZO.step`` wants a closure
+of no arguments, so the training loop binds the batch:
+``opt.step(lambda: objective(batch))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from zoobj import inference
+from zoobj.metrics import bootstrap_ci, get_metric
+
+OBJECTIVES = ("metric", "ce")
+
+
+def predict(model, tok, task, rows: Sequence[dict], batch_size: int = 16, max_new_tokens: int | None = None) -> list:
+    """Predictions for ``rows``: class indices (classification) or answer strings (generation)."""
+    prompts = [task.prompt(r) for r in rows]
+    if task.kind == "generation":
+        limit = max_new_tokens or getattr(task, "max_new_tokens", 50)
+        return inference.generate(model, tok, prompts, max_new_tokens=limit, batch_size=batch_size)
+    scores = inference.score_candidates(
+        model, tok, prompts, [task.choices(r) for r in rows],
+        length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size,
+    )
+    return [int(np.argmax(s)) for s in scores]
+
+
+def metric_objective(model, tok, task, metric: str | Callable, batch_size: int = 16,
+                     max_new_tokens: int | None = None) -> Callable[[Sequence[dict]], float]:
+    """``batch -> -metric(predictions(batch), references(batch))``."""
+    fn = get_metric(metric) if isinstance(metric, str) else metric
+
+    def loss(rows: Sequence[dict]) -> float:
+        preds = predict(model, tok, task, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        refs = [task.reference(r) for r in rows]
+        return -float(fn(preds, refs, prompts=[task.prompt(r) for r in rows], rows=list(rows)))
+
+    return loss
+
+
+def ce_objective(model, tok, task, batch_size: int = 16) -> Callable[[Sequence[dict]], float]:
+    """``batch -> mean NLL of the gold continuation tokens``."""
+
+    def loss(rows: Sequence[dict]) -> float:
+        return inference.target_nll(model, tok, [task.prompt(r) for r in rows], [task.target(r) for r in rows],
+                                    batch_size=batch_size)
+
+    return loss
+
+
+def make_objective(kind: str, model, tok, task, metric, **kw) -> Callable[[Sequence[dict]], float]:
+    if kind == "metric":
+        return metric_objective(model, tok, task, metric, **kw)
+    if kind == "ce":
+        kw.pop("max_new_tokens", None)
+        return ce_objective(model, tok, task, **kw)
+    from zoobj.errors import ConfigError
+
+    raise ConfigError(f"unknown objective {kind!r}; choose one of {', '.join(OBJECTIVES)}")
+
+
+def evaluate(model, tok, task, metric: str | Callable | None = None, split: str | None = None,
+             limit: int | None = None, batch_size: int = 16, data: str | None = None,
+             rows: Sequence[dict] | None = None, n_resamples: int = 1000) -> dict:
+    """The metric of the model's predictions on the first ``limit`` rows of ``split``.
+
+    Returns ``{"task", "metric", "split", "n", "value", "ci95", "predictions"}`` where
+    ``ci95`` is a 95% percentile bootstrap interval over examples.
+    """
+    metric = metric or task.metric
+    fn = get_metric(metric) if isinstance(metric, str) else metric
+    split = split or task.eval_split
+    if rows is None:
+        rows = task.load(split, data)
+    rows = list(rows)[: limit] if limit else list(rows)
+    preds = predict(model, tok, task, rows, batch_size=batch_size)
+    refs = [task.reference(r) for r in rows]
+    extra = {"prompts": [task.prompt(r) for r in rows], "rows": rows}
+    value = float(fn(preds, refs, **extra))
+    low, high = bootstrap_ci(fn, preds, refs, n_resamples=n_resamples, **extra)
+    return {
+        "task": task.name,
+        "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"),
+        "split": split,
+        "n": len(rows),
+        "value": value,
+        "ci95": [float(low), float(high)],
+        "predictions": preds,
+    }
