@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--n-score", type=int, default=64)
     ap.add_argument("--n-generate", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
 

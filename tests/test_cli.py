@@ -1,9 +1,117 @@
+"""The command line on a tiny model saved to a temp folder."""
+
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+import torch
 
 import zoobj
+from tests.tiny import tiny_gemma, tiny_tokenizer
+from zoobj.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tok = tiny_tokenizer()
+    tiny_gemma(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def cli(*args):
+    """Run the CLI in-process; returns the exit code."""
+    old = sys.argv
+    sys.argv = ["zoobj", *map(str, args)]
+    try:
+        main()
+        return 0
+    except SystemExit as exc:
+        return exc.code
+    finally:
+        sys.argv = old
+
+
+def zoobj_subprocess(*args):
+    env = {**os.environ, "COLUMNS": "60", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "zoobj", *map(str, args)], capture_output=True, text=True, env=env)
 
 
 def test_console_entry_prints_version():
-    out = subprocess.run([sys.executable, "-m", "zoobj", "--version"], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == f"zoobj {zoobj.__version__}"
+    out = zoobj_subprocess("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"zoobj {zoobj.__version__}"
+
+
+COMMON = ["--task", "sst2", "--batch-size", "4", "--eval-limit", "8", "--eval-every", "3", "--lr", "1e-3", "--eps", "1e-2"]
+
+
+def test_train_writes_the_five_files_and_export_round_trips(model_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert cli("train", *COMMON, "--model", model_dir, "--steps", "4", "--output", run_dir) == 0
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == ["config.json", "curve.png", "eval.json", "log.jsonl", "trajectory.jsonl"]
+    lines = (run_dir / "trajectory.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and [json.loads(x)["step"] for x in lines] == [0, 1, 2, 3]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"] == model_dir and len(config["base_weights_sha256"]) == 64 and config["lr"] == 1e-3
+    final = json.loads((run_dir / "eval.json").read_text())
+    out = capsys.readouterr().out
+    assert any("zero-shot accuracy" in line and f"{final['zero_shot']:.4f}" in line for line in out.splitlines())
+
+    exported = tmp_path / "exported"
+    assert cli("export", run_dir, "--output", exported) == 0
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    trained = AutoModelForCausalLM.from_pretrained(exported)
+    assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), trained.parameters()))
+    capsys.readouterr()
+    assert cli("eval", "--task", "sst2", "--model", exported, "--limit", "8", "--json") == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["value"] == final["value"] and result["n"] == 8
+    assert set(result) >= {"task", "metric", "split", "n", "value", "ci95"}
+
+
+def test_resume_continues_exactly(model_dir, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli("train", *COMMON, "--model", model_dir, "--steps", "6", "--output", whole) == 0
+    assert cli("train", *COMMON, "--model", model_dir, "--steps", "3", "--output", split) == 0
+    assert cli("train", "--resume", split, "--steps", "6") == 0
+    a = (whole / "trajectory.jsonl").read_text().splitlines()
+    b = (split / "trajectory.jsonl").read_text().splitlines()
+    assert len(a) == 6 and a == b
+
+
+def test_resume_refuses_a_contradicting_flag(model_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert cli("train", *COMMON, "--model", model_dir, "--steps", "1", "--output", run_dir) == 0
+    assert cli("train", "--resume", run_dir, "--steps", "2", "--lr", "0.5") == 2
+    assert "contradicts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, needle, choices",
+    [
+        (["--task", "nope"], "unknown task 'nope'", "sst2"),
+        (["--task", "sst2", "--metric", "nope"], "unknown metric 'nope'", "accuracy"),
+        (["--task", "sst2", "--model", "/no/such/dir"], "/no/such/dir", "gemma-3-270m"),
+    ],
+)
+def test_bad_names_exit_2_with_one_line(args, needle, choices):
+    out = zoobj_subprocess("train", *args, "--steps", "1")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert needle in lines[0] and choices in lines[0] and "Traceback" not in out.stderr
+    assert len(lines[0]) > 60  # not hard-wrapped at the terminal width
+
+
+def test_list_shows_tasks_metrics_and_models(capsys):
+    assert cli("list") == 0
+    out = capsys.readouterr().out
+    for name in ("squad", "sst2", "copa", "f1", "accuracy", "gemma-3-270m"):
+        assert name in out

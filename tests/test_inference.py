@@ -12,10 +12,11 @@ def tok():
     return tiny_tokenizer()
 
 
-@pytest.fixture(scope="module", params=["gemma", "llama"])
+@pytest.fixture(scope="module", params=["gemma-window-16", "gemma-window-512", "llama"])
 def model(request, tok):
-    build = tiny_gemma if request.param == "gemma" else tiny_llama
-    return build(len(tok))
+    if request.param == "llama":
+        return tiny_llama(len(tok))
+    return tiny_gemma(len(tok), sliding_window=int(request.param.rsplit("-", 1)[1]))
 
 
 PROMPTS = ["the cat sat on the mat It was", "Title: Denmark\nQuestion: one two three red blue green\nAnswer:", "Yes"]
@@ -63,9 +64,11 @@ def naive_generate(model, tok, prompt, max_new):
     return tok.decode(out, skip_special_tokens=True).split("\n", 1)[0].strip()
 
 
-def test_generate_matches_greedy_one_at_a_time(model, tok):
-    got = inference.generate(model, tok, PROMPTS, max_new_tokens=12, batch_size=2)
-    assert got == [naive_generate(model, tok, p, 12) for p in PROMPTS]
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_generate_matches_greedy_one_at_a_time(model, tok, batch_size):
+    prompts = PROMPTS + ["the dog ran in the park and the cat sat on the mat so", "red blue"]
+    got = inference.generate(model, tok, prompts, max_new_tokens=12, batch_size=batch_size)
+    assert got == [naive_generate(model, tok, p, 12) for p in prompts]
     assert any(got)  # a random model still says something
 
 
@@ -78,3 +81,28 @@ def test_target_nll_matches_reference(model, tok):
         total -= lp
         count += n
     assert got == pytest.approx(total / count, abs=1e-4)
+
+
+def test_rows_that_stop_early_leave_the_batch_without_changing_others(model):
+    tok = tiny_tokenizer()  # a fresh one: its stop set is changed below
+    prompts = PROMPTS + ["the dog ran in the park and the cat sat on the mat so", "red blue"]
+    free = inference.generate(model, tok, prompts, max_new_tokens=12, batch_size=8)
+    # make the second token of some rows' answers a stop token, so they end early
+    early = {tok(free[i], add_special_tokens=False)["input_ids"][1] for i in (0, 3)}
+    tok._zoobj_stop_ids = inference._stop_ids(tok) | early
+    got = inference.generate(model, tok, prompts, max_new_tokens=12, batch_size=8)
+    assert got == [naive_generate(model, tok, p, 12) for p in prompts]
+    assert len({len(g) for g in got}) > 1 and got != free
+
+
+@pytest.mark.parametrize("peft", ["lora", "prefix"])
+def test_peft_models_decode_with_the_cache_like_a_full_forward(tok, peft):
+    from zoobj.models import trainable_parameters
+
+    model, named = trainable_parameters(tiny_gemma(len(tok), sliding_window=512), peft, seed=0)
+    with torch.no_grad():
+        for _, p in named:
+            p.add_(torch.randn_like(p) * 0.5)  # an adapter that actually changes the outputs
+    prompts = ["the cat sat on the mat It was", "red blue"]
+    got = inference.generate(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    assert got == [naive_generate(model, tok, p, 6) for p in prompts]

@@ -24,7 +24,10 @@ def _cache_kw(model) -> str:
     """transformers 5 calls the KV cache argument ``cache``; earlier versions ``past_key_values``."""
     name = getattr(model, "_zoobj_cache_kw", None)
     if name is None:
-        params = inspect.signature(model.forward).parameters
+        # a peft wrapper takes **kwargs: ask the model underneath (peft's prefix tuning
+        # only keeps a cache passed under the name the base model uses)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(base.forward).parameters
         name = "cache" if "cache" in params else "past_key_values"
         try:
             model._zoobj_cache_kw = name
@@ -137,11 +140,49 @@ def _stop_ids(tok) -> set[int]:
     return stops
 
 
+def _merged_prefill(model, prompt_ids: list[list[int]], dev):
+    """Prefill each prompt alone (no compute spent on padding), then stack the KV caches
+    left-padded into one batch for decoding. None where the cache cannot be stacked
+    (no per-layer tensors, or a prompt that a sliding-window layer has already cut)."""
+    from torch.nn.functional import pad as fpad
+
+    window = getattr(model.config, "sliding_window", None) or 0
+    width = max(len(p) for p in prompt_ids)
+    if window and width >= window - 1:
+        return None
+    outs = [model(input_ids=torch.tensor([p], device=dev), use_cache=True, logits_to_keep=1) for p in prompt_ids]
+    caches = [_cache_out(o) for o in outs]
+    if not all(hasattr(c, "layers") for c in caches):
+        return None
+    try:
+        merged = type(caches[0])(config=model.config)
+    except TypeError:
+        return None
+    for li in range(len(caches[0].layers)):
+        ks, vs = [], []
+        for c, p in zip(caches, prompt_ids):
+            k, v = c.layers[li].keys, c.layers[li].values
+            if k is None or k.shape[-2] != len(p):
+                return None
+            ks.append(fpad(k, (0, 0, width - len(p), 0)))
+            vs.append(fpad(v, (0, 0, width - len(p), 0)))
+        merged.update(torch.cat(ks), torch.cat(vs), li)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long, device=dev)
+    for i, p in enumerate(prompt_ids):
+        mask[i, width - len(p):] = 1
+    logits = torch.cat([o.logits[:, -1] for o in outs])
+    return logits, merged, mask
+
+
 @torch.inference_mode()
 def generate(
     model, tok, prompts: Sequence[str], max_new_tokens: int = 50, batch_size: int = 16,
 ) -> list[str]:
-    """Greedy continuations, cut at the first newline (or eos), stripped."""
+    """Greedy continuations, cut at the first newline (or eos), stripped.
+
+    Prompts are prefilled one by one (so no work goes into padding) and decoded
+    together; a row that has stopped leaves the batch.
+    """
     dev, pad = _device(model), tok.pad_token_id
     prompt_ids = _encode(tok, prompts, special=True)
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))  # less padding per batch
@@ -150,23 +191,32 @@ def generate(
     kw = _cache_kw(model)
     for rows in _batches(len(order), batch_size):
         idx = [order[i] for i in rows]
-        ids, mask = _left_pad([prompt_ids[i] for i in idx], pad, dev)
-        pos = _positions(mask)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        merged = _merged_prefill(model, [prompt_ids[i] for i in idx], dev)
+        if merged is not None:
+            logits, cache, mask = merged
+        else:  # one padded batch
+            ids, mask = _left_pad([prompt_ids[i] for i in idx], pad, dev)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
+                        logits_to_keep=1)
+            logits, cache = out.logits[:, -1], _cache_out(out)
         new = torch.full((len(idx), max_new_tokens), pad, dtype=torch.long, device=dev)
-        done = torch.zeros(len(idx), dtype=torch.bool, device=dev)
-        last = pos[:, -1]
+        active = torch.arange(len(idx), device=dev)  # rows still generating
+        last = mask.sum(-1) - 1
         for t in range(max_new_tokens):
-            nxt = out.logits[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            new[:, t] = nxt
-            done |= torch.isin(nxt, stops)
+            nxt = logits.argmax(-1)
+            new[active, t] = nxt
+            done = torch.isin(nxt, stops)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=mask.dtype, device=dev)], dim=1)
+            if bool(done.any()):  # stopped rows leave the batch
+                keep = (~done).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                active, nxt, mask, last = active[keep], nxt[keep], mask[keep], last[keep]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], dim=1)
             last = last + 1
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
-                        use_cache=True, **{kw: _cache_out(out)})
+                        use_cache=True, **{kw: cache})
+            logits, cache = out.logits[:, -1], _cache_out(out)
         for r, i in enumerate(idx):
             text = tok.decode(new[r].tolist(), skip_special_tokens=True)
             results[i] = text.split("\n", 1)[0].strip()

@@ -89,6 +89,14 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name or name.endswith(".gguf")
 
 
+def _quiet() -> None:
+    """No progress bars or load reports from transformers: zoobj prints its own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _from_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -136,6 +144,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
+    _quiet()
     name = str(name_or_path)
     try:
         if name in ALIASES:
@@ -169,3 +178,69 @@ def load_model(
     tok.padding_side = "left"
     model.to(device).eval()
     return model, tok
+
+
+def _is_embedding(name: str, model) -> bool:
+    emb = model.get_input_embeddings()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    param = dict(model.named_parameters()).get(name)
+    return param is not None and any(m is not None and param is m.weight for m in (emb, out))
+
+
+def trainable_parameters(model, peft: str = "none", train_embeddings: bool = False, seed: int = 0,
+                         lora_r: int = 8, lora_alpha: int = 16, prefix_tokens: int = 5):
+    """Choose what MeZO perturbs. Returns ``(model, [(name, tensor), ...])`` in a fixed order.
+
+    - ``none``: every weight of the model (full-parameter MeZO), except the token
+      embeddings unless ``train_embeddings`` (with a 262k vocabulary they are 64% of
+      Gemma-3-270M and cost noise time while changing little).
+    - ``lora``: LoRA adapters from ``peft`` (r=8, alpha=16 on the attention q/v
+      projections); the base weights stay frozen. Adapter init is seeded by ``seed``.
+    - ``prefix``: prefix tuning from ``peft`` (5 virtual tokens per layer).
+    """
+    if peft == "none":
+        named = [(n, p) for n, p in model.named_parameters() if train_embeddings or not _is_embedding(n, model)]
+        return model, named
+    if peft == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ConfigError("--peft lora needs the peft package: pip install peft") from None
+        targets = [m for m in ("q_proj", "v_proj") if any(n.endswith(m) for n, _ in model.named_modules())]
+        if not targets:
+            raise ConfigError("--peft lora: this model has no q_proj / v_proj modules to adapt")
+        torch.manual_seed(seed)
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=targets,
+                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+        named = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+        model.eval()
+        return model, named
+    if peft == "prefix":
+        try:
+            from peft import PrefixTuningConfig, get_peft_model
+        except ImportError:
+            raise ConfigError("--peft prefix needs the peft package: pip install peft") from None
+        torch.manual_seed(seed)
+        # peft's prefix cache works with zoobj's own decoding loop (which passes the KV
+        # cache back as ``cache=``); peft + transformers 5.24 ``generate`` drops the prefix.
+        model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=prefix_tokens, task_type="CAUSAL_LM"))
+        named = [(n, p) for n, p in model.named_parameters() if "prompt_encoder" in n]
+        model.eval()
+        return model, named
+    raise ConfigError(f"unknown --peft {peft!r}; choose one of none, lora, prefix")
+
+
+def merged_for_saving(model):
+    """A plain transformers model: LoRA adapters merged into the weights (a copy).
+
+    A prefix-tuned model cannot be merged: it is saved as a peft adapter folder
+    (load it with ``peft.AutoPeftModelForCausalLM``)."""
+    from_peft = getattr(model, "peft_config", None)
+    if from_peft and any(getattr(c, "peft_type", "") == "PREFIX_TUNING" or str(getattr(c, "peft_type", "")).endswith("PREFIX_TUNING")
+                         for c in from_peft.values()):
+        return model
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model

@@ -70,10 +70,12 @@ def make_objective(kind: str, model, tok, task, metric, **kw) -> Callable[[Seque
 
 def evaluate(model, tok, task, metric: str | Callable | None = None, split: str | None = None,
              limit: int | None = None, batch_size: int = 16, data: str | None = None,
-             rows: Sequence[dict] | None = None, n_resamples: int = 1000) -> dict:
+             rows: Sequence[dict] | None = None, n_resamples: int = 1000,
+             predictions: list | None = None) -> dict:
     """The metric of the model's predictions on the first ``limit`` rows of ``split``.
 
-    Returns ``{"task", "metric", "split", "n", "value", "ci95", "predictions"}`` where
+    ``predictions`` may be passed in (e.g. to score one set of predictions with several
+    metrics). Returns ``{"task", "metric", "split", "n", "value", "ci95", "predictions"}`` where
     ``ci95`` is a 95% percentile bootstrap interval over examples.
     """
     metric = metric or task.metric
@@ -82,7 +84,7 @@ def evaluate(model, tok, task, metric: str | Callable | None = None, split: str 
     if rows is None:
         rows = task.load(split, data)
     rows = list(rows)[: limit] if limit else list(rows)
-    preds = predict(model, tok, task, rows, batch_size=batch_size)
+    preds = predictions if predictions is not None else predict(model, tok, task, rows, batch_size=batch_size)
     refs = [task.reference(r) for r in rows]
     extra = {"prompts": [task.prompt(r) for r in rows], "rows": rows}
     value = float(fn(preds, refs, **extra))

@@ -1,0 +1,325 @@
+"""The training loop and the run directory: train, resume, export, compare.
+
+A run directory holds ``config.json`` (every resolved setting, the model id and a hash
+of the base weights), ``trajectory.jsonl`` (one engine record per step: the
+checkpoint), ``log.jsonl`` (losses, dev metrics, timings), ``eval.json`` (final
+numbers) and ``curve.png``. No weights unless asked: base model + trajectory rebuild
+them (``export``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import zoobj
+from zoobj import trajectory as tj
+from zoobj.errors import ConfigError
+from zoobj.mezo import RULES, MeZO
+from zoobj.objective import OBJECTIVES, evaluate, make_objective
+
+PEFT = ("none", "lora", "prefix")
+# The paper's settings per parameter set (Malladi et al. 2023, Tables 15-16).
+PAPER_DEFAULTS = {"none": (1e-6, 1e-3), "lora": (1e-4, 1e-2), "prefix": (1e-2, 1e-1)}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. ``None`` means "the default for this task and parameter set"."""
+
+    task: str
+    metric: str | None = None
+    objective: str = "metric"
+    model: str = "gemma-3-270m"
+    steps: int = 20
+    batch_size: int = 8
+    lr: float | None = None
+    eps: float | None = None
+    n: int = 1
+    rule: str = "sgd"
+    peft: str = "none"
+    seed: int = 0
+    weight_decay: float = 0.0
+    train_embeddings: bool = False
+    eval_every: int = 10
+    eval_limit: int = 100
+    dev_limit: int = 32
+    train_max_new_tokens: int | None = None
+    data: str | None = None
+    dtype: str = "float32"
+    output: str | None = None
+    save_model: bool = False
+    zero_shot: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def resolved(self) -> TrainConfig:
+        from zoobj.tasks import get_task
+
+        c = dataclasses.replace(self)
+        if c.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {c.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if c.peft not in PEFT:
+            raise ConfigError(f"unknown --peft {c.peft!r}; choose one of {', '.join(PEFT)}")
+        if c.rule not in RULES:
+            raise ConfigError(f"unknown --rule {c.rule!r}; choose one of {', '.join(RULES)}")
+        if c.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {c.steps}")
+        if c.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {c.batch_size}")
+        task = get_task(c.task)
+        c.metric = c.metric or task.metric
+        if c.train_max_new_tokens is None and task.kind == "generation":
+            # shorter generations while training (answers are short; evaluation keeps the task's length)
+            c.train_max_new_tokens = min(getattr(task, "max_new_tokens", 50), 24)
+        from zoobj.metrics import get_metric
+
+        get_metric(c.metric)  # a bad name fails here, before any model is loaded
+        lr, eps = PAPER_DEFAULTS[c.peft]
+        c.lr = lr if c.lr is None else c.lr
+        c.eps = eps if c.eps is None else c.eps
+        if not (math.isfinite(c.lr) and c.lr >= 0):
+            raise ConfigError(f"--lr must be a finite number >= 0, got {c.lr}")
+        if not (math.isfinite(c.eps) and c.eps > 0):
+            raise ConfigError(f"--eps must be a finite number > 0, got {c.eps}")
+        if c.output is None:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            c.output = str(Path("runs") / f"{task.name}-{c.metric if c.objective == 'metric' else 'ce'}-{stamp}")
+        return c
+
+
+def weights_hash(model) -> str:
+    """sha256 over every tensor of the state dict (names, shapes, dtypes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def batch_indices(seed: int, step: int, size: int, n_rows: int) -> list[int]:
+    """The rows of step ``step``: a function of (seed, step) alone, never of --steps."""
+    rng = np.random.default_rng([seed, step])
+    return rng.choice(n_rows, size=min(size, n_rows), replace=False).tolist()
+
+
+def lr_schedule(step: int) -> float:
+    """Constant: the paper's MeZO runs use a constant learning rate."""
+    return 1.0
+
+
+@dataclass
+class Session:
+    """A model made ready for training: trainable tensors in a fixed order, and an optimizer."""
+
+    model: object
+    tok: object
+    params: list
+    optimizer: MeZO
+
+
+def prepare(cfg: TrainConfig, model=None, tok=None) -> Session:
+    from zoobj.models import load_model, trainable_parameters
+
+    if model is None:
+        model, tok = load_model(cfg.model, dtype=cfg.dtype)
+    model, named = trainable_parameters(model, cfg.peft, cfg.train_embeddings, seed=cfg.seed)
+    params = [p for _, p in named]
+    opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, n=cfg.n, rule=cfg.rule,
+               weight_decay=cfg.weight_decay, schedule=lr_schedule)
+    return Session(model, tok, params, opt)
+
+
+def _settings(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "save_model", "zero_shot")}
+
+
+def _save_model_dir(session: Session, cfg: TrainConfig, target: Path) -> None:
+    """save_pretrained into a temp folder, then rename: the folder is whole or absent."""
+    from zoobj.models import merged_for_saving
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        merged_for_saving(session.model).save_pretrained(tmp)
+        session.tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], None] | None = None,
+        model=None, tok=None) -> dict:
+    """Train (or continue) a run; returns the final evaluation. ``reporter(event, info)``
+    receives "start", "step", "dev", "done" events for progress display."""
+    from zoobj.tasks import get_task, train_dev
+
+    report = reporter or (lambda event, info: None)
+    cfg = cfg.resolved()
+    out = Path(cfg.output)
+    task = get_task(cfg.task)
+    train_rows, dev_rows, note = train_dev(task, cfg.data, seed=cfg.seed)
+    eval_rows = task.load(task.eval_split, cfg.data)[: cfg.eval_limit]
+    dev_rows = dev_rows[: cfg.dev_limit]
+
+    session = prepare(cfg, model, tok)
+    base_hash = weights_hash(session.model)
+    records: list[dict] = []
+    if resume:
+        saved = tj.read_json(out / tj.CONFIG)
+        if saved["base_weights_sha256"] != base_hash:
+            raise ConfigError(f"{out}: the base model's weights differ from the ones this run started from "
+                              f"({cfg.model}); resume with the same model")
+        records = tj.read_trajectory(out / tj.TRAJECTORY)
+        session.optimizer.replay(records)  # back to where the run stopped, bit for bit
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"output folder {out} exists and is not empty; choose another --output or --resume it")
+        out.mkdir(parents=True, exist_ok=True)
+        tj.write_json(out / tj.CONFIG, {
+            **_settings(cfg), "zoobj_version": zoobj.__version__, "base_weights_sha256": base_hash,
+            "noise_backend": session.optimizer.noise_backend, "trainable_parameters": sum(p.numel() for p in session.params),
+            "data_note": note,
+        })
+
+    objective = make_objective(cfg.objective, session.model, session.tok, task, cfg.metric,
+                               batch_size=cfg.batch_size,
+                               **({"max_new_tokens": cfg.train_max_new_tokens} if cfg.objective == "metric" else {}))
+    log = tj.JsonlWriter(out / tj.LOG)
+    traj = tj.JsonlWriter(out / tj.TRAJECTORY)
+    start_time = time.time()
+    zero = None
+    try:
+        if note:
+            log.append({"event": "note", "message": note})
+        if cfg.zero_shot and not resume:
+            zero = evaluate(session.model, session.tok, task, cfg.metric, rows=eval_rows, batch_size=cfg.batch_size)
+            zero.pop("predictions")
+            log.append({"event": "zero_shot", **zero})
+        elif resume:
+            prior = [r for r in tj.read_jsonl(out / tj.LOG) if r.get("event") == "zero_shot"]
+            zero = prior[-1] if prior else None
+        report("start", {"cfg": cfg, "start_step": len(records), "zero_shot": zero,
+                         "trainable": sum(p.numel() for p in session.params), "note": note})
+        opt = session.optimizer
+        for step in range(len(records), cfg.steps):
+            # sample the batch: a function of (seed, step) only
+            batch = [train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(train_rows))]
+            # perturb, evaluate l+ and l-, update (the engine restores the weights on any exception)
+            t0 = time.time()
+            loss = opt.step(lambda: objective(batch))
+            rec = opt.trajectory[-1]
+            # log: the trajectory line is the checkpoint; timings go to the log
+            traj.append(rec)
+            entry = {"event": "step", "step": step, "loss": loss, "grad": rec["grads"][0] if len(rec["grads"]) == 1
+                     else float(np.mean(rec["grads"])), "ties": rec["ties"], "skipped": rec["skipped"],
+                     "seconds": round(time.time() - t0, 4)}
+            log.append(entry)
+            report("step", entry)
+            # evaluate on dev now and then
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and dev_rows:
+                dev = evaluate(session.model, session.tok, task, cfg.metric, rows=dev_rows,
+                               batch_size=cfg.batch_size, n_resamples=200)
+                dev.pop("predictions")
+                log.append({"event": "dev", "step": step, "value": dev["value"], "ci95": dev["ci95"]})
+                report("dev", {"step": step, "value": dev["value"]})
+        final = evaluate(session.model, session.tok, task, cfg.metric, rows=eval_rows, batch_size=cfg.batch_size)
+        final.pop("predictions")
+        wall = time.time() - start_time
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        records = opt.trajectory
+        ties = sum(r["ties"] for r in records) / max(1, sum(len(r["seeds"]) for r in records))
+        result = {**final, "zero_shot": zero["value"] if zero else None,
+                  "zero_shot_ci95": zero["ci95"] if zero else None, "steps": len(records),
+                  "tie_rate": ties, "wall_seconds": round(wall, 1), "peak_rss_mib": round(peak_mib),
+                  "run_dir": str(out)}
+        log.append({"event": "final", **result})
+    finally:
+        traj.close()
+        log.close()
+    tj.write_json(out / tj.EVAL, result)
+    plot_curve(out)
+    if cfg.save_model:
+        _save_model_dir(session, cfg, out / "model")
+    report("done", result)
+    return result
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    saved = tj.read_json(Path(run_dir) / tj.CONFIG)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    cfg.output = str(run_dir)
+    return cfg
+
+
+def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
+    """The run's own settings; ``steps`` may change, any other flag must agree."""
+    cfg = load_run_config(run_dir)
+    for key, value in overrides.items():
+        if value is None or key in ("output", "steps"):
+            continue
+        if getattr(cfg, key) != value:
+            raise ConfigError(f"--{key.replace('_', '-')} {value!r} contradicts the run's {getattr(cfg, key)!r} "
+                              f"({run_dir}/config.json); leave it out when resuming")
+    if overrides.get("steps") is not None:
+        cfg.steps = overrides["steps"]
+    cfg.save_model = bool(overrides.get("save_model"))
+    return cfg
+
+
+def export(run_dir: str | Path, target: str | Path) -> Path:
+    """Base model + trajectory -> a folder that loads with ``from_pretrained``."""
+    cfg = load_run_config(run_dir)
+    session = prepare(cfg)
+    saved = tj.read_json(Path(run_dir) / tj.CONFIG)
+    if weights_hash(session.model) != saved["base_weights_sha256"]:
+        raise ConfigError(f"the base model {cfg.model!r} is not the one run {run_dir} started from")
+    session.optimizer.replay(tj.read_trajectory(Path(run_dir) / tj.TRAJECTORY))
+    _save_model_dir(session, cfg, Path(target))
+    return Path(target)
+
+
+def plot_curve(run_dir: str | Path) -> None:
+    """curve.png: loss, dev metric and tie rate against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    log = tj.read_jsonl(run_dir / tj.LOG)
+    steps = [r for r in log if r.get("event") == "step"]
+    dev = [r for r in log if r.get("event") == "dev"]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
+    axes[0].set(title="loss (mean of l+ and l-)", xlabel="step")
+    if dev:
+        axes[1].plot([r["step"] for r in dev], [r["value"] for r in dev], marker="o")
+    axes[1].set(title="dev metric", xlabel="step")
+    if steps:
+        ties = np.array([float(r["ties"] > 0) for r in steps])
+        window = max(1, min(20, len(ties)))
+        rolling = np.convolve(ties, np.ones(window) / window, mode="valid")
+        axes[2].plot([r["step"] for r in steps][window - 1 :], rolling)
+    axes[2].set(title=f"tie rate (rolling {window if steps else 0})", xlabel="step", ylim=(-0.05, 1.05))
+    fig.tight_layout()
+    tmp = run_dir / ".curve.tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, run_dir / tj.CURVE)
