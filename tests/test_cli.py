@@ -73,6 +73,8 @@ def test_train_writes_the_five_files_and_export_round_trips(model_dir, tmp_path,
     assert cli("eval", "--task", "sst2", "--model", exported, "--limit", "8", "--json") == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["value"] == final["value"] and result["n"] == 8
+    assert cli("eval", "--run", run_dir, "--limit", "8", "--json") == 0  # base model + trajectory, in memory
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["value"] == final["value"]
     assert set(result) >= {"task", "metric", "split", "n", "value", "ci95"}
 
 
@@ -115,3 +117,50 @@ def test_list_shows_tasks_metrics_and_models(capsys):
     out = capsys.readouterr().out
     for name in ("squad", "sst2", "copa", "f1", "accuracy", "gemma-3-270m"):
         assert name in out
+
+
+REWARD = """
+import os
+CALLS = [0]
+
+def acc(predictions, references):
+    if len(predictions) == 4:  # training batches only (evaluations use 8 or 32 rows)
+        CALLS[0] += 1
+        if CALLS[0] == int(os.environ.get("ZOOBJ_TEST_STOP_AT", "0")):
+            raise KeyboardInterrupt
+    return sum(p == r for p, r in zip(predictions, references)) / len(predictions)
+"""
+
+
+def test_ctrl_c_mid_step_keeps_complete_records_and_resume_matches(model_dir, tmp_path, monkeypatch, capsys):
+    reward = tmp_path / "reward.py"
+    reward.write_text(REWARD)
+    args = [*COMMON, "--model", model_dir, "--metric", f"{reward}:acc", "--eval-every", "0"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert cli("train", *args, "--steps", "5", "--output", whole) == 0
+    monkeypatch.setenv("ZOOBJ_TEST_STOP_AT", "6")  # the second closure call of step 2
+    assert cli("train", *args, "--steps", "5", "--output", cut) == 130
+    err = capsys.readouterr().err
+    assert f"Resume with: zoobj train --resume {cut}" in err and "after 2 complete steps" in err
+    assert len((cut / "trajectory.jsonl").read_text().splitlines()) == 2
+    monkeypatch.delenv("ZOOBJ_TEST_STOP_AT")
+    assert cli("train", "--resume", cut, "--steps", "5") == 0
+    assert (cut / "trajectory.jsonl").read_text() == (whole / "trajectory.jsonl").read_text()
+    assert json.loads((cut / "eval.json").read_text())["value"] == json.loads((whole / "eval.json").read_text())["value"]
+
+
+def test_resume_and_export_refuse_a_different_base_model(tmp_path, capsys):
+    model_path = tmp_path / "model"
+    tok = tiny_tokenizer()
+    tiny_gemma(len(tok), seed=0).save_pretrained(model_path)
+    tok.save_pretrained(model_path)
+    run_dir = tmp_path / "run"
+    assert cli("train", *COMMON, "--model", model_path, "--steps", "1", "--output", run_dir) == 0
+    tiny_gemma(len(tok), seed=1).save_pretrained(model_path)  # the base model changed underneath
+    capsys.readouterr()
+    assert cli("train", "--resume", run_dir, "--steps", "2") == 2
+    assert "differ" in capsys.readouterr().err
+    assert cli("export", run_dir, "--output", tmp_path / "out") == 2
+    assert "not the one" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert len((run_dir / "trajectory.jsonl").read_text().splitlines()) == 1

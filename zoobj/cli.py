@@ -33,8 +33,9 @@ def version_cmd() -> None:
 
 @app.command("eval")
 def eval_cmd(
-    task: str = typer.Option(..., "--task", help="Task name, task .toml file, or package.module:object."),
+    task: str = typer.Option(None, "--task", help="Task name, task .toml file, or package.module:object [default: the run's]."),
     metric: str = typer.Option(None, "--metric", help="Metric name(s), comma-separated, or module:function (default: the task's)."),
+    run: str = typer.Option(None, "--run", help="Evaluate the trained model of this run directory (base model + trajectory)."),
     model: str = typer.Option("gemma-3-270m", "--model", help="Model alias, local directory, .gguf file or Hub id."),
     split: str = typer.Option(None, "--split", help="Split to evaluate (default: the task's evaluation split)."),
     limit: int = typer.Option(None, "--limit", help="Evaluate the first N examples only."),
@@ -48,12 +49,26 @@ def eval_cmd(
     from zoobj.objective import evaluate
     from zoobj.tasks import get_task
 
+    run_cfg = None
+    if run:
+        from zoobj.train import load_run_config
+
+        run_cfg = load_run_config(run)
+        task = task or run_cfg.task
+    if task is None:
+        raise ZoobjError("--task is required (or --run DIR)")
     t = get_task(task)
-    names = [x.strip() for x in (metric or t.metric).split(",") if x.strip()]
+    names = [x.strip() for x in (metric or (run_cfg.metric if run_cfg else None) or t.metric).split(",") if x.strip()]
     from zoobj.metrics import get_metric
 
     fns = {name: get_metric(name) for name in names}  # fail on a bad name before loading the model
-    m, tok = load_model(model, dtype=dtype)
+    if run_cfg:
+        from zoobj.train import rebuild
+
+        _, session = rebuild(run)
+        m, tok, model = session.model, session.tok, f"{run_cfg.model} + {run}"
+    else:
+        m, tok = load_model(model, dtype=dtype)
     from zoobj.objective import predict
 
     rows = t.load(split or t.eval_split, data)
@@ -104,7 +119,9 @@ class _Progress:
     def __call__(self, event: str, info: dict) -> None:
         import time
 
-        if event == "start":
+        if event == "status":
+            (self.bar.console if self.task_id is not None else self.console).print(info["message"])
+        elif event == "start":
             cfg = info["cfg"]
             self.console.print(f"[bold]zoobj[/] {cfg.task} · objective {cfg.objective}"
                                f"{' (' + cfg.metric + ')' if cfg.objective == 'metric' else ''} · model {cfg.model} · "
@@ -200,10 +217,23 @@ def train_cmd(
     progress = _Progress()
     try:
         result = run(cfg, resume=bool(resume), reporter=progress)
+    except KeyboardInterrupt:
+        progress.stop()
+        done = _steps_on_disk(cfg.output)
+        print(f"zoobj: interrupted after {done} complete steps; weights were restored and the records are on disk. "
+              f"Resume with: zoobj train --resume {cfg.output}", file=sys.stderr)
+        sys.exit(130)
     except BaseException:
         progress.stop()
         raise
     _summary(result, cfg.metric or result["metric"])
+
+
+def _steps_on_disk(run_dir) -> int:
+    from pathlib import Path
+
+    path = Path(run_dir) / "trajectory.jsonl"
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
 
 
 @app.command("export")
@@ -272,9 +302,21 @@ def list_cmd() -> None:
 
 
 def main() -> None:
+    import signal
+
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+
+    def _term(signum, frame):  # a cluster preemption is handled like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
     try:
         app(standalone_mode=False)
     except ZoobjError as exc:
+        if debug:
+            raise
         print(f"zoobj: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -282,16 +324,21 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as exc:  # click's own usage errors come through here too
+    except Exception as exc:
         import click
 
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, click.exceptions.ClickException):  # usage errors: exit 2
             exc.show()
             sys.exit(exc.exit_code)
         if isinstance(exc, click.exceptions.Abort):
             print("zoobj: aborted", file=sys.stderr)
             sys.exit(130)
-        raise
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"zoobj: internal error: {type(exc).__name__}: {first} (run again with --debug for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ class TrainConfig:
     eval_every: int = 10
     eval_limit: int = 100
     dev_limit: int = 32
+    eval_batch_size: int = 32
     train_max_new_tokens: int | None = None
     data: str | None = None
     dtype: str = "float32"
@@ -186,7 +187,11 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
             raise ConfigError(f"{out}: the base model's weights differ from the ones this run started from "
                               f"({cfg.model}); resume with the same model")
         records = tj.read_trajectory(out / tj.TRAJECTORY)
+        if len(records) > cfg.steps:
+            raise ConfigError(f"{out} already has {len(records)} steps; pass --steps {len(records)} or more to resume it")
         session.optimizer.replay(records)  # back to where the run stopped, bit for bit
+        if saved.get("steps") != cfg.steps:
+            tj.write_json(out / tj.CONFIG, {**saved, "steps": cfg.steps})
     else:
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"output folder {out} exists and is not empty; choose another --output or --resume it")
@@ -208,7 +213,8 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
         if note:
             log.append({"event": "note", "message": note})
         if cfg.zero_shot and not resume:
-            zero = evaluate(session.model, session.tok, task, cfg.metric, rows=eval_rows, batch_size=cfg.batch_size)
+            report("status", {"message": f"zero-shot evaluation on {len(eval_rows)} {task.eval_split} examples ..."})
+            zero = evaluate(session.model, session.tok, task, cfg.metric, rows=eval_rows, batch_size=cfg.eval_batch_size)
             zero.pop("predictions")
             log.append({"event": "zero_shot", **zero})
         elif resume:
@@ -234,11 +240,12 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
             # evaluate on dev now and then
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and dev_rows:
                 dev = evaluate(session.model, session.tok, task, cfg.metric, rows=dev_rows,
-                               batch_size=cfg.batch_size, n_resamples=200)
+                               batch_size=cfg.eval_batch_size, n_resamples=200)
                 dev.pop("predictions")
                 log.append({"event": "dev", "step": step, "value": dev["value"], "ci95": dev["ci95"]})
                 report("dev", {"step": step, "value": dev["value"]})
-        final = evaluate(session.model, session.tok, task, cfg.metric, rows=eval_rows, batch_size=cfg.batch_size)
+        report("status", {"message": f"final evaluation on {len(eval_rows)} {task.eval_split} examples ..."})
+        final = evaluate(session.model, session.tok, task, cfg.metric, rows=eval_rows, batch_size=cfg.eval_batch_size)
         final.pop("predictions")
         wall = time.time() - start_time
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -283,14 +290,20 @@ def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
     return cfg
 
 
-def export(run_dir: str | Path, target: str | Path) -> Path:
-    """Base model + trajectory -> a folder that loads with ``from_pretrained``."""
+def rebuild(run_dir: str | Path) -> tuple[TrainConfig, Session]:
+    """The run's trained model in memory: its base model, checked, plus its trajectory."""
     cfg = load_run_config(run_dir)
     session = prepare(cfg)
     saved = tj.read_json(Path(run_dir) / tj.CONFIG)
     if weights_hash(session.model) != saved["base_weights_sha256"]:
         raise ConfigError(f"the base model {cfg.model!r} is not the one run {run_dir} started from")
     session.optimizer.replay(tj.read_trajectory(Path(run_dir) / tj.TRAJECTORY))
+    return cfg, session
+
+
+def export(run_dir: str | Path, target: str | Path) -> Path:
+    """Base model + trajectory -> a folder that loads with ``from_pretrained``."""
+    cfg, session = rebuild(run_dir)
     _save_model_dir(session, cfg, Path(target))
     return Path(target)
 

@@ -25,6 +25,9 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as JSON atomically: a temp file in the same folder, then rename."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a run file is an ordinary file
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=False)
