@@ -312,6 +312,10 @@ def main() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
+    import warnings
+
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning(shown)
     try:
         app(standalone_mode=False)
     except ZoobjError as exc:
@@ -339,6 +343,23 @@ def main() -> None:
         print(f"zoobj: internal error: {type(exc).__name__}: {first} (run again with --debug for the traceback)",
               file=sys.stderr)
         sys.exit(1)
+    finally:
+        warnings.showwarning = shown
+
+
+def _one_line_warning(default):
+    """zoobj's own warnings as one line, ``zoobj: warning: ...``; anyone else's as Python shows them."""
+    from pathlib import Path
+
+    package = Path(zoobj.__file__).resolve().parent
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not Path(filename).resolve().is_relative_to(package):
+            return default(message, category, filename, lineno, file, line)
+        text = " ".join(str(message).split()).removeprefix("zoobj: ")
+        print(f"zoobj: warning: {text}", file=file or sys.stderr)
+
+    return show
 
 
 if __name__ == "__main__":

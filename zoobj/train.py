@@ -195,6 +195,7 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
     else:
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"output folder {out} exists and is not empty; choose another --output or --resume it")
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         tj.write_json(out / tj.CONFIG, {
             **_settings(cfg), "zoobj_version": zoobj.__version__, "base_weights_sha256": base_hash,
@@ -256,6 +257,16 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
                   "tie_rate": ties, "wall_seconds": round(wall, 1), "peak_rss_mib": round(peak_mib),
                   "run_dir": str(out)}
         log.append({"event": "final", **result})
+    except Exception:
+        if not resume and not session.optimizer.trajectory:
+            # failed before its first step (e.g. a reward that breaks on the zero-shot evaluation): there is
+            # nothing to resume, so leave no run directory behind and the same command can simply be rerun
+            traj.close()
+            log.close()
+            shutil.rmtree(out, ignore_errors=True)
+            if not created:
+                out.mkdir(parents=True, exist_ok=True)  # the user's empty folder stays
+        raise
     finally:
         traj.close()
         log.close()
@@ -279,7 +290,7 @@ def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
     """The run's own settings; ``steps`` may change, any other flag must agree."""
     cfg = load_run_config(run_dir)
     for key, value in overrides.items():
-        if value is None or key in ("output", "steps"):
+        if value is None or key in ("output", "steps", "save_model"):  # save_model is per invocation, not saved
             continue
         if getattr(cfg, key) != value:
             raise ConfigError(f"--{key.replace('_', '-')} {value!r} contradicts the run's {getattr(cfg, key)!r} "
@@ -327,9 +338,9 @@ def plot_curve(run_dir: str | Path) -> None:
     axes[1].set(title="dev metric", xlabel="step")
     if steps:
         ties = np.array([float(r["ties"] > 0) for r in steps])
-        window = max(1, min(20, len(ties)))
+        window = max(1, min(20, len(ties) // 4))  # several points even for a short run
         rolling = np.convolve(ties, np.ones(window) / window, mode="valid")
-        axes[2].plot([r["step"] for r in steps][window - 1 :], rolling)
+        axes[2].plot([r["step"] for r in steps][window - 1 :], rolling, marker=".")
     axes[2].set(title=f"tie rate (rolling {window if steps else 0})", xlabel="step", ylim=(-0.05, 1.05))
     fig.tight_layout()
     tmp = run_dir / ".curve.tmp.png"

@@ -1,9 +1,11 @@
 """Where a task's rows come from: shipped files, a user's folder, or the Hugging Face Hub.
 
-Every file is read through `datasets.load_dataset` ("json" or "csv"), quietly and with
-no network access, then turned into a list of plain dicts. JSON files are checked line
-by line first, so a malformed line is reported as `file:line`. Fields that are absent or
-null in a row are left out of its dict, so a template sees both as missing.
+JSON and JSON Lines files are parsed line by line with the `json` module, so a malformed
+line is reported as `file:line` and every value comes back exactly as written (an Arrow
+round trip would turn big integers into errors and cut digits off large floats). CSV
+files are read through `datasets.load_dataset("csv")`, quietly and with no network
+access. Either way the rows are plain dicts; fields that are absent or null in a row are
+left out of its dict, so a template sees both as missing.
 """
 
 from __future__ import annotations
@@ -138,29 +140,23 @@ def _check_row(check: Callable[[Row], object], row: Row, where: str) -> None:
 
 
 def read_rows(path: Path) -> list[Row]:
-    """All rows of one .jsonl / .json / .csv file as dicts, read through `datasets`."""
+    """All rows of one .jsonl / .json / .csv file as dicts (JSON exactly as written)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     parsed = None if path.suffix == ".csv" else _parse_json(path)
     if parsed == []:
         raise DataError(f"{path}: the split is empty (no rows)")
+    if parsed is not None:
+        return [_present(row) for row in parsed]
     import datasets
 
     try:
         with _quiet():
-            table = datasets.load_dataset("csv" if parsed is None else "json", data_files=str(path), split="train")
+            table = datasets.load_dataset("csv", data_files=str(path), split="train")
     except Exception as e:
         raise DataError(f"cannot read {path}: {type(e).__name__}: {_first_line(e)}") from e
-    rows = table.to_list()
-    # A column whose values differ in type across rows (an answer that is a string in
-    # one row and a list in another) gets datasets' Json feature, which decodes string
-    # values as JSON ("4" -> 4); such columns are taken from the exact line-by-line parse.
-    mixed = [name for name, feature in table.features.items() if "Json" in repr(feature)]
-    if mixed and parsed is not None and len(parsed) == len(rows):
-        for row, exact in zip(rows, parsed):
-            row.update({name: exact.get(name) for name in mixed})
-    return [_present(row) for row in rows]
+    return [_present(row) for row in table.to_list()]
 
 
 def _parse_json(path: Path) -> list[Row]:
