@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +11,6 @@ import torch
 import zoobj
 from tests.tiny import tiny_gemma, tiny_tokenizer
 from zoobj.cli import main
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tok = tiny_tokenizer()
-    tiny_gemma(len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def cli(*args):

@@ -80,15 +80,6 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tok = tiny_tokenizer()
-    tiny_gemma(len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def reference(model_dir, tmp_path_factory):
     """An uninterrupted 8-step run with its weights saved (--save-model) and exported."""
     root = tmp_path_factory.mktemp("reference")
