@@ -6,6 +6,9 @@ one run, interleaved round by round so that machine noise hits every arm alike:
 
 - two inference forwards (the unit: a MeZO step cannot do with less),
 - a zoobj step (``zoobj.MeZO``: counter-based noise, three fused passes),
+- a zoobj step with ``perturb="forward"`` (the exact scheme for bf16/fp16: the
+  perturbed weights are built per module during the forward; run here in fp32 to
+  show its cost),
 - a reference step written as the paper's Algorithm 1 does it (global
   ``torch.manual_seed``, ``torch.normal`` per parameter, four noise passes).
 
@@ -83,18 +86,26 @@ def timing(shape):
     model, _, forward = build(shape)
     params = list(model.parameters())
     opt = MeZO(params, lr=1e-7, eps=1e-3, seed=0)
+    exact = MeZO(params, lr=1e-7, eps=1e-3, seed=1, perturb="forward", model=model)
+    # its hooks stay on the model but do nothing outside its own steps (they check its offset)
+
+    def exact_step():
+        exact.step(forward)
+
     forward()  # warm-up: allocator, kernels, compile
     opt.step(forward)
+    exact_step()
     reference_step(params, forward, 0, 1e-7, 1e-3)
-    two_fwd, zo, ref = [], [], []
+    two_fwd, zo, fw, ref = [], [], [], []
     arms = [
         (two_fwd, lambda r: (forward(), forward())),
         (zo, lambda r: opt.step(forward)),
+        (fw, lambda r: exact_step()),
         (ref, lambda r: reference_step(params, forward, r + 1, 1e-7, 1e-3)),
     ]
     for r in range(shape["rounds"]):
         # the order turns each round, so no arm always runs first or last
-        for times, fn in arms[r % 3 :] + arms[: r % 3]:
+        for times, fn in arms[r % 4 :] + arms[: r % 4]:
             t = time.perf_counter()
             fn(r)
             times.append(time.perf_counter() - t)
@@ -104,7 +115,9 @@ def timing(shape):
         # each round's own ratio, then the median: robust to a slow spell on a shared VM
         "step_ratio": statistics.median(z / t for z, t in zip(zo, two_fwd)),
         "reference_ratio": statistics.median(z / t for z, t in zip(ref, two_fwd)),
+        "forward_ratio": statistics.median(z / t for z, t in zip(fw, two_fwd)),
         "zoobj_step_s": statistics.median(zo),
+        "forward_step_s": statistics.median(fw),
         "reference_step_s": statistics.median(ref),
         "noise_backend": opt.noise_backend,
         "threads": torch.get_num_threads(),
@@ -123,6 +136,12 @@ def peak(mode, shape):
         from zoobj import MeZO
 
         opt = MeZO(model.parameters(), lr=1e-7, eps=1e-3, seed=0)
+        for _ in range(2):
+            opt.step(forward)
+    elif mode == "mezo-forward":
+        from zoobj import MeZO
+
+        opt = MeZO(model.parameters(), lr=1e-7, eps=1e-3, seed=0, perturb="forward", model=model)
         for _ in range(2):
             opt.step(forward)
     elif mode == "adamw":
@@ -147,7 +166,7 @@ def main() -> None:
 
     t = timing(shape)
     rss = {}
-    for mode in ("inference", "mezo", "adamw"):
+    for mode in ("inference", "mezo", "mezo-forward", "adamw"):
         cmd = [sys.executable, __file__, "--_peak", mode] + (["--quick"] if args.quick else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
         rss[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
@@ -157,6 +176,8 @@ def main() -> None:
         ("two inference forwards", f"{two:.3f} s", "1.00", f"{rss['inference']:.0f} MiB", "1.00"),
         ("zoobj MeZO step", f"{t['zoobj_step_s']:.3f} s", f"{t['step_ratio']:.3f}",
          f"{rss['mezo']:.0f} MiB", f"{rss['mezo'] / rss['inference']:.3f}"),
+        ("zoobj, perturb=forward", f"{t['forward_step_s']:.3f} s", f"{t['forward_ratio']:.3f}",
+         f"{rss['mezo-forward']:.0f} MiB", f"{rss['mezo-forward'] / rss['inference']:.3f}"),
         ("paper-style MeZO step", f"{t['reference_step_s']:.3f} s", f"{t['reference_ratio']:.3f}", "", ""),
         ("AdamW backprop step", "", "", f"{rss['adamw']:.0f} MiB", f"{rss['adamw'] / rss['inference']:.3f}"),
     ]
@@ -169,7 +190,9 @@ def main() -> None:
     print(json.dumps({
         "step_over_two_forwards": round(t["step_ratio"], 4),
         "reference_step_over_two_forwards": round(t["reference_ratio"], 4),
+        "forward_perturb_step_over_two_forwards": round(t["forward_ratio"], 4),
         "peak_rss_over_inference": round(rss["mezo"] / rss["inference"], 4),
+        "forward_perturb_peak_rss_over_inference": round(rss["mezo-forward"] / rss["inference"], 4),
         "adamw_peak_rss_over_inference": round(rss["adamw"] / rss["inference"], 4),
     }))
 

@@ -196,6 +196,13 @@ def train_cmd(
     train_embeddings: bool = typer.Option(None, "--train-embeddings/--freeze-embeddings", help="Perturb the token embeddings too [default: frozen]."),
     data: str = typer.Option(None, "--data", help="'hub' or a folder of <split>.jsonl files [default: shipped data]."),
     dtype: str = typer.Option(None, "--dtype", help="float32, bf16 or fp16 [default: float32]."),
+    perturb: str = typer.Option(None, "--perturb", help="inplace (the paper's) or forward (exact in any dtype) "
+                                "[default: inplace for float32, forward for bf16/fp16]."),
+    parallel: str = typer.Option(None, "--parallel", help="Under torchrun: data (shard the batch) or query "
+                                 "(one perturbation per process) [default: data]."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [default: cuda if present]."),
+    device_map: str = typer.Option(None, "--device-map", help="auto: spread the layers over the visible devices "
+                                   "(Accelerate), for a model larger than one device."),
     output: str = typer.Option(None, "--output", help="Run directory [default: runs/<task>-<metric>-<time>]."),
     resume: str = typer.Option(None, "--resume", help="Continue the run in this directory (to --steps in all)."),
     save_model: bool = typer.Option(False, "--save-model", help="Also write the weights into <run dir>/model."),
@@ -207,26 +214,38 @@ def train_cmd(
         task=task, metric=metric, objective=objective, model=model, steps=steps, batch_size=batch_size, lr=lr,
         eps=eps, n=n, rule=rule, peft=peft, seed=seed, eval_every=eval_every, eval_limit=eval_limit,
         train_max_new_tokens=train_max_new_tokens, train_embeddings=train_embeddings, data=data, dtype=dtype,
-        output=output).items() if v is not None}
+        perturb=perturb, parallel=parallel, output=output).items() if v is not None}
+    placement = {k: v for k, v in dict(device=device, device_map=device_map).items() if v is not None}
     if resume:
         cfg = resume_config(resume, {**given, "save_model": save_model})
     else:
         if task is None:
             raise ZoobjError("--task is required (see zoobj list for the tasks)")
         cfg = TrainConfig(**given, save_model=save_model)
+    for key, value in placement.items():
+        setattr(cfg, key, value)
+    from zoobj import distributed
+
+    world = distributed.from_env()
+    main = world is None or world.is_main
     progress = _Progress()
     try:
-        result = run(cfg, resume=bool(resume), reporter=progress)
+        result = run(cfg, resume=bool(resume), reporter=progress, world=world)
     except KeyboardInterrupt:
         progress.stop()
-        done = _steps_on_disk(cfg.output)
-        print(f"zoobj: interrupted after {done} complete steps; weights were restored and the records are on disk. "
-              f"Resume with: zoobj train --resume {cfg.output}", file=sys.stderr)
+        if main:
+            done = _steps_on_disk(cfg.output)
+            launcher = "torchrun ... -m zoobj train" if world else "zoobj train"
+            print(f"zoobj: interrupted after {done} complete steps; weights were restored and the records are on disk. "
+                  f"Resume with: {launcher} --resume {cfg.output}", file=sys.stderr)
         sys.exit(130)
     except BaseException:
         progress.stop()
         raise
-    _summary(result, cfg.metric or result["metric"])
+    finally:
+        distributed.close(world)
+    if main:
+        _summary(result, cfg.metric or result["metric"])
 
 
 def _steps_on_disk(run_dir) -> int:

@@ -223,9 +223,18 @@ def generate(
     return results
 
 
-@torch.inference_mode()
 def target_nll(model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 16) -> float:
     """Mean negative log-likelihood per target token of ``targets[i]`` after ``prompts[i]``."""
+    total, count = target_nll_sum(model, tok, prompts, targets, batch_size)
+    if count == 0:
+        raise ValueError("no target tokens to score")
+    return total / count
+
+
+@torch.inference_mode()
+def target_nll_sum(model, tok, prompts: Sequence[str], targets: Sequence[str],
+                   batch_size: int = 16) -> tuple[float, int]:
+    """``(summed NLL, number of target tokens)``: what data-parallel ranks add up."""
     dev, pad = _device(model), tok.pad_token_id
     total, count = 0.0, 0
     for rows in _batches(len(prompts), batch_size):
@@ -242,6 +251,4 @@ def target_nll(model, tok, prompts: Sequence[str], targets: Sequence[str], batch
             nxt = torch.tensor(t, device=dev)
             total -= float(logp[r, -len(t):].gather(-1, nxt[:, None]).sum())
             count += len(t)
-    if count == 0:
-        raise ValueError("no target tokens to score")
-    return total / count
+    return total, count

@@ -53,6 +53,7 @@ import torch
 __all__ = [
     "MeZO",
     "NonFiniteLossError",
+    "PERTURB",
     "RECORD_KEYS",
     "RULES",
     "decay_groups",
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 RULES = ("sgd", "momentum", "adam")
+PERTURB = ("inplace", "forward")
 RECORD_KEYS = ("step", "seeds", "grads", "lr", "loss_plus", "loss_minus", "ties", "skipped")
 
 _M32 = 0xFFFFFFFF
@@ -130,38 +132,43 @@ def _axpz(flat: torch.Tensor, k1, k2, offset, a, b) -> None:
 
 
 class _Kernel:
-    """Chooses, once per process, the compiled or the eager form of ``_axpz``."""
+    """Chooses, once per process and device type, the compiled or the eager form of ``_axpz``."""
 
     def __init__(self) -> None:
-        self._compiled: Callable | None = None
-        self._tried = False
+        self._compiled: dict[str, Callable | None] = {}
         self.backend = "eager"
 
-    def _get_compiled(self) -> Callable | None:
-        if not self._tried:
-            self._tried = True
-            if os.environ.get("ZOOBJ_COMPILE", "1") not in ("0", "false", "no"):
+    def _get_compiled(self, device_type: str = "cpu") -> Callable | None:
+        if device_type not in self._compiled:
+            self._compiled[device_type] = None
+            if os.environ.get("ZOOBJ_COMPILE", "1") not in ("0", "false", "no") and device_type != "meta":
                 try:
+                    # one graph per dtype and device; leave room for fp32, bf16 and fp16
+                    limit = getattr(torch._dynamo.config, "recompile_limit", None)
+                    if isinstance(limit, int) and limit < 32:
+                        torch._dynamo.config.recompile_limit = 32
                     fn = torch.compile(_axpz, dynamic=True)
-                    probe = torch.zeros(8)
-                    t = torch.zeros((), dtype=torch.int64)
-                    fn(probe, t, t, t, torch.ones(()), torch.ones(()))
-                    self._compiled, self.backend = fn, "compiled"
-                except Exception as exc:  # no C++ compiler, unsupported platform, ...
+                    probe = torch.zeros(8, device=device_type)
+                    t = torch.zeros((), dtype=torch.int64, device=device_type)
+                    fn(probe, t, t, t, torch.ones((), device=device_type), torch.ones((), device=device_type))
+                    self._compiled[device_type] = fn
+                except Exception as exc:  # no C++ compiler / triton, unsupported platform, ...
                     warnings.warn(
-                        f"zoobj: torch.compile unavailable ({type(exc).__name__}); "
+                        f"zoobj: torch.compile unavailable on {device_type} ({type(exc).__name__}); "
                         "noise runs eagerly (slower, same numbers to float32 rounding). "
                         "Set ZOOBJ_COMPILE=0 to skip the attempt.",
                         RuntimeWarning,
                         stacklevel=3,
                     )
-        return self._compiled
+            if device_type == "cpu" or len(self._compiled) == 1:
+                self.backend = "compiled" if self._compiled[device_type] is not None else "eager"
+        return self._compiled[device_type]
 
     def __call__(self, flat: torch.Tensor, seed: int, index: int, a: float, b: float) -> None:
         dev = flat.device
         fa = torch.tensor(a, dtype=torch.float32, device=dev)
         fb = torch.tensor(b, dtype=torch.float32, device=dev)
-        compiled = self._get_compiled() if flat.device.type != "meta" else None
+        compiled = self._get_compiled(dev.type)
         for span, start in enumerate(range(0, flat.numel(), _MAX_SPAN)):
             part = flat[start : start + _MAX_SPAN]
             k1, k2 = (torch.tensor(k, dtype=torch.int64, device=dev) for k in _param_key(seed, index, span))
@@ -180,6 +187,8 @@ def _flat(p: torch.Tensor) -> torch.Tensor:
 
 
 def _axpz_param(p: torch.Tensor, seed: int, index: int, a: float, b: float) -> None:
+    if a == 1.0 and b == 0.0:  # nothing to do (and -0.0 stays -0.0)
+        return
     if p.is_contiguous():
         _kernel(_flat(p), seed, index, a, b)
     else:  # rare: work on a contiguous copy and write it back
@@ -307,6 +316,24 @@ class MeZO:
             longer budget follows the same path. Default: constant.
         on_nonfinite: ``"skip"`` (restore the weights, record the step as skipped, no
             update) or ``"raise"`` (restore, then raise ``NonFiniteLossError``).
+        perturb: ``"inplace"`` (the paper's scheme: ``+eps z``, ``-2 eps z`` and the
+            restore are written into the weights; in bf16/fp16 the rounding of each
+            pass means the weights do not come back exactly) or ``"forward"`` (the
+            weights are never written until the update: a hook on each module of
+            ``model`` that owns a trained tensor builds the perturbed tensor in a
+            temporary for that module's forward and puts the original back after it.
+            Exact in any dtype, at the cost of one temporary the size of the largest
+            module and one noise pass per module call -- which, for generation, is one
+            per decoded token).
+        model: the ``torch.nn.Module`` holding ``params``; needed for ``perturb="forward"``.
+        shard, exchange: query-parallel n-SPSA. ``shard=(rank, world)`` makes this
+            process evaluate only perturbations ``k`` with ``k % world == rank``;
+            ``exchange(rows)`` receives this process's ``(k, l+, l-)`` rows as a float64
+            tensor of shape ``(n // world, 3)`` and must return every process's rows
+            (e.g. an all-gather). Every process then applies all ``n`` updates, so the
+            replicas stay identical; with ``perturb="inplace"`` each process also runs
+            the weight passes of the perturbations it did not evaluate (no forwards), so
+            that its weights match ``replay`` bit for bit.
 
     ``step(closure)`` returns ``(l+ + l-) / 2`` (averaged over the ``n`` perturbations)
     and appends a record with the keys in ``RECORD_KEYS`` to ``self.trajectory``.
@@ -329,6 +356,10 @@ class MeZO:
         adam_eps: float = 1e-8,
         schedule: Callable[[int], float] | None = None,
         on_nonfinite: str = "skip",
+        perturb: str = "inplace",
+        model: torch.nn.Module | None = None,
+        shard: tuple[int, int] | None = None,
+        exchange: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
@@ -340,6 +371,16 @@ class MeZO:
             raise ValueError(f"unknown update rule {rule!r}; choose one of {', '.join(RULES)}")
         if on_nonfinite not in ("skip", "raise"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
+        if perturb not in PERTURB:
+            raise ValueError(f"unknown perturb {perturb!r}; choose one of {', '.join(PERTURB)}")
+        if perturb == "forward" and not isinstance(model, torch.nn.Module):
+            raise ValueError("perturb='forward' needs model=<the torch.nn.Module that holds the parameters>")
+        if shard is not None:
+            rank, world = shard
+            if not (0 <= rank < world) or exchange is None:
+                raise ValueError(f"shard=(rank, world) needs 0 <= rank < world and an exchange function, got {shard!r}")
+            if n % world:
+                raise ValueError(f"query-parallel n-SPSA needs n to be a multiple of the world size ({world}), got n={n}")
         self.defaults = {"lr": float(lr), "weight_decay": float(weight_decay)}
         self.eps, self.seed, self.n, self.rule = float(eps), int(seed), n, rule
         self.momentum, self.betas, self.adam_eps = momentum, tuple(betas), adam_eps
@@ -350,6 +391,13 @@ class MeZO:
         self.trajectory: list[dict] = []
         self.step_count = 0
         self._offset = 0.0
+        self.perturb, self.shard, self.exchange = perturb, shard, exchange
+        self._seed_now = 0  # the seed whose perturbation the forward hooks add
+        self._swapped: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hooks: list = []
+        self._reached: set[int] | None = None
+        if perturb == "forward":
+            self._install_hooks(model)
 
     # -- setup ---------------------------------------------------------------
 
@@ -398,10 +446,80 @@ class MeZO:
         base = self.defaults["lr"]
         return g["lr"] * (lr / base) if base else g["lr"]
 
+    # -- perturbation during the forward (perturb="forward") ------------------------
+
+    def _install_hooks(self, model: torch.nn.Module) -> None:
+        index = {id(p): i for i, p in self._params()}
+        owned: set[int] = set()
+        for module in model.modules():
+            own = [(p, index[id(p)]) for p in module._parameters.values() if p is not None and id(p) in index]
+            if not own:
+                continue
+            owned.update(id(p) for p, _ in own)
+            self._hooks.append(module.register_forward_pre_hook(lambda m, a, own=own: self._swap_in(own)))
+            self._hooks.append(module.register_forward_hook(lambda m, a, o, own=own: self._swap_out(own), always_call=True))
+        stray = [i for i, p in self._params() if id(p) not in owned]
+        if stray:
+            self.remove_hooks()
+            raise ValueError(f"perturb='forward': parameters {stray[:5]} are not held by any module of the model; "
+                             "pass the model that owns them, or use perturb='inplace'")
+        self._reached = set()  # filled during the first perturbed closure, then checked
+
+    def remove_hooks(self) -> None:
+        """Take the forward hooks of ``perturb="forward"`` off the model."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _swap_in(self, own) -> None:
+        if not self._offset:
+            return
+        # outside inference mode: the temporary is an ordinary tensor, and the noise kernel
+        # sees the same kind of inputs as in the in-place passes (no recompilation)
+        with torch.inference_mode(False), torch.no_grad():
+            for p, i in own:
+                if id(p) in self._swapped:  # a tied tensor already swapped by an enclosing module
+                    continue
+                original = p.data
+                tmp = original.clone(memory_format=torch.contiguous_format)
+                _kernel(tmp.view(-1), self._seed_now, i, 1.0, self._offset * self.eps)
+                self._swapped[id(p)] = (p, original)
+                p.data = tmp
+                if self._reached is not None:
+                    self._reached.add(i)
+
+    def _swap_out(self, own) -> None:
+        for p, _ in own:
+            entry = self._swapped.pop(id(p), None)
+            if entry is not None:
+                p.data = entry[1]
+
+    def _release(self) -> None:
+        """Put back every original tensor (after an exception inside a forward)."""
+        for p, original in self._swapped.values():
+            p.data = original
+        self._swapped.clear()
+
+    def _check_reached(self) -> None:
+        if self._reached is None:
+            return
+        missed = [i for i, _ in self._params() if i not in self._reached]
+        self._reached = None
+        if missed:
+            raise ValueError(f"perturb='forward': the closure never ran the modules holding parameters {missed[:5]} "
+                             "(a tensor used outside its module's forward cannot be perturbed this way); "
+                             "use perturb='inplace'")
+
     # -- the passes ------------------------------------------------------------
 
     def _shift(self, seed: int, coef: float) -> None:
-        """theta += coef * eps * z(seed), as one uninterruptible pass."""
+        """theta += coef * eps * z(seed), as one uninterruptible pass.
+
+        With ``perturb="forward"`` nothing is written: the hooks read the offset."""
+        if self.perturb == "forward":
+            self._offset += coef
+            self._seed_now = seed
+            return
         with _atomic(), torch.no_grad():
             for i, p in self._params():
                 _axpz_param(p, seed, i, 1.0, coef * self.eps)
@@ -471,24 +589,41 @@ class MeZO:
         t = self.step_count
         lr = self.lr_at(t)
         seeds = [step_seed(self.seed, t, k) for k in range(self.n)]
-        fused = self.n == 1 and self.rule == "sgd"
-        plus, minus, grads = [], [], []
+        fused = self.n == 1 and self.rule == "sgd" and self.perturb == "inplace" and self.shard is None
+        plus, minus, grads = [math.nan] * self.n, [math.nan] * self.n, []
         self._offset = 0.0  # how many eps*z(s) the weights are from the step's base point
-        for s in seeds:
+        for k, s in enumerate(seeds):
             try:
+                if self.shard is not None and k % self.shard[1] != self.shard[0]:
+                    # another process evaluates this one; run the same weight passes so the
+                    # replicas (and replay) see the same rounding
+                    if self.perturb == "inplace":
+                        self._shift(s, +1.0)
+                        self._shift(s, -2.0)
+                        self._shift(s, +1.0)
+                    continue
                 self._shift(s, +1.0)
                 lp = _as_float(closure(), "l+")
+                self._check_reached()
                 self._shift(s, -2.0)
                 lm = _as_float(closure(), "l-")
                 finite = math.isfinite(lp) and math.isfinite(lm)
                 if not (fused and finite):
                     self._shift(s, +1.0)  # restore now; the update comes after all n
             except BaseException:
+                self._release()
                 if self._offset:
                     self._shift(s, -self._offset)
+                self._offset = 0.0
                 raise
-            plus.append(lp)
-            minus.append(lm)
+            plus[k], minus[k] = lp, lm
+        if self.shard is not None:
+            mine = torch.tensor([[k, plus[k], minus[k]] for k in range(self.n) if k % self.shard[1] == self.shard[0]],
+                                dtype=torch.float64)
+            for k, lp, lm in self.exchange(mine).tolist():
+                plus[int(k)], minus[int(k)] = lp, lm
+        for lp, lm in zip(plus, minus):
+            finite = math.isfinite(lp) and math.isfinite(lm)
             grads.append(_round((lp - lm) / (2 * self.eps)) if finite else 0.0)
         skipped = not all(math.isfinite(x) for x in plus + minus)
         if skipped and self.on_nonfinite == "raise":
@@ -530,7 +665,7 @@ class MeZO:
             if rec["step"] != self.step_count:
                 raise ValueError(f"trajectory record for step {rec['step']} where step {self.step_count} was expected")
             seeds, grads, lr = rec["seeds"], rec["grads"], rec["lr"]
-            fused = len(seeds) == 1 and self.rule == "sgd"
+            fused = len(seeds) == 1 and self.rule == "sgd" and self.perturb == "inplace" and self.shard is None
             for s, g in zip(seeds, grads):
                 self._shift(s, +1.0)
                 self._shift(s, -2.0)
@@ -565,9 +700,10 @@ class MeZO:
 
     @property
     def noise_backend(self) -> str:
-        """``"compiled"`` or ``"eager"``: which form of the noise kernel runs."""
-        _kernel._get_compiled()
-        return _kernel.backend
+        """``"compiled"`` or ``"eager"``: which form of the noise kernel runs (on the
+        first parameter's device)."""
+        _, first = next(self._params())
+        return "compiled" if _kernel._get_compiled(first.device.type) is not None else "eager"
 
 
 def _chunk_axpz(buf: torch.Tensor, seed: int, index: int, offset: int, b: float) -> None:
@@ -583,7 +719,7 @@ def _chunk_axpz(buf: torch.Tensor, seed: int, index: int, offset: int, b: float)
     one = torch.ones((), dtype=torch.float32, device=dev)
     fb = torch.tensor(b, dtype=torch.float32, device=dev)
     off = torch.tensor(local, dtype=torch.int64, device=dev)
-    fn = _kernel._get_compiled() or _axpz
+    fn = _kernel._get_compiled(dev.type) or _axpz
     fn(buf, k1, k2, off, one, fb)
 
 

@@ -134,8 +134,14 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
 ):
     """Returns ``(model, tokenizer)`` in eval mode, tokenizer padding on the left.
+
+    ``device_map`` (e.g. ``"auto"``) lets Accelerate place the layers across the
+    visible devices (a model larger than one device); ``device`` is then ignored.
+    Weights Accelerate would offload to disk are refused: MeZO must be able to
+    perturb every weight where it lives.
 
     ``name_or_path``: an alias (``zoobj list`` shows them), a local directory saved
     with ``save_pretrained``, a ``.gguf`` file, or a Hugging Face Hub id (needs the
@@ -165,7 +171,8 @@ def load_model(
         else:
             kw = {"trust_remote_code": trust_remote_code}
             tok = AutoTokenizer.from_pretrained(str(source), **kw)
-            model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch_dtype, **kw)
+            placed = {"device_map": device_map} if device_map else {}
+            model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch_dtype, **placed, **kw)
     except ModelError:
         raise
     except (OSError, ValueError) as exc:
@@ -176,7 +183,14 @@ def load_model(
         tok.pad_token = tok.eos_token
         log.info("zoobj: tokenizer has no pad token; using eos (%r) for padding", tok.eos_token)
     tok.padding_side = "left"
-    model.to(device).eval()
+    if device_map:
+        offloaded = sorted({d for d in getattr(model, "hf_device_map", {}).values() if d in ("disk", "meta")})
+        if offloaded or any(p.device.type == "meta" for p in model.parameters()):
+            raise ModelError(f"--device-map {device_map!r} offloaded weights of {name!r} to disk; MeZO perturbs every "
+                             "weight in place, so it needs them in device or CPU memory (more devices, or a smaller model)")
+        model.eval()
+    else:
+        model.to(device).eval()
     return model, tok
 
 

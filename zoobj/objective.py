@@ -35,24 +35,51 @@ def predict(model, tok, task, rows: Sequence[dict], batch_size: int = 16, max_ne
 
 
 def metric_objective(model, tok, task, metric: str | Callable, batch_size: int = 16,
-                     max_new_tokens: int | None = None) -> Callable[[Sequence[dict]], float]:
-    """``batch -> -metric(predictions(batch), references(batch))``."""
+                     max_new_tokens: int | None = None, world=None) -> Callable[[Sequence[dict]], float]:
+    """``batch -> -metric(predictions(batch), references(batch))``.
+
+    With a ``world`` (data-parallel), each rank predicts its shard, the predictions are
+    gathered, and rank 0 computes the metric on the whole batch and broadcasts it:
+    the loss is exactly the single-process one, for any metric (not only means).
+    """
     fn = get_metric(metric) if isinstance(metric, str) else metric
 
-    def loss(rows: Sequence[dict]) -> float:
-        preds = predict(model, tok, task, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    def value(rows: Sequence[dict], preds: list) -> float:
         refs = [task.reference(r) for r in rows]
         return -float(fn(preds, refs, prompts=[task.prompt(r) for r in rows], rows=list(rows)))
+
+    def loss(rows: Sequence[dict]) -> float:
+        if world is None:
+            return value(rows, predict(model, tok, task, rows, batch_size=batch_size, max_new_tokens=max_new_tokens))
+        mine = predict(model, tok, task, world.shard(rows), batch_size=batch_size, max_new_tokens=max_new_tokens)
+        preds = world.gather_predictions(mine, len(rows), strings=task.kind == "generation")
+        result, failure = None, None
+        if world.is_main:
+            try:
+                result = value(rows, preds)
+            except Exception as exc:  # every rank must hear of it before rank 0 raises
+                failure = exc
+        shared = world.broadcast_loss(result, None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        return shared
 
     return loss
 
 
-def ce_objective(model, tok, task, batch_size: int = 16) -> Callable[[Sequence[dict]], float]:
-    """``batch -> mean NLL of the gold continuation tokens``."""
+def ce_objective(model, tok, task, batch_size: int = 16, world=None) -> Callable[[Sequence[dict]], float]:
+    """``batch -> mean NLL of the gold continuation tokens`` (over every target token of
+    the batch; data-parallel ranks all-reduce the sum and the count)."""
 
     def loss(rows: Sequence[dict]) -> float:
-        return inference.target_nll(model, tok, [task.prompt(r) for r in rows], [task.target(r) for r in rows],
-                                    batch_size=batch_size)
+        mine = rows if world is None else world.shard(rows)
+        total, count = inference.target_nll_sum(model, tok, [task.prompt(r) for r in mine],
+                                                [task.target(r) for r in mine], batch_size=batch_size)
+        if world is not None:
+            total, count = world.all_reduce_sum([total, count])
+        if count == 0:
+            raise ValueError("no target tokens to score")
+        return total / count
 
     return loss
 

@@ -32,6 +32,7 @@ from zoobj.mezo import RULES, MeZO
 from zoobj.objective import OBJECTIVES, evaluate, make_objective
 
 PEFT = ("none", "lora", "prefix")
+PARALLEL = ("data", "query")
 # The paper's settings per parameter set (Malladi et al. 2023, Tables 15-16).
 PAPER_DEFAULTS = {"none": (1e-6, 1e-3), "lora": (1e-4, 1e-2), "prefix": (1e-2, 1e-1)}
 
@@ -61,6 +62,10 @@ class TrainConfig:
     train_max_new_tokens: int | None = None
     data: str | None = None
     dtype: str = "float32"
+    perturb: str | None = None
+    parallel: str = "data"
+    device: str | None = None
+    device_map: str | None = None
     output: str | None = None
     save_model: bool = False
     zero_shot: bool = True
@@ -76,6 +81,15 @@ class TrainConfig:
             raise ConfigError(f"unknown --peft {c.peft!r}; choose one of {', '.join(PEFT)}")
         if c.rule not in RULES:
             raise ConfigError(f"unknown --rule {c.rule!r}; choose one of {', '.join(RULES)}")
+        from zoobj.mezo import PERTURB
+        from zoobj.models import resolve_dtype
+
+        low = resolve_dtype(c.dtype) in (torch.bfloat16, torch.float16)
+        c.perturb = c.perturb or ("forward" if low else "inplace")  # exact restore where rounding would drift
+        if c.perturb not in PERTURB:
+            raise ConfigError(f"unknown --perturb {c.perturb!r}; choose one of {', '.join(PERTURB)}")
+        if c.parallel not in PARALLEL:
+            raise ConfigError(f"unknown --parallel {c.parallel!r}; choose one of {', '.join(PARALLEL)}")
         if c.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {c.steps}")
         if c.batch_size < 1:
@@ -131,20 +145,47 @@ class Session:
     optimizer: MeZO
 
 
-def prepare(cfg: TrainConfig, model=None, tok=None) -> Session:
+def _device(cfg: TrainConfig, world) -> str:
+    if world is not None:
+        return str(world.device)
+    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prepare(cfg: TrainConfig, model=None, tok=None, world=None) -> Session:
     from zoobj.models import load_model, trainable_parameters
 
     if model is None:
-        model, tok = load_model(cfg.model, dtype=cfg.dtype)
+        model, tok = load_model(cfg.model, dtype=cfg.dtype, device=_device(cfg, world), device_map=cfg.device_map)
     model, named = trainable_parameters(model, cfg.peft, cfg.train_embeddings, seed=cfg.seed)
     params = [p for _, p in named]
+    query = world is not None and cfg.parallel == "query"
     opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, n=cfg.n, rule=cfg.rule,
-               weight_decay=cfg.weight_decay, schedule=lr_schedule)
+               weight_decay=cfg.weight_decay, schedule=lr_schedule, perturb=cfg.perturb or "inplace", model=model,
+               shard=(world.rank, world.size) if query else None, exchange=world.exchange_rows if query else None)
     return Session(model, tok, params, opt)
 
 
+def _evaluate(session: Session, task, metric, rows, world, **kw) -> dict | None:
+    """``evaluate`` on one process, or with the rows sharded across ranks and scored on
+    rank 0 (which alone gets the result; the other ranks get None)."""
+    from zoobj.objective import predict
+
+    if world is None:
+        out = evaluate(session.model, session.tok, task, metric, rows=rows, **kw)
+        out.pop("predictions")
+        return out
+    mine = predict(session.model, session.tok, task, world.shard(rows), batch_size=kw.get("batch_size", 16))
+    preds = world.gather_predictions(mine, len(rows), strings=task.kind == "generation")
+    if not world.is_main:
+        return None
+    out = evaluate(session.model, session.tok, task, metric, rows=rows, predictions=preds, **kw)
+    out.pop("predictions")
+    return out
+
+
 def _settings(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output", "save_model", "zero_shot")}
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("output", "save_model", "zero_shot", "device", "device_map")}  # placement is per launch
 
 
 def _save_model_dir(session: Session, cfg: TrainConfig, target: Path) -> None:
@@ -165,70 +206,99 @@ def _save_model_dir(session: Session, cfg: TrainConfig, target: Path) -> None:
 
 
 def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], None] | None = None,
-        model=None, tok=None) -> dict:
+        model=None, tok=None, world=None) -> dict:
     """Train (or continue) a run; returns the final evaluation. ``reporter(event, info)``
-    receives "start", "step", "dev", "done" events for progress display."""
+    receives "start", "step", "dev", "done" events for progress display.
+
+    ``world`` (``zoobj.distributed.World``, from torchrun): every rank trains an
+    identical replica; only rank 0 writes the run directory and gets the result
+    (the other ranks return ``{}``)."""
     from zoobj.tasks import get_task, train_dev
 
-    report = reporter or (lambda event, info: None)
+    main = world is None or world.is_main
+    report = reporter if reporter and main else (lambda event, info: None)
     cfg = cfg.resolved()
+    if world is not None:
+        if cfg.parallel == "query" and cfg.n == 1:
+            cfg.n = world.size  # one perturbation per rank
+        if cfg.parallel == "query" and cfg.n % world.size:
+            raise ConfigError(f"--parallel query needs --n to be a multiple of the {world.size} processes, got {cfg.n}")
+        if cfg.device_map:
+            raise ConfigError("--device-map spreads one model over all visible devices, which torchrun's processes "
+                              "would share; use one process with --device-map, or torchrun without it")
+        if cfg.parallel == "data" and cfg.batch_size < world.size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch: it must be at least the "
+                              f"{world.size} processes")
     out = Path(cfg.output)
     task = get_task(cfg.task)
     train_rows, dev_rows, note = train_dev(task, cfg.data, seed=cfg.seed)
     eval_rows = task.load(task.eval_split, cfg.data)[: cfg.eval_limit]
     dev_rows = dev_rows[: cfg.dev_limit]
 
-    session = prepare(cfg, model, tok)
+    session = prepare(cfg, model, tok, world)
     base_hash = weights_hash(session.model)
     records: list[dict] = []
+    created = False
+    failure: Exception | None = None
+    try:
+        if resume:
+            saved = tj.read_json(out / tj.CONFIG)
+            if saved["base_weights_sha256"] != base_hash:
+                raise ConfigError(f"{out}: the base model's weights differ from the ones this run started from "
+                                  f"({cfg.model}); resume with the same model")
+            records = tj.read_trajectory(out / tj.TRAJECTORY)
+            if len(records) > cfg.steps:
+                raise ConfigError(f"{out} already has {len(records)} steps; pass --steps {len(records)} or more to resume it")
+        elif main:
+            if out.exists() and any(out.iterdir()):
+                raise ConfigError(f"output folder {out} exists and is not empty; choose another --output or --resume it")
+            created = not out.exists()
+            out.mkdir(parents=True, exist_ok=True)
+            tj.write_json(out / tj.CONFIG, {
+                **_settings(cfg), "zoobj_version": zoobj.__version__, "base_weights_sha256": base_hash,
+                "noise_backend": session.optimizer.noise_backend,
+                "trainable_parameters": sum(p.numel() for p in session.params), "data_note": note,
+                "world_size": world.size if world else 1,
+            })
+    except Exception as exc:
+        failure = exc
+    if world is not None and world.agree(failure is not None) and failure is None:
+        raise ConfigError("another process of this torchrun launch could not start the run (its error is shown there)")
+    if failure is not None:
+        raise failure
     if resume:
-        saved = tj.read_json(out / tj.CONFIG)
-        if saved["base_weights_sha256"] != base_hash:
-            raise ConfigError(f"{out}: the base model's weights differ from the ones this run started from "
-                              f"({cfg.model}); resume with the same model")
-        records = tj.read_trajectory(out / tj.TRAJECTORY)
-        if len(records) > cfg.steps:
-            raise ConfigError(f"{out} already has {len(records)} steps; pass --steps {len(records)} or more to resume it")
         session.optimizer.replay(records)  # back to where the run stopped, bit for bit
-        if saved.get("steps") != cfg.steps:
-            tj.write_json(out / tj.CONFIG, {**saved, "steps": cfg.steps})
-    else:
-        if out.exists() and any(out.iterdir()):
-            raise ConfigError(f"output folder {out} exists and is not empty; choose another --output or --resume it")
-        created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        tj.write_json(out / tj.CONFIG, {
-            **_settings(cfg), "zoobj_version": zoobj.__version__, "base_weights_sha256": base_hash,
-            "noise_backend": session.optimizer.noise_backend, "trainable_parameters": sum(p.numel() for p in session.params),
-            "data_note": note,
-        })
+        if main and tj.read_json(out / tj.CONFIG).get("steps") != cfg.steps:
+            tj.write_json(out / tj.CONFIG, {**tj.read_json(out / tj.CONFIG), "steps": cfg.steps})
 
+    data_world = world if world is not None and cfg.parallel == "data" else None
     objective = make_objective(cfg.objective, session.model, session.tok, task, cfg.metric,
-                               batch_size=cfg.batch_size,
+                               batch_size=cfg.batch_size, world=data_world,
                                **({"max_new_tokens": cfg.train_max_new_tokens} if cfg.objective == "metric" else {}))
-    log = tj.JsonlWriter(out / tj.LOG)
-    traj = tj.JsonlWriter(out / tj.TRAJECTORY)
+    log = tj.JsonlWriter(out / tj.LOG) if main else tj.NullWriter()
+    traj = tj.JsonlWriter(out / tj.TRAJECTORY) if main else tj.NullWriter()
     start_time = time.time()
     zero = None
+    evaluate_kw = {"batch_size": cfg.eval_batch_size}
     try:
         if note:
             log.append({"event": "note", "message": note})
         if cfg.zero_shot and not resume:
             report("status", {"message": f"zero-shot evaluation on {len(eval_rows)} {task.eval_split} examples ..."})
-            zero = evaluate(session.model, session.tok, task, cfg.metric, rows=eval_rows, batch_size=cfg.eval_batch_size)
-            zero.pop("predictions")
-            log.append({"event": "zero_shot", **zero})
-        elif resume:
+            zero = _evaluate(session, task, cfg.metric, eval_rows, world, **evaluate_kw)
+            if zero is not None:
+                log.append({"event": "zero_shot", **zero})
+        elif resume and main:
             prior = [r for r in tj.read_jsonl(out / tj.LOG) if r.get("event") == "zero_shot"]
             zero = prior[-1] if prior else None
         report("start", {"cfg": cfg, "start_step": len(records), "zero_shot": zero,
                          "trainable": sum(p.numel() for p in session.params), "note": note})
         opt = session.optimizer
         for step in range(len(records), cfg.steps):
-            # sample the batch: a function of (seed, step) only
+            # sample the (global) batch: a function of (seed, step) only
             batch = [train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(train_rows))]
             # perturb, evaluate l+ and l-, update (the engine restores the weights on any exception)
-            t0 = time.time()
+            t0, sent = time.time(), world.bytes if world else 0
             loss = opt.step(lambda: objective(batch))
             rec = opt.trajectory[-1]
             # log: the trajectory line is the checkpoint; timings go to the log
@@ -236,29 +306,33 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
             entry = {"event": "step", "step": step, "loss": loss, "grad": rec["grads"][0] if len(rec["grads"]) == 1
                      else float(np.mean(rec["grads"])), "ties": rec["ties"], "skipped": rec["skipped"],
                      "seconds": round(time.time() - t0, 4)}
+            if world is not None:
+                entry["comm_bytes"] = world.bytes - sent
             log.append(entry)
             report("step", entry)
             # evaluate on dev now and then
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and dev_rows:
-                dev = evaluate(session.model, session.tok, task, cfg.metric, rows=dev_rows,
-                               batch_size=cfg.eval_batch_size, n_resamples=200)
-                dev.pop("predictions")
-                log.append({"event": "dev", "step": step, "value": dev["value"], "ci95": dev["ci95"]})
-                report("dev", {"step": step, "value": dev["value"]})
+                dev = _evaluate(session, task, cfg.metric, dev_rows, world, batch_size=cfg.eval_batch_size,
+                                n_resamples=200)
+                if dev is not None:
+                    log.append({"event": "dev", "step": step, "value": dev["value"], "ci95": dev["ci95"]})
+                    report("dev", {"step": step, "value": dev["value"]})
         report("status", {"message": f"final evaluation on {len(eval_rows)} {task.eval_split} examples ..."})
-        final = evaluate(session.model, session.tok, task, cfg.metric, rows=eval_rows, batch_size=cfg.eval_batch_size)
-        final.pop("predictions")
-        wall = time.time() - start_time
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        final = _evaluate(session, task, cfg.metric, eval_rows, world, **evaluate_kw)
         records = opt.trajectory
-        ties = sum(r["ties"] for r in records) / max(1, sum(len(r["seeds"]) for r in records))
-        result = {**final, "zero_shot": zero["value"] if zero else None,
-                  "zero_shot_ci95": zero["ci95"] if zero else None, "steps": len(records),
-                  "tie_rate": ties, "wall_seconds": round(wall, 1), "peak_rss_mib": round(peak_mib),
-                  "run_dir": str(out)}
-        log.append({"event": "final", **result})
+        if main:
+            wall = time.time() - start_time
+            peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            ties = sum(r["ties"] for r in records) / max(1, sum(len(r["seeds"]) for r in records))
+            result = {**final, "zero_shot": zero["value"] if zero else None,
+                      "zero_shot_ci95": zero["ci95"] if zero else None, "steps": len(records),
+                      "tie_rate": ties, "wall_seconds": round(wall, 1), "peak_rss_mib": round(peak_mib),
+                      "run_dir": str(out)}
+            if world is not None:
+                result["world_size"] = world.size
+            log.append({"event": "final", **result})
     except Exception:
-        if not resume and not session.optimizer.trajectory:
+        if main and not resume and not session.optimizer.trajectory:
             # failed before its first step (e.g. a reward that breaks on the zero-shot evaluation): there is
             # nothing to resume, so leave no run directory behind and the same command can simply be rerun
             traj.close()
@@ -270,6 +344,8 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
     finally:
         traj.close()
         log.close()
+    if not main:
+        return {}
     tj.write_json(out / tj.EVAL, result)
     plot_curve(out)
     if cfg.save_model:
@@ -309,6 +385,7 @@ def rebuild(run_dir: str | Path) -> tuple[TrainConfig, Session]:
     if weights_hash(session.model) != saved["base_weights_sha256"]:
         raise ConfigError(f"the base model {cfg.model!r} is not the one run {run_dir} started from")
     session.optimizer.replay(tj.read_trajectory(Path(run_dir) / tj.TRAJECTORY))
+    session.optimizer.remove_hooks()
     return cfg, session
 
 

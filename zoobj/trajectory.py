@@ -71,6 +71,16 @@ class JsonlWriter:
         self.close()
 
 
+class NullWriter:
+    """What ranks other than 0 write to: nothing."""
+
+    def append(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """All complete records. A truncated LAST line is dropped (and cut from the file)."""
     path = Path(path)
