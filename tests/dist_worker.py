@@ -22,6 +22,7 @@ def main(model_dir: str, out: str, settings: str) -> None:
             save_file(state, f"{out}/weights-{mode}-{world.rank}.safetensors")
             with open(f"{out}/result-{mode}-{world.rank}.json", "w") as fh:
                 json.dump({"result": result, "bytes": world.bytes}, fh)
+        distributed.close(world, together=True)
     finally:
         distributed.close(world)
 

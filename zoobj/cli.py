@@ -231,6 +231,7 @@ def train_cmd(
     progress = _Progress()
     try:
         result = run(cfg, resume=bool(resume), reporter=progress, world=world)
+        distributed.close(world, together=True)
     except KeyboardInterrupt:
         progress.stop()
         if main:

@@ -152,8 +152,13 @@ def from_env(device: str | None = None) -> World | None:
     return World(rank=rank, size=size, backend=backend, device=dev)
 
 
-def close(world: World | None) -> None:
+def close(world: World | None, together: bool = False) -> None:
+    """Leave the process group. ``together``: wait for every rank first (after a
+    successful run), so that no rank exits while another still talks to it -- gloo
+    aborts a process whose peer has vanished."""
     import torch.distributed as dist
 
     if world is not None and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
