@@ -113,3 +113,41 @@ def test_evaluate_reports_value_and_interval(tok):
 def test_unknown_objective(tok):
     with pytest.raises(ConfigError, match="metric, ce"):
         make_objective("mse", None, tok, Toy(), "accuracy")
+
+
+def test_smoothed_accuracy_tends_to_accuracy_and_is_between_0_and_1(tok):
+    from zoobj.objective import expected_metric
+
+    model = tiny_gemma(len(tok), seed=0)
+    task = Toy()
+    hard = -metric_objective(model, tok, task, "accuracy")(ROWS)
+    total, counted = expected_metric(model, tok, task, get_metric("accuracy"), ROWS, temperature=1e-6)
+    assert counted == len(ROWS) and total / counted == pytest.approx(hard)
+    soft = -metric_objective(model, tok, task, "accuracy", smooth=1.0)(ROWS)
+    assert 0 < soft < 1 and soft != hard
+
+
+def test_smoothing_removes_the_ties_that_stall_a_hard_metric(tok):
+    """The same small steps: the hard metric ties on most of them, its smoothed form on none."""
+    runs = {}
+    for smooth in (0.0, 1.0):
+        model = tiny_gemma(len(tok), seed=0)
+        objective = metric_objective(model, tok, Toy(), "accuracy", smooth=smooth)
+        opt = MeZO(model.parameters(), lr=1e-2, eps=1e-2, seed=0)
+        for _ in range(20):
+            opt.step(lambda: objective(ROWS))
+        runs[smooth] = sum(r["ties"] for r in opt.trajectory)
+    assert runs[0.0] >= 10 and runs[1.0] == 0
+
+
+def test_smoothing_is_refused_where_it_cannot_apply(tok):
+    model = tiny_gemma(len(tok), seed=0)
+    with pytest.raises(ConfigError, match="mean over examples"):
+        metric_objective(model, tok, Toy(), "macro_f1", smooth=1.0)(ROWS)
+
+    @dataclass(frozen=True)
+    class Gen(Toy):
+        kind: str = "generation"
+
+    with pytest.raises(ConfigError, match="classification tasks"):
+        metric_objective(model, tok, Gen(), "f1", smooth=1.0)

@@ -193,6 +193,8 @@ def train_cmd(
     eval_every: int = typer.Option(None, "--eval-every", help="Dev evaluation every N steps, 0 = never [default: 10]."),
     eval_limit: int = typer.Option(None, "--eval-limit", help="Final and zero-shot evaluation on the first N examples [default: 100]."),
     train_max_new_tokens: int = typer.Option(None, "--train-max-new-tokens", help="Generation length during training (evaluation keeps the task's)."),
+    smooth: float = typer.Option(None, "--smooth", help="Classification: optimise the metric's expectation under "
+                                 "softmax(candidate scores / T) instead of the hard metric (fewer l+ == l- ties) [default: 0, off]."),
     train_embeddings: bool = typer.Option(None, "--train-embeddings/--freeze-embeddings", help="Perturb the token embeddings too [default: frozen]."),
     data: str = typer.Option(None, "--data", help="'hub' or a folder of <split>.jsonl files [default: shipped data]."),
     dtype: str = typer.Option(None, "--dtype", help="float32, bf16 or fp16 [default: float32]."),
@@ -213,8 +215,8 @@ def train_cmd(
     given = {k: v for k, v in dict(
         task=task, metric=metric, objective=objective, model=model, steps=steps, batch_size=batch_size, lr=lr,
         eps=eps, n=n, rule=rule, peft=peft, seed=seed, eval_every=eval_every, eval_limit=eval_limit,
-        train_max_new_tokens=train_max_new_tokens, train_embeddings=train_embeddings, data=data, dtype=dtype,
-        perturb=perturb, parallel=parallel, output=output).items() if v is not None}
+        train_max_new_tokens=train_max_new_tokens, smooth=smooth, train_embeddings=train_embeddings, data=data,
+        dtype=dtype, perturb=perturb, parallel=parallel, output=output).items() if v is not None}
     placement = {k: v for k, v in dict(device=device, device_map=device_map).items() if v is not None}
     if resume:
         cfg = resume_config(resume, {**given, "save_model": save_model})

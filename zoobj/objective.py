@@ -34,15 +34,72 @@ def predict(model, tok, task, rows: Sequence[dict], batch_size: int = 16, max_ne
     return [int(np.argmax(s)) for s in scores]
 
 
+def expected_metric(model, tok, task, metric, rows: Sequence[dict], temperature: float,
+                    batch_size: int = 16) -> tuple[float, int]:
+    """``(sum over rows of E[metric], rows counted)`` with the prediction drawn from
+    ``softmax(candidate scores / temperature)`` -- a smoothed metric for classification.
+
+    A hard metric changes only when some prediction flips, so most perturbations of a
+    small batch see ``l+ == l-`` and the step does nothing. Its expectation under a
+    softmax over the candidates moves with every perturbation, and it tends to the
+    metric itself as ``temperature -> 0``. Needs a metric that is a mean over examples.
+    """
+    from zoobj.errors import ConfigError
+    from zoobj.metrics import per_example_scores
+
+    if not rows:
+        return 0.0, 0
+    prompts = [task.prompt(r) for r in rows]
+    scores = inference.score_candidates(model, tok, prompts, [task.choices(r) for r in rows],
+                                        length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size)
+    refs = [task.reference(r) for r in rows]
+    widest = max(len(s) for s in scores)
+    value = np.zeros((len(rows), widest))
+    for c in range(widest):  # the metric of answering candidate c, for every row
+        per = per_example_scores(metric, [c] * len(rows), refs, prompts=prompts, rows=list(rows))
+        if per is None:
+            raise ConfigError(f"--smooth needs a metric that is a mean over examples; {getattr(metric, '__name__', metric)!r} is not")
+        value[:, c] = [np.nan if v is None else v for v in per]
+    total, counted = 0.0, 0
+    for i, s in enumerate(scores):
+        z = np.asarray(s, dtype=np.float64) / temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        v = value[i, : len(s)]
+        if np.isnan(v).any():  # "not applicable" for this example
+            continue
+        total += float(p @ v)
+        counted += 1
+    return total, counted
+
+
 def metric_objective(model, tok, task, metric: str | Callable, batch_size: int = 16,
-                     max_new_tokens: int | None = None, world=None) -> Callable[[Sequence[dict]], float]:
+                     max_new_tokens: int | None = None, world=None,
+                     smooth: float = 0.0) -> Callable[[Sequence[dict]], float]:
     """``batch -> -metric(predictions(batch), references(batch))``.
 
     With a ``world`` (data-parallel), each rank predicts its shard, the predictions are
     gathered, and rank 0 computes the metric on the whole batch and broadcasts it:
     the loss is exactly the single-process one, for any metric (not only means).
+
+    ``smooth > 0`` (classification): ``-E[metric]`` with predictions drawn from
+    ``softmax(scores / smooth)`` (see ``expected_metric``).
     """
     fn = get_metric(metric) if isinstance(metric, str) else metric
+    if smooth:
+        from zoobj.errors import ConfigError
+
+        if task.kind != "classification":
+            raise ConfigError(f"--smooth applies to classification tasks; {task.name} is {task.kind}")
+
+        def smoothed(rows: Sequence[dict]) -> float:
+            mine = rows if world is None else world.shard(rows)
+            total, counted = expected_metric(model, tok, task, fn, mine, smooth, batch_size)
+            if world is not None:
+                total, counted = world.all_reduce_sum([total, counted])
+            return -total / counted if counted else float("nan")
+
+        return smoothed
 
     def value(rows: Sequence[dict], preds: list) -> float:
         refs = [task.reference(r) for r in rows]
@@ -89,6 +146,7 @@ def make_objective(kind: str, model, tok, task, metric, **kw) -> Callable[[Seque
         return metric_objective(model, tok, task, metric, **kw)
     if kind == "ce":
         kw.pop("max_new_tokens", None)
+        kw.pop("smooth", None)
         return ce_objective(model, tok, task, **kw)
     from zoobj.errors import ConfigError
 

@@ -60,6 +60,7 @@ class TrainConfig:
     dev_limit: int = 32
     eval_batch_size: int = 32
     train_max_new_tokens: int | None = None
+    smooth: float = 0.0
     data: str | None = None
     dtype: str = "float32"
     perturb: str | None = None
@@ -92,6 +93,8 @@ class TrainConfig:
             raise ConfigError(f"unknown --parallel {c.parallel!r}; choose one of {', '.join(PARALLEL)}")
         if c.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {c.steps}")
+        if not (math.isfinite(c.smooth) and c.smooth >= 0):
+            raise ConfigError(f"--smooth must be a temperature >= 0 (0: the metric itself), got {c.smooth}")
         if c.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {c.batch_size}")
         task = get_task(c.task)
@@ -274,7 +277,8 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
     data_world = world if world is not None and cfg.parallel == "data" else None
     objective = make_objective(cfg.objective, session.model, session.tok, task, cfg.metric,
                                batch_size=cfg.batch_size, world=data_world,
-                               **({"max_new_tokens": cfg.train_max_new_tokens} if cfg.objective == "metric" else {}))
+                               **({"max_new_tokens": cfg.train_max_new_tokens, "smooth": cfg.smooth}
+                                  if cfg.objective == "metric" else {}))
     log = tj.JsonlWriter(out / tj.LOG) if main else tj.NullWriter()
     traj = tj.JsonlWriter(out / tj.TRAJECTORY) if main else tj.NullWriter()
     start_time = time.time()
@@ -397,7 +401,7 @@ def export(run_dir: str | Path, target: str | Path) -> Path:
 
 
 def plot_curve(run_dir: str | Path) -> None:
-    """curve.png: loss, dev metric and tie rate against the step."""
+    """curve.png: loss, dev metric, tie rate and |projected gradient| against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -407,18 +411,26 @@ def plot_curve(run_dir: str | Path) -> None:
     log = tj.read_jsonl(run_dir / tj.LOG)
     steps = [r for r in log if r.get("event") == "step"]
     dev = [r for r in log if r.get("event") == "dev"]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
     axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
     axes[0].set(title="loss (mean of l+ and l-)", xlabel="step")
     if dev:
         axes[1].plot([r["step"] for r in dev], [r["value"] for r in dev], marker="o")
     axes[1].set(title="dev metric", xlabel="step")
+    window = 0
     if steps:
+        xs = [r["step"] for r in steps]
         ties = np.array([float(r["ties"] > 0) for r in steps])
         window = max(1, min(20, len(ties) // 4))  # several points even for a short run
         rolling = np.convolve(ties, np.ones(window) / window, mode="valid")
-        axes[2].plot([r["step"] for r in steps][window - 1 :], rolling, marker=".")
-    axes[2].set(title=f"tie rate (rolling {window if steps else 0})", xlabel="step", ylim=(-0.05, 1.05))
+        axes[2].plot(xs[window - 1 :], rolling, marker=".")
+        g = np.abs([r["grad"] for r in steps])
+        axes[3].plot(xs, g, lw=0.5, alpha=0.4)
+        axes[3].plot(xs[window - 1 :], [np.median(g[i : i + window]) for i in range(len(g) - window + 1)], lw=1.5)
+        if (g > 0).any():
+            axes[3].set_yscale("symlog", linthresh=max(1e-6, float(np.min(g[g > 0]))))
+    axes[2].set(title=f"tie rate (rolling {window})", xlabel="step", ylim=(-0.05, 1.05))
+    axes[3].set(title=f"|projected gradient| (rolling median {window})", xlabel="step")
     fig.tight_layout()
     tmp = run_dir / ".curve.tmp.png"
     fig.savefig(tmp, dpi=80)
