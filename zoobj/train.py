@@ -99,6 +99,9 @@ class TrainConfig:
             raise ConfigError(f"--batch-size must be at least 1, got {c.batch_size}")
         task = get_task(c.task)
         c.metric = c.metric or task.metric
+        if c.smooth and (c.objective != "metric" or task.kind != "classification"):
+            raise ConfigError(f"--smooth applies to the metric objective of classification tasks; "
+                              f"{task.name} is {task.kind}, objective {c.objective}")
         if c.train_max_new_tokens is None and task.kind == "generation":
             # shorter generations while training (answers are short; evaluation keeps the task's length)
             c.train_max_new_tokens = min(getattr(task, "max_new_tokens", 50), 24)
@@ -275,16 +278,16 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
             tj.write_json(out / tj.CONFIG, {**tj.read_json(out / tj.CONFIG), "steps": cfg.steps})
 
     data_world = world if world is not None and cfg.parallel == "data" else None
-    objective = make_objective(cfg.objective, session.model, session.tok, task, cfg.metric,
-                               batch_size=cfg.batch_size, world=data_world,
-                               **({"max_new_tokens": cfg.train_max_new_tokens, "smooth": cfg.smooth}
-                                  if cfg.objective == "metric" else {}))
     log = tj.JsonlWriter(out / tj.LOG) if main else tj.NullWriter()
     traj = tj.JsonlWriter(out / tj.TRAJECTORY) if main else tj.NullWriter()
     start_time = time.time()
     zero = None
     evaluate_kw = {"batch_size": cfg.eval_batch_size}
     try:
+        objective = make_objective(cfg.objective, session.model, session.tok, task, cfg.metric,
+                                   batch_size=cfg.batch_size, world=data_world,
+                                   **({"max_new_tokens": cfg.train_max_new_tokens, "smooth": cfg.smooth}
+                                      if cfg.objective == "metric" else {}))
         if note:
             log.append({"event": "note", "message": note})
         if cfg.zero_shot and not resume:
