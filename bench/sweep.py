@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--peft", default="none")
     ap.add_argument("--arm", action="append", required=True, help="objective:key=value,... (TrainConfig fields)")
     ap.add_argument("--out", default="runs/sweep")
+    ap.add_argument("--plot", help="also draw every arm's dev metric, tie rate and |g| into this PNG")
     args = ap.parse_args()
     rows = []
     for text in args.arm:
@@ -65,10 +66,43 @@ def main() -> None:
         row = {"arm": text, "dev": dev, "tie_rate": sum(r["ties"] > 0 for r in steps) / len(steps),
                "median_abs_g": statistics.median(abs(r["grad"]) for r in steps),
                "seconds_per_step": statistics.median(r["seconds"] for r in steps)}
+        row["log"] = str(out / tj.LOG)
         rows.append(row)
         print(f"{text:40} dev {dev}  ties {row['tie_rate']:.0%}  |g| {row['median_abs_g']:.3g}  "
               f"{row['seconds_per_step']:.2f} s/step", flush=True)
+    if args.plot:
+        plot(rows, args.plot, args.task)
+    for row in rows:
+        row.pop("log")
     print(json.dumps({"task": args.task, "steps": args.steps, "batch_size": args.batch_size, "rows": rows}))
+
+
+def plot(rows: list[dict], path: str, task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from zoobj import trajectory as tj
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for row in rows:
+        log = tj.read_jsonl(row["log"])
+        steps = [r for r in log if r.get("event") == "step"]
+        w = max(1, min(20, len(steps) // 5))
+        x = range(w, len(steps) + 1)
+        axes[0].plot([0] + [s for s, _ in row["dev"]], [np.nan] + [v for _, v in row["dev"]], marker="o", label=row["arm"])
+        axes[1].plot(x, np.convolve([float(r["ties"] > 0) for r in steps], np.ones(w) / w, mode="valid"), label=row["arm"])
+        g = np.abs([r["grad"] for r in steps])
+        axes[2].plot(x, [np.median(g[i : i + w]) for i in range(len(g) - w + 1)], label=row["arm"])
+    axes[0].set(title=f"{task}: dev metric", xlabel="step")
+    axes[1].set(title="tie rate (l+ == l-), rolling", xlabel="step", ylim=(-0.05, 1.05))
+    axes[2].set(title="|projected gradient|, rolling median", xlabel="step", yscale="symlog")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
