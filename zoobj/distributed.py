@@ -119,11 +119,6 @@ class World:
         """True when any rank failed (every rank learns it, so all can stop together)."""
         return self.all_reduce_sum([1.0 if failed else 0.0])[0] > 0
 
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
 
 def from_env(device: str | None = None) -> World | None:
     """The process group ``torchrun`` describes in the environment, or None when alone.

@@ -274,8 +274,8 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
         raise failure
     if resume:
         session.optimizer.replay(records)  # back to where the run stopped, bit for bit
-        if main and tj.read_json(out / tj.CONFIG).get("steps") != cfg.steps:
-            tj.write_json(out / tj.CONFIG, {**tj.read_json(out / tj.CONFIG), "steps": cfg.steps})
+        if main and saved.get("steps") != cfg.steps:
+            tj.write_json(out / tj.CONFIG, {**saved, "steps": cfg.steps})
 
     data_world = world if world is not None and cfg.parallel == "data" else None
     log = tj.JsonlWriter(out / tj.LOG) if main else tj.NullWriter()
