@@ -29,7 +29,7 @@ from pathlib import Path
 # Settings per task (chosen on dev with bench/sweep.py; see the README's Results section).
 TASKS = {
     "sst2": dict(
-        metric="accuracy", steps=400, batch_size=16, eval_limit=872, seed=0, eval_every=50, dev_limit=500,
+        metric="accuracy", steps=400, batch_size=16, eval_limit=872, seed=0, eval_every=50, dev_limit=500, keep="best",
         ce=dict(lr=1e-6, eps=1e-3),
         metric_arm=dict(lr=1e-5, eps=1e-3),  # the hard accuracy: best on dev (0.732 at step 100, smooth=1: 0.708)
     ),
@@ -41,7 +41,7 @@ TASKS = {
         metric_arm=dict(lr=1e-6, eps=1e-3, train_max_new_tokens=16),
     ),
 }
-QUICK = dict(sst2=dict(TASKS["sst2"], steps=60, eval_limit=200, eval_every=0))
+QUICK = dict(sst2=dict(TASKS["sst2"], steps=60, eval_limit=200, eval_every=0, keep="last"))
 
 
 def zero_shot(task_name: str, spec: dict, out: Path) -> dict:
@@ -75,16 +75,20 @@ def trained(task_name: str, spec: dict, arm: str, out: Path) -> dict:
     settings = spec["ce"] if arm == "ce" else spec["metric_arm"]
     cfg = TrainConfig(task=task_name, metric=spec["metric"], objective=objective, steps=spec["steps"],
                       batch_size=spec["batch_size"], eval_limit=spec["eval_limit"], seed=spec["seed"],
-                      eval_every=spec["eval_every"], dev_limit=spec["dev_limit"], output=str(run_dir), **settings)
+                      eval_every=spec["eval_every"], dev_limit=spec["dev_limit"], keep=spec.get("keep", "last"),
+                      output=str(run_dir), **settings)
     done = run_dir / tj.EVAL
-    if not done.exists():
+    if not done.exists() or "kept_steps" not in json.loads(done.read_text()):
+        # unfinished, or finished before --keep existed: resuming at the same step count re-does only the
+        # final evaluation, on the weights of the best dev step
         resume = (run_dir / tj.TRAJECTORY).exists()
         run(cfg, resume=resume)
     result = json.loads(done.read_text())
     log = tj.read_jsonl(run_dir / tj.LOG)
     seconds = sum(r["seconds"] for r in log if r.get("event") == "step")
     summary = {spec["metric"]: {"value": result["value"], "ci95": result["ci95"], "n": result["n"]},
-               "tie_rate": result["tie_rate"], "train_seconds": round(seconds), "steps": result["steps"]}
+               "tie_rate": result["tie_rate"], "train_seconds": round(seconds), "steps": result["steps"],
+               "kept_steps": result["kept_steps"], "best_dev": result["best_dev"]}
     extra = spec.get("extra_metrics", [])
     if extra:
         cached = run_dir / "extra_metrics.json"

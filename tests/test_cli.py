@@ -154,3 +154,64 @@ def test_resume_and_export_refuse_a_different_base_model(tmp_path, capsys):
     assert "not the one" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert len((run_dir / "trajectory.jsonl").read_text().splitlines()) == 1
+
+
+def test_keep_best_evaluates_saves_and_exports_the_best_dev_step(model_dir, tmp_path, capsys):
+    run_dir = tmp_path / "best"
+    args = ["--task", "sst2", "--batch-size", "4", "--eval-limit", "8", "--eval-every", "1", "--dev-limit", "8",
+            "--lr", "5e-2", "--eps", "1e-2", "--model", model_dir, "--keep", "best"]
+    assert cli("train", *args, "--steps", "6", "--output", run_dir, "--save-model") == 0
+    dev = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    dev = [r for r in dev if r.get("event") == "dev"]
+    final = json.loads((run_dir / "eval.json").read_text())
+    top = max(dev, key=lambda r: (r["value"], -r["step"]))  # the first of the best
+    assert final["kept_steps"] == top["step"] + 1 and final["best_dev"] == top["value"] and final["steps"] == 6
+    assert final["kept_steps"] < 6  # this seed's dev curve peaks early: the kept weights are not the last ones
+    assert f"kept step {final['kept_steps']}" in capsys.readouterr().out
+
+    from transformers import AutoModelForCausalLM
+
+    from zoobj.train import load_run_config, prepare
+    from zoobj import trajectory as tj
+
+    records = tj.read_trajectory(run_dir / "trajectory.jsonl")
+    at = {}
+    for k in (final["kept_steps"], 6):
+        session = prepare(load_run_config(run_dir))
+        session.optimizer.replay(records[:k])
+        at[k] = [p.detach().clone() for p in session.model.parameters()]
+    saved = list(AutoModelForCausalLM.from_pretrained(run_dir / "model").parameters())
+    assert all(torch.equal(a, b) for a, b in zip(saved, at[final["kept_steps"]]))
+    assert any(not torch.equal(a, b) for a, b in zip(saved, at[6]))
+    assert cli("export", run_dir, "--output", tmp_path / "exported") == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").parameters()
+    assert all(torch.equal(a, b) for a, b in zip(exported, saved))
+    capsys.readouterr()
+    assert cli("eval", "--run", run_dir, "--limit", "8", "--json") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["value"] == final["value"]
+
+    # stopped after 3 steps and resumed: the same best step, the same result
+    split = tmp_path / "split"
+    assert cli("train", *args, "--steps", "3", "--output", split) == 0
+    assert cli("train", "--resume", split, "--steps", "6") == 0
+    again = json.loads((split / "eval.json").read_text())
+    assert (again["kept_steps"], again["best_dev"], again["value"]) == (final["kept_steps"], final["best_dev"], final["value"])
+
+    # trained keeping the last step, then re-finalised with --keep best: nothing retrained, the same result
+    later = tmp_path / "later"
+    assert cli("train", *args[:-2], "--steps", "6", "--output", later) == 0
+    assert json.loads((later / "eval.json").read_text())["kept_steps"] == 6
+    assert cli("train", "--resume", later, "--steps", "6", "--keep", "best") == 0
+    third = json.loads((later / "eval.json").read_text())
+    assert (third["kept_steps"], third["value"]) == (final["kept_steps"], final["value"])
+    assert json.loads((later / "config.json").read_text())["keep"] == "best"
+    assert (later / "trajectory.jsonl").read_text() == (run_dir / "trajectory.jsonl").read_text()
+
+
+def test_keep_best_needs_dev_evaluations(model_dir, tmp_path, capsys):
+    assert cli("train", *COMMON[:6], "--eval-every", "0", "--model", model_dir, "--keep", "best",
+               "--output", tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert "--keep best" in err and "--eval-every" in err and not (tmp_path / "r").exists()
+    assert cli("train", *COMMON, "--model", model_dir, "--keep", "first", "--output", tmp_path / "r") == 2
+    assert "unknown --keep 'first'" in capsys.readouterr().err

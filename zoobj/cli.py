@@ -164,7 +164,9 @@ def _summary(result: dict, metric: str) -> None:
     if z is not None:
         zl, zh = result["zero_shot_ci95"]
         table.add_row(f"zero-shot {metric}", f"{z:.4f}  [{zl:.4f}, {zh:.4f}]")
-    table.add_row("steps", str(result["steps"]))
+    kept = result.get("kept_steps", result["steps"])
+    table.add_row("steps", str(result["steps"]) if kept == result["steps"] else
+                  f"{result['steps']} (kept step {kept}: best dev {metric} {result['best_dev']:.4f})")
     table.add_row("tie rate (l+ == l-)", f"{result['tie_rate']:.1%}")
     table.add_row("wall time", f"{result['wall_seconds']:.0f} s")
     table.add_row("peak memory (RSS)", f"{result['peak_rss_mib']} MiB")
@@ -192,6 +194,9 @@ def train_cmd(
     seed: int = typer.Option(None, "--seed", help="Seed of noise and batches [default: 0]."),
     eval_every: int = typer.Option(None, "--eval-every", help="Dev evaluation every N steps, 0 = never [default: 10]."),
     eval_limit: int = typer.Option(None, "--eval-limit", help="Final and zero-shot evaluation on the first N examples [default: 100]."),
+    dev_limit: int = typer.Option(None, "--dev-limit", help="Dev evaluations use the first N dev examples [default: 32]."),
+    keep: str = typer.Option(None, "--keep", help="last (the weights after the last step) or best (the step with the "
+                             "best dev metric; needs --eval-every) [default: last]."),
     train_max_new_tokens: int = typer.Option(None, "--train-max-new-tokens", help="Generation length during training (evaluation keeps the task's)."),
     smooth: float = typer.Option(None, "--smooth", help="Classification: optimise the metric's expectation under "
                                  "softmax(candidate scores / T) instead of the hard metric (fewer l+ == l- ties) [default: 0, off]."),
@@ -215,7 +220,7 @@ def train_cmd(
     given = {k: v for k, v in dict(
         task=task, metric=metric, objective=objective, model=model, steps=steps, batch_size=batch_size, lr=lr,
         eps=eps, n=n, rule=rule, peft=peft, seed=seed, eval_every=eval_every, eval_limit=eval_limit,
-        train_max_new_tokens=train_max_new_tokens, smooth=smooth, train_embeddings=train_embeddings, data=data,
+        dev_limit=dev_limit, keep=keep, train_max_new_tokens=train_max_new_tokens, smooth=smooth, train_embeddings=train_embeddings, data=data,
         dtype=dtype, perturb=perturb, parallel=parallel, output=output).items() if v is not None}
     placement = {k: v for k, v in dict(device=device, device_map=device_map).items() if v is not None}
     if resume:
@@ -285,6 +290,8 @@ def compare_cmd(
     seed: int = typer.Option(0, "--seed"),
     eval_limit: int = typer.Option(100, "--eval-limit"),
     eval_every: int = typer.Option(0, "--eval-every"),
+    dev_limit: int = typer.Option(32, "--dev-limit"),
+    keep: str = typer.Option("last", "--keep", help="last or best (each arm keeps its best dev step; needs --eval-every)."),
     train_max_new_tokens: int = typer.Option(None, "--train-max-new-tokens"),
     output: str = typer.Option(None, "--output", help="Folder for report.md, compare.png and the two runs."),
 ) -> None:
@@ -293,7 +300,7 @@ def compare_cmd(
 
     report = compare(task=task, metric=metric, model=model, steps=steps, batch_size=batch_size, lr=lr, ce_lr=ce_lr,
                      eps=eps, n=n, peft=peft, seed=seed, eval_limit=eval_limit, eval_every=eval_every,
-                     train_max_new_tokens=train_max_new_tokens, output=output, reporter_factory=_Progress)
+                     dev_limit=dev_limit, keep=keep, train_max_new_tokens=train_max_new_tokens, output=output, reporter_factory=_Progress)
     typer.echo(report.read_text())
     typer.echo(f"written: {report} and {report.parent / 'compare.png'}")
 

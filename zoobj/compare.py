@@ -11,10 +11,15 @@ from zoobj import trajectory as tj
 from zoobj.train import TrainConfig, run
 
 
+def _steps(r: dict) -> str:
+    steps, kept = r.get("steps", 0), r.get("kept_steps")
+    return str(steps) if kept in (None, steps) else f"{kept} of {steps} (best dev)"
+
+
 def compare(task: str, metric: str | None = None, model: str = "gemma-3-270m", steps: int = 20,
             batch_size: int = 8, lr: float | None = None, ce_lr: float | None = None, eps: float | None = None,
             n: int = 1, peft: str = "none", seed: int = 0, eval_limit: int = 100, eval_every: int = 0,
-            train_max_new_tokens: int | None = None, output: str | None = None, reporter_factory=None) -> Path:
+            dev_limit: int = 32, keep: str = "last", train_max_new_tokens: int | None = None, output: str | None = None, reporter_factory=None) -> Path:
     """Runs the three arms into ``output`` and writes ``report.md`` and ``compare.png``; returns report.md."""
     from zoobj.models import load_model
     from zoobj.objective import evaluate
@@ -25,7 +30,8 @@ def compare(task: str, metric: str | None = None, model: str = "gemma-3-270m", s
     out = Path(output or Path("runs") / f"compare-{t.name}-{metric}-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     common = dict(task=task, metric=metric, model=model, steps=steps, batch_size=batch_size, eps=eps, n=n,
-                  peft=peft, seed=seed, eval_limit=eval_limit, eval_every=eval_every, zero_shot=False)
+                  peft=peft, seed=seed, eval_limit=eval_limit, eval_every=eval_every, dev_limit=dev_limit, keep=keep,
+                  zero_shot=False)
 
     start = time.time()
     m, tok = load_model(model)
@@ -48,7 +54,7 @@ def compare(task: str, metric: str | None = None, model: str = "gemma-3-270m", s
         low, high = r["ci95"]
         tie = f"{r['tie_rate']:.0%}" if "tie_rate" in r else "-"
         lines.append(f"| {name} | {100 * r['value']:.1f} | [{100 * low:.1f}, {100 * high:.1f}] | "
-                     f"{r.get('steps', 0)} | {tie} | {r['wall_seconds']:.0f} s |")
+                     f"{_steps(r)} | {tie} | {r['wall_seconds']:.0f} s |")
     lines += ["", "Runs: `ce/` and `metric/` (each a full run directory; `zoobj export` rebuilds its weights).", ""]
     report = out / "report.md"
     tmp = out / ".report.md.tmp"

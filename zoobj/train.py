@@ -33,6 +33,7 @@ from zoobj.objective import OBJECTIVES, evaluate, make_objective
 
 PEFT = ("none", "lora", "prefix")
 PARALLEL = ("data", "query")
+KEEP = ("last", "best")
 # The paper's settings per parameter set (Malladi et al. 2023, Tables 15-16).
 PAPER_DEFAULTS = {"none": (1e-6, 1e-3), "lora": (1e-4, 1e-2), "prefix": (1e-2, 1e-1)}
 
@@ -58,6 +59,7 @@ class TrainConfig:
     eval_every: int = 10
     eval_limit: int = 100
     dev_limit: int = 32
+    keep: str = "last"
     eval_batch_size: int = 32
     train_max_new_tokens: int | None = None
     smooth: float = 0.0
@@ -91,6 +93,10 @@ class TrainConfig:
             raise ConfigError(f"unknown --perturb {c.perturb!r}; choose one of {', '.join(PERTURB)}")
         if c.parallel not in PARALLEL:
             raise ConfigError(f"unknown --parallel {c.parallel!r}; choose one of {', '.join(PARALLEL)}")
+        if c.keep not in KEEP:
+            raise ConfigError(f"unknown --keep {c.keep!r}; choose one of {', '.join(KEEP)}")
+        if c.keep == "best" and not (c.eval_every and c.dev_limit):
+            raise ConfigError("--keep best picks the step with the best dev metric: it needs --eval-every N > 0")
         if c.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {c.steps}")
         if not (math.isfinite(c.smooth) and c.smooth >= 0):
@@ -141,6 +147,26 @@ def lr_schedule(step: int) -> float:
     return 1.0
 
 
+class _Best:
+    """``--keep best``: the trained tensors at the best dev evaluation so far, copied to
+    CPU memory (one copy of the trainable parameters; small with LoRA or prefix)."""
+
+    def __init__(self):
+        self.value: float | None = None
+        self.steps = 0
+        self.tensors: list[torch.Tensor] | None = None
+
+    def offer(self, value: float, steps: int, params: list) -> None:
+        if math.isfinite(value) and (self.value is None or value > self.value):  # ties keep the earlier step
+            self.value, self.steps = value, steps
+            self.tensors = [p.detach().to("cpu", copy=True) for p in params]
+
+    def restore(self, params: list) -> None:
+        with torch.no_grad():
+            for p, t in zip(params, self.tensors):
+                p.copy_(t.to(p.device))
+
+
 @dataclass
 class Session:
     """A model made ready for training: trainable tensors in a fixed order, and an optimizer."""
@@ -162,7 +188,7 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None) -> Session:
 
     if model is None:
         model, tok = load_model(cfg.model, dtype=cfg.dtype, device=_device(cfg, world), device_map=cfg.device_map)
-    model, named = trainable_parameters(model, cfg.peft, cfg.train_embeddings, seed=cfg.seed)
+    model, named = trainable_parameters(model, cfg.peft, cfg.train_embeddings, seed=cfg.seed, tok=tok)
     params = [p for _, p in named]
     query = world is not None and cfg.parallel == "query"
     opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, n=cfg.n, rule=cfg.rule,
@@ -272,10 +298,19 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
         raise ConfigError("another process of this torchrun launch could not start the run (its error is shown there)")
     if failure is not None:
         raise failure
+    best = _Best()
     if resume:
-        session.optimizer.replay(records)  # back to where the run stopped, bit for bit
-        if main and saved.get("steps") != cfg.steps:
-            tj.write_json(out / tj.CONFIG, {**saved, "steps": cfg.steps})
+        head = 0
+        if cfg.keep == "best":  # the best dev point so far: replay to it, hold its weights, replay the rest
+            prior = [r for r in tj.read_jsonl(out / tj.LOG) if r.get("event") == "dev" and r["step"] < len(records)]
+            if prior:
+                top = max(prior, key=lambda r: (r["value"], -r["step"]))
+                head = top["step"] + 1
+                session.optimizer.replay(records[:head])
+                best.offer(top["value"], head, session.params)
+        session.optimizer.replay(records[head:])  # back to where the run stopped, bit for bit
+        if main and (saved.get("steps"), saved.get("keep", "last")) != (cfg.steps, cfg.keep):
+            tj.write_json(out / tj.CONFIG, {**saved, "steps": cfg.steps, "keep": cfg.keep})
 
     data_world = world if world is not None and cfg.parallel == "data" else None
     log = tj.JsonlWriter(out / tj.LOG) if main else tj.NullWriter()
@@ -324,6 +359,14 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
                 if dev is not None:
                     log.append({"event": "dev", "step": step, "value": dev["value"], "ci95": dev["ci95"]})
                     report("dev", {"step": step, "value": dev["value"]})
+                if cfg.keep == "best":
+                    value = dev["value"] if dev is not None else None
+                    best.offer(world.broadcast_loss(value) if world is not None else value, step + 1, session.params)
+        kept = len(opt.trajectory)
+        if cfg.keep == "best" and best.tensors is not None and best.steps < kept:
+            best.restore(session.params)  # the final evaluation, --save-model and export see the best dev step
+            kept = best.steps
+            report("status", {"message": f"keeping step {kept} (best dev {cfg.metric} {best.value:.4f})"})
         report("status", {"message": f"final evaluation on {len(eval_rows)} {task.eval_split} examples ..."})
         final = _evaluate(session, task, cfg.metric, eval_rows, world, **evaluate_kw)
         records = opt.trajectory
@@ -333,7 +376,8 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
             ties = sum(r["ties"] for r in records) / max(1, sum(len(r["seeds"]) for r in records))
             result = {**final, "zero_shot": zero["value"] if zero else None,
                       "zero_shot_ci95": zero["ci95"] if zero else None, "steps": len(records),
-                      "tie_rate": ties, "wall_seconds": round(wall, 1), "peak_rss_mib": round(peak_mib),
+                      "tie_rate": ties, "kept_steps": kept, "best_dev": best.value,
+                      "wall_seconds": round(wall, 1), "peak_rss_mib": round(peak_mib),
                       "run_dir": str(out)}
             if world is not None:
                 result["world_size"] = world.size
@@ -370,18 +414,33 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 
 
 def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
-    """The run's own settings; ``steps`` may change, any other flag must agree."""
+    """The run's own settings; ``steps`` and ``keep`` may change (neither alters the
+    trajectory: resuming a finished run with ``--keep best`` re-does only its final
+    evaluation), any other flag must agree."""
     cfg = load_run_config(run_dir)
     for key, value in overrides.items():
-        if value is None or key in ("output", "steps", "save_model"):  # save_model is per invocation, not saved
+        if value is None or key in ("output", "steps", "keep", "save_model"):  # save_model is per invocation, not saved
             continue
         if getattr(cfg, key) != value:
             raise ConfigError(f"--{key.replace('_', '-')} {value!r} contradicts the run's {getattr(cfg, key)!r} "
                               f"({run_dir}/config.json); leave it out when resuming")
-    if overrides.get("steps") is not None:
-        cfg.steps = overrides["steps"]
+    for key in ("steps", "keep"):
+        if overrides.get(key) is not None:
+            setattr(cfg, key, overrides[key])
     cfg.save_model = bool(overrides.get("save_model"))
     return cfg
+
+
+def kept_steps(run_dir: str | Path, n_records: int) -> int:
+    """How many trajectory steps the run's result stands for: all of them, or with
+    ``--keep best`` those up to the best dev evaluation (as recorded when the run ended)."""
+    path = Path(run_dir) / tj.EVAL
+    if not path.exists():
+        return n_records
+    result = tj.read_json(path)
+    if result.get("steps") != n_records or not result.get("kept_steps"):
+        return n_records  # continued since (or never finished): the trajectory's end
+    return int(result["kept_steps"])
 
 
 def rebuild(run_dir: str | Path) -> tuple[TrainConfig, Session]:
@@ -391,7 +450,8 @@ def rebuild(run_dir: str | Path) -> tuple[TrainConfig, Session]:
     saved = tj.read_json(Path(run_dir) / tj.CONFIG)
     if weights_hash(session.model) != saved["base_weights_sha256"]:
         raise ConfigError(f"the base model {cfg.model!r} is not the one run {run_dir} started from")
-    session.optimizer.replay(tj.read_trajectory(Path(run_dir) / tj.TRAJECTORY))
+    records = tj.read_trajectory(Path(run_dir) / tj.TRAJECTORY)
+    session.optimizer.replay(records[: kept_steps(run_dir, len(records))])
     session.optimizer.remove_hooks()
     return cfg, session
 
