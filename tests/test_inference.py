@@ -106,3 +106,25 @@ def test_peft_models_decode_with_the_cache_like_a_full_forward(tok, peft):
     prompts = ["the cat sat on the mat It was", "red blue"]
     got = inference.generate(model, tok, prompts, max_new_tokens=6, batch_size=2)
     assert got == [naive_generate(model, tok, p, 6) for p in prompts]
+
+
+def test_prefix_starts_as_the_keys_and_values_of_real_tokens(tok):
+    import copy
+
+    from zoobj.models import init_prefix_from_tokens, trainable_parameters
+
+    base = tiny_gemma(len(tok), sliding_window=512)
+    words = [5, 9, 13, 21, 30]
+    prompt = tok("the cat sat on the mat", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        want = base(input_ids=torch.tensor([words + prompt])).logits[0, len(words):]
+        model, named = trainable_parameters(copy.deepcopy(base), "prefix", seed=0, tok=tok)
+        seeded = named[0][1].detach().clone()
+        init_prefix_from_tokens(model, words)
+        got = model(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long)).logits[0]
+        plain = base(input_ids=torch.tensor([prompt])).logits[0]
+    # the prompt after the prefix reads exactly as after those five tokens
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
+    assert not torch.equal(seeded, named[0][1])  # the seeded init drew other words
+    again, named2 = trainable_parameters(copy.deepcopy(base), "prefix", seed=0, tok=tok)
+    assert torch.equal(seeded, named2[0][1])  # and the same ones for the same seed

@@ -201,8 +201,46 @@ def _is_embedding(name: str, model) -> bool:
     return param is not None and any(m is not None and param is m.weight for m in (emb, out))
 
 
+def _word_ids(tok, vocab_size: int) -> list[int]:
+    """Token ids that are plain words (letters only, 3+ characters), for prefix initialisation."""
+    if tok is None:
+        return list(range(vocab_size))
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    pieces = tok.convert_ids_to_tokens(list(range(min(vocab_size, len(tok)))))
+    ids = [i for i, t in enumerate(pieces) if i not in special and isinstance(t, str)
+           and len(w := t.lstrip("\u2581\u0120 ")) >= 3 and w.isascii() and w.isalpha()]
+    return ids or list(range(vocab_size))
+
+
+def init_prefix_from_tokens(model, ids: list[int]) -> None:
+    """Set a peft prefix to the keys and values the base model computes for the tokens
+    ``ids`` (prefix tuning's "real activation" initialisation, Li & Liang 2021, as in
+    MeZO's code): the prefix then reads like a few ordinary words before the prompt, so
+    step 0 is close to the zero-shot model instead of random keys and values at every layer."""
+    from zoobj.inference import _cache_out
+
+    cfg = model.active_peft_config
+    base = model.get_base_model()
+    heads, layers = cfg.num_attention_heads, cfg.num_layers
+    if len(ids) != cfg.num_virtual_tokens:
+        raise ValueError(f"need {cfg.num_virtual_tokens} token ids, got {len(ids)}")
+    device = next(base.parameters()).device
+    with torch.no_grad():
+        out = base(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        cache = _cache_out(out)
+        rows = []
+        for layer in cache.layers[:layers]:
+            k, v = layer.keys[0], layer.values[0]  # [heads, tokens, head_dim]
+            if k.shape[0] != heads:
+                raise ValueError(f"prefix has {heads} heads per layer, the model's cache {k.shape[0]}")
+            rows += [k.permute(1, 0, 2), v.permute(1, 0, 2)]  # peft's layout: [tokens, 2*layers, heads, head_dim]
+        weight = torch.stack(rows, dim=1).reshape(len(ids), -1)
+        emb = model.prompt_encoder[model.active_adapter].embedding
+        emb.weight.copy_(weight.to(emb.weight.dtype))
+
+
 def trainable_parameters(model, peft: str = "none", train_embeddings: bool = False, seed: int = 0,
-                         lora_r: int = 8, lora_alpha: int = 16, prefix_tokens: int = 5):
+                         lora_r: int = 8, lora_alpha: int = 16, prefix_tokens: int = 5, tok=None):
     """Choose what MeZO perturbs. Returns ``(model, [(name, tensor), ...])`` in a fixed order.
 
     - ``none``: every weight of the model (full-parameter MeZO), except the token
@@ -210,7 +248,9 @@ def trainable_parameters(model, peft: str = "none", train_embeddings: bool = Fal
       Gemma-3-270M and cost noise time while changing little).
     - ``lora``: LoRA adapters from ``peft`` (r=8, alpha=16 on the attention q/v
       projections); the base weights stay frozen. Adapter init is seeded by ``seed``.
-    - ``prefix``: prefix tuning from ``peft`` (5 virtual tokens per layer).
+    - ``prefix``: prefix tuning from ``peft`` (5 virtual tokens per layer), initialised
+      with the model's own keys and values of 5 word tokens drawn with ``seed`` (from the
+      tokenizer's plain words when ``tok`` is given).
     """
     if peft == "none":
         named = [(n, p) for n, p in model.named_parameters() if train_embeddings or not _is_embedding(n, model)]
@@ -238,6 +278,9 @@ def trainable_parameters(model, peft: str = "none", train_embeddings: bool = Fal
         # peft's prefix cache works with zoobj's own decoding loop (which passes the KV
         # cache back as ``cache=``); peft + transformers 5.24 ``generate`` drops the prefix.
         model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=prefix_tokens, task_type="CAUSAL_LM"))
+        words = _word_ids(tok, model.get_base_model().config.vocab_size)
+        pick = torch.randperm(len(words), generator=torch.Generator().manual_seed(seed))[:prefix_tokens]
+        init_prefix_from_tokens(model, [words[i] for i in pick.tolist()])
         named = [(n, p) for n, p in model.named_parameters() if "prompt_encoder" in n]
         model.eval()
         return model, named
