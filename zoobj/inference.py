@@ -15,9 +15,15 @@ Everything runs under ``torch.inference_mode``; no gradients exist anywhere.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 
 import torch
+
+# peft's prefix tuning hands the model its prefix as past_key_values while the decoding
+# below passes the cache (already holding that prefix) as ``cache``; transformers 5 warns
+# on every such call that it uses ``cache``, which is what is meant here.
+warnings.filterwarnings("ignore", message="Both `past_key_values` and `cache` are set", category=FutureWarning)
 
 
 def _cache_kw(model) -> str:
