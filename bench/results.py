@@ -96,13 +96,16 @@ def trained(task_name: str, spec: dict, arm: str, out: Path) -> dict:
             from zoobj.objective import evaluate, predict
             from zoobj.tasks import get_task
 
-            _, session = rebuild(run_dir)
             task = get_task(task_name)
             rows = task.load(task.eval_split)[: spec["eval_limit"]]
-            preds = predict(session.model, session.tok, task, rows, batch_size=32)
+            if (run_dir / tj.PREDICTIONS).exists():  # the final evaluation's own predictions
+                preds = [r["prediction"] for r in tj.read_jsonl(run_dir / tj.PREDICTIONS)]
+            else:
+                _, session = rebuild(run_dir)
+                preds = predict(session.model, session.tok, task, rows, batch_size=32)
             got = {}
             for name in extra:
-                r = evaluate(session.model, session.tok, task, name, rows=rows, predictions=preds)
+                r = evaluate(None, None, task, name, rows=rows, predictions=preds)
                 got[name] = {"value": r["value"], "ci95": r["ci95"], "n": r["n"]}
             cached.write_text(json.dumps(got, indent=1))
         summary.update(json.loads(cached.read_text()))

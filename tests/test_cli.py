@@ -43,12 +43,19 @@ def test_train_writes_the_five_files_and_export_round_trips(model_dir, tmp_path,
     run_dir = tmp_path / "run"
     assert cli("train", *COMMON, "--model", model_dir, "--steps", "4", "--output", run_dir) == 0
     names = sorted(p.name for p in run_dir.iterdir())
-    assert names == ["config.json", "curve.png", "eval.json", "log.jsonl", "trajectory.jsonl"]
+    assert names == ["config.json", "curve.png", "eval.json", "log.jsonl", "predictions.jsonl", "trajectory.jsonl"]
     lines = (run_dir / "trajectory.jsonl").read_text().splitlines()
     assert len(lines) == 4 and [json.loads(x)["step"] for x in lines] == [0, 1, 2, 3]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"] == model_dir and len(config["base_weights_sha256"]) == 64 and config["lr"] == 1e-3
     final = json.loads((run_dir / "eval.json").read_text())
+    preds = [json.loads(x) for x in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    from zoobj.tasks import get_task
+
+    sst2 = get_task("sst2")
+    golds = [sst2.reference(r) for r in sst2.load("validation")[:8]]
+    assert [p["index"] for p in preds] == list(range(8))
+    assert sum(p["prediction"] == g for p, g in zip(preds, golds)) / 8 == final["value"]
     out = capsys.readouterr().out
     assert any("zero-shot accuracy" in line and f"{final['zero_shot']:.4f}" in line for line in out.splitlines())
 

@@ -107,8 +107,9 @@ def test_the_command_line_under_torchrun_prints_one_summary_and_writes_one_run(m
     assert proc.returncode == 0, failure(proc)
     assert proc.stdout.count("after 2 steps") == 1  # rank 0 alone prints the summary
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "curve.png", "eval.json", "log.jsonl",
-                                                     "trajectory.jsonl"]
+                                                     "predictions.jsonl", "trajectory.jsonl"]
     assert json.loads((out / "eval.json").read_text())["n"] == 6  # 3 rows per rank, scored together
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 6  # in row order, gathered on rank 0
 
 
 def test_gpu_benchmark_script_runs_on_cpu_in_quick_mode():

@@ -3,7 +3,8 @@
 A run directory holds ``config.json`` (every resolved setting, the model id and a hash
 of the base weights), ``trajectory.jsonl`` (one engine record per step: the
 checkpoint), ``log.jsonl`` (losses, dev metrics, timings), ``eval.json`` (final
-numbers) and ``curve.png``. No weights unless asked: base model + trajectory rebuild
+numbers), ``predictions.jsonl`` (the final evaluation's prediction per example, in the
+order of the evaluated rows) and ``curve.png``. No weights unless asked: base model + trajectory rebuild
 them (``export``).
 """
 
@@ -197,21 +198,23 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None) -> Session:
     return Session(model, tok, params, opt)
 
 
-def _evaluate(session: Session, task, metric, rows, world, **kw) -> dict | None:
+def _evaluate(session: Session, task, metric, rows, world, keep_predictions: bool = False, **kw) -> dict | None:
     """``evaluate`` on one process, or with the rows sharded across ranks and scored on
     rank 0 (which alone gets the result; the other ranks get None)."""
     from zoobj.objective import predict
 
     if world is None:
         out = evaluate(session.model, session.tok, task, metric, rows=rows, **kw)
-        out.pop("predictions")
+        if not keep_predictions:
+            out.pop("predictions")
         return out
     mine = predict(session.model, session.tok, task, world.shard(rows), batch_size=kw.get("batch_size", 16))
     preds = world.gather_predictions(mine, len(rows), strings=task.kind == "generation")
     if not world.is_main:
         return None
     out = evaluate(session.model, session.tok, task, metric, rows=rows, predictions=preds, **kw)
-    out.pop("predictions")
+    if not keep_predictions:
+        out.pop("predictions")
     return out
 
 
@@ -368,7 +371,8 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
             kept = best.steps
             report("status", {"message": f"keeping step {kept} (best dev {cfg.metric} {best.value:.4f})"})
         report("status", {"message": f"final evaluation on {len(eval_rows)} {task.eval_split} examples ..."})
-        final = _evaluate(session, task, cfg.metric, eval_rows, world, **evaluate_kw)
+        final = _evaluate(session, task, cfg.metric, eval_rows, world, keep_predictions=True, **evaluate_kw)
+        predictions = final.pop("predictions") if final is not None else None
         records = opt.trajectory
         if main:
             wall = time.time() - start_time
@@ -397,6 +401,8 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
         log.close()
     if not main:
         return {}
+    tj.write_jsonl(out / tj.PREDICTIONS, [{"index": i, "prediction": p.item() if hasattr(p, "item") else p}
+                                               for i, p in enumerate(predictions)])
     tj.write_json(out / tj.EVAL, result)
     plot_curve(out)
     if cfg.save_model:

@@ -19,6 +19,18 @@ from zoobj.errors import DataError
 from zoobj.mezo import RECORD_KEYS
 
 CONFIG, TRAJECTORY, LOG, EVAL, CURVE = "config.json", "trajectory.jsonl", "log.jsonl", "eval.json", "curve.png"
+PREDICTIONS = "predictions.jsonl"
+
+
+def write_jsonl(path: str | Path, rows: list) -> None:
+    """Write one JSON value per line, atomically (the file is whole or absent)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in rows)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
