@@ -4,8 +4,8 @@ A run directory holds ``config.json`` (every resolved setting, the model id and 
 of the base weights), ``trajectory.jsonl`` (one engine record per step: the
 checkpoint), ``log.jsonl`` (losses, dev metrics, timings), ``eval.json`` (final
 numbers), ``predictions.jsonl`` (the final evaluation's prediction per example, in the
-order of the evaluated rows) and ``curve.png``. No weights unless asked: base model + trajectory rebuild
-them (``export``).
+order of the evaluated rows) and ``curve.png``. No weights unless asked: base model +
+trajectory rebuild them (``export``).
 """
 
 from __future__ import annotations
@@ -157,8 +157,8 @@ class _Best:
         self.steps = 0
         self.tensors: list[torch.Tensor] | None = None
 
-    def offer(self, value: float, steps: int, params: list) -> None:
-        if math.isfinite(value) and (self.value is None or value > self.value):  # ties keep the earlier step
+    def offer(self, value: float | None, steps: int, params: list) -> None:
+        if value is not None and math.isfinite(value) and (self.value is None or value > self.value):  # ties keep the earlier step
             self.value, self.steps = value, steps
             self.tensors = [p.detach().to("cpu", copy=True) for p in params]
 
