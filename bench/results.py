@@ -82,11 +82,13 @@ def trained(task_name: str, spec: dict, arm: str, out: Path) -> dict:
                       eval_every=spec["eval_every"], dev_limit=spec["dev_limit"], keep=spec.get("keep", "last"),
                       output=str(run_dir), **settings)
     done = run_dir / tj.EVAL
-    if not done.exists() or "kept_steps" not in json.loads(done.read_text()):
-        # unfinished, or finished before --keep existed: resuming at the same step count re-does only the
-        # final evaluation, on the weights of the best dev step
+    finished = json.loads(done.read_text()) if done.exists() else {}
+    if "kept_steps" not in finished or finished["steps"] < spec["steps"]:
+        # unfinished, finished before --keep existed (resuming at the same step count re-does only the final
+        # evaluation, on the weights of the best dev step), or a budget raised in TASKS: continue the arm
         resume = (run_dir / tj.TRAJECTORY).exists()
         run(cfg, resume=resume)
+        (run_dir / "extra_metrics.json").unlink(missing_ok=True)  # scored on the previous final weights
     result = json.loads(done.read_text())
     log = tj.read_jsonl(run_dir / tj.LOG)
     seconds = sum(r["seconds"] for r in log if r.get("event") == "step")
