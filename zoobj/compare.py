@@ -19,7 +19,8 @@ def _steps(r: dict) -> str:
 def compare(task: str, metric: str | None = None, model: str = "gemma-3-270m", steps: int = 20,
             batch_size: int = 8, lr: float | None = None, ce_lr: float | None = None, eps: float | None = None,
             n: int = 1, peft: str = "none", seed: int = 0, eval_limit: int = 100, eval_every: int = 0,
-            dev_limit: int = 32, keep: str = "last", train_max_new_tokens: int | None = None, output: str | None = None, reporter_factory=None) -> Path:
+            dev_limit: int = 32, keep: str = "last", train_max_new_tokens: int | None = None,
+            output: str | None = None, reporter_factory=None) -> Path:
     """Runs the three arms into ``output`` and writes ``report.md`` and ``compare.png``; returns report.md."""
     from zoobj.models import load_model
     from zoobj.objective import evaluate
