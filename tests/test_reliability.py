@@ -182,6 +182,8 @@ BEFORE_TRAINING = [
     ("steps-0", "--steps 0", ["--task", "sst2", "--steps", "0"], ["--steps must be at least 1, got 0"]),
     ("negative-lr", "--lr -1e-3", ["--task", "sst2", "--lr", "-1e-3"], ["--lr must be a finite number >= 0"]),
     ("eps-0", "--eps 0", ["--task", "sst2", "--eps", "0"], ["--eps must be a finite number > 0"]),
+    ("keep-best-no-dev", "--keep best --eval-every 0", ["--task", "sst2", "--keep", "best", "--eval-every", "0"],
+     ["--keep best picks the step with the best dev metric: it needs --eval-every N > 0"]),
     ("smooth-generation", "--task squad --smooth 1", ["--task", "squad", "--smooth", "1"],
      ["--smooth applies to the metric objective of classification tasks", "squad is generation"]),
     ("smooth-negative", "--smooth -1", ["--task", "sst2", "--smooth", "-1"], ["--smooth must be a temperature >= 0"]),
