@@ -72,7 +72,7 @@ def zero_shot(task_name: str, spec: dict, out: Path) -> dict:
 
 def trained(task_name: str, spec: dict, arm: str, out: Path) -> dict:
     from zoobj import trajectory as tj
-    from zoobj.train import TrainConfig, rebuild, run
+    from zoobj.train import TrainConfig, run
 
     run_dir = out / arm
     objective = "ce" if arm == "ce" else "metric"
@@ -80,7 +80,7 @@ def trained(task_name: str, spec: dict, arm: str, out: Path) -> dict:
     cfg = TrainConfig(task=task_name, metric=spec["metric"], objective=objective, steps=spec["steps"],
                       batch_size=spec["batch_size"], eval_limit=spec["eval_limit"], seed=spec["seed"],
                       eval_every=spec["eval_every"], dev_limit=spec["dev_limit"], keep=spec.get("keep", "last"),
-                      output=str(run_dir), **settings)
+                      zero_shot=False, output=str(run_dir), **settings)  # zero_shot() scores the base model once
     done = run_dir / tj.EVAL
     finished = json.loads(done.read_text()) if done.exists() else {}
     if "kept_steps" not in finished or finished["steps"] < spec["steps"]:
@@ -99,16 +99,13 @@ def trained(task_name: str, spec: dict, arm: str, out: Path) -> dict:
     if extra:
         cached = run_dir / "extra_metrics.json"
         if not cached.exists():
-            from zoobj.objective import evaluate, predict
+            from zoobj.objective import evaluate
             from zoobj.tasks import get_task
 
             task = get_task(task_name)
             rows = task.load(task.eval_split)[: spec["eval_limit"]]
-            if (run_dir / tj.PREDICTIONS).exists():  # the final evaluation's own predictions
-                preds = [r["prediction"] for r in tj.read_jsonl(run_dir / tj.PREDICTIONS)]
-            else:
-                _, session = rebuild(run_dir)
-                preds = predict(session.model, session.tok, task, rows, batch_size=32)
+            # the final evaluation's own predictions (every finished arm has them: see the resume above)
+            preds = [r["prediction"] for r in tj.read_jsonl(run_dir / tj.PREDICTIONS)]
             got = {}
             for name in extra:
                 r = evaluate(None, None, task, name, rows=rows, predictions=preds)
@@ -123,9 +120,9 @@ def plot(task_name: str, out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from zoobj import trajectory as tj
+    from zoobj.train import rolling_ties_and_grad
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for arm, colour in (("ce", "#4C72B0"), ("metric", "#DD8452")):
@@ -142,11 +139,9 @@ def plot(task_name: str, out: Path) -> Path:
             axes[0].plot([kept], [next(r["value"] for r in dev if r["step"] + 1 == kept)], marker="*", ms=14,
                          color=colour, ls="none")
         w = max(1, min(25, len(steps) // 5))
-        ties = np.convolve([float(r["ties"] > 0) for r in steps], np.ones(w) / w, mode="valid")
-        axes[1].plot(range(w, len(steps) + 1), ties, color=colour, label=arm)
-        g = np.abs([r["grad"] for r in steps])
-        axes[2].plot(range(w, len(steps) + 1), [np.median(g[i : i + w]) for i in range(len(g) - w + 1)],
-                     color=colour, label=arm)
+        tie_rate, median_g = rolling_ties_and_grad(steps, w)
+        axes[1].plot(range(w, len(steps) + 1), tie_rate, color=colour, label=arm)
+        axes[2].plot(range(w, len(steps) + 1), median_g, color=colour, label=arm)
     zs = out / "zero-shot.json"
     if zs.exists():
         metric = next(k for k in json.loads(zs.read_text()) if k != "wall_seconds")

@@ -85,6 +85,7 @@ def plot(rows: list[dict], path: str, task: str) -> None:
     import numpy as np
 
     from zoobj import trajectory as tj
+    from zoobj.train import rolling_ties_and_grad
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for row in rows:
@@ -93,9 +94,9 @@ def plot(rows: list[dict], path: str, task: str) -> None:
         w = max(1, min(20, len(steps) // 5))
         x = range(w, len(steps) + 1)
         axes[0].plot([0] + [s for s, _ in row["dev"]], [np.nan] + [v for _, v in row["dev"]], marker="o", label=row["arm"])
-        axes[1].plot(x, np.convolve([float(r["ties"] > 0) for r in steps], np.ones(w) / w, mode="valid"), label=row["arm"])
-        g = np.abs([r["grad"] for r in steps])
-        axes[2].plot(x, [np.median(g[i : i + w]) for i in range(len(g) - w + 1)], label=row["arm"])
+        tie_rate, median_g = rolling_ties_and_grad(steps, w)
+        axes[1].plot(x, tie_rate, label=row["arm"])
+        axes[2].plot(x, median_g, label=row["arm"])
     axes[0].set(title=f"{task}: dev metric", xlabel="step")
     axes[1].set(title="tie rate (l+ == l-), rolling", xlabel="step", ylim=(-0.05, 1.05))
     axes[2].set(title="|projected gradient|, rolling median", xlabel="step", yscale="symlog")

@@ -158,7 +158,8 @@ class _Best:
         self.tensors: list[torch.Tensor] | None = None
 
     def offer(self, value: float | None, steps: int, params: list) -> None:
-        if value is not None and math.isfinite(value) and (self.value is None or value > self.value):  # ties keep the earlier step
+        # ties keep the earlier step
+        if value is not None and math.isfinite(value) and (self.value is None or value > self.value):
             self.value, self.steps = value, steps
             self.tensors = [p.detach().to("cpu", copy=True) for p in params]
 
@@ -205,14 +206,12 @@ def _evaluate(session: Session, task, metric, rows, world, keep_predictions: boo
 
     if world is None:
         out = evaluate(session.model, session.tok, task, metric, rows=rows, **kw)
-        if not keep_predictions:
-            out.pop("predictions")
-        return out
-    mine = predict(session.model, session.tok, task, world.shard(rows), batch_size=kw.get("batch_size", 16))
-    preds = world.gather_predictions(mine, len(rows), strings=task.kind == "generation")
-    if not world.is_main:
-        return None
-    out = evaluate(session.model, session.tok, task, metric, rows=rows, predictions=preds, **kw)
+    else:
+        mine = predict(session.model, session.tok, task, world.shard(rows), batch_size=kw.get("batch_size", 16))
+        preds = world.gather_predictions(mine, len(rows), strings=task.kind == "generation")
+        if not world.is_main:
+            return None
+        out = evaluate(session.model, session.tok, task, metric, rows=rows, predictions=preds, **kw)
     if not keep_predictions:
         out.pop("predictions")
     return out
@@ -469,6 +468,14 @@ def export(run_dir: str | Path, target: str | Path) -> Path:
     return Path(target)
 
 
+def rolling_ties_and_grad(steps: list[dict], window: int) -> tuple[np.ndarray, list[float]]:
+    """Over each run of ``window`` consecutive step records of a log: the share of steps
+    with a tie (l+ == l-) and the median |projected gradient|, one value per full window."""
+    tie_rate = np.convolve([float(r["ties"] > 0) for r in steps], np.ones(window) / window, mode="valid")
+    g = np.abs([r["grad"] for r in steps])
+    return tie_rate, [float(np.median(g[i : i + window])) for i in range(len(g) - window + 1)]
+
+
 def plot_curve(run_dir: str | Path) -> None:
     """curve.png: loss, dev metric, tie rate and |projected gradient| against the step."""
     import matplotlib
@@ -489,13 +496,12 @@ def plot_curve(run_dir: str | Path) -> None:
     window = 0
     if steps:
         xs = [r["step"] for r in steps]
-        ties = np.array([float(r["ties"] > 0) for r in steps])
-        window = max(1, min(20, len(ties) // 4))  # several points even for a short run
-        rolling = np.convolve(ties, np.ones(window) / window, mode="valid")
-        axes[2].plot(xs[window - 1 :], rolling, marker=".")
+        window = max(1, min(20, len(steps) // 4))  # several points even for a short run
+        tie_rate, median_g = rolling_ties_and_grad(steps, window)
+        axes[2].plot(xs[window - 1 :], tie_rate, marker=".")
         g = np.abs([r["grad"] for r in steps])
         axes[3].plot(xs, g, lw=0.5, alpha=0.4)
-        axes[3].plot(xs[window - 1 :], [np.median(g[i : i + window]) for i in range(len(g) - window + 1)], lw=1.5)
+        axes[3].plot(xs[window - 1 :], median_g, lw=1.5)
         if (g > 0).any():
             axes[3].set_yscale("symlog", linthresh=max(1e-6, float(np.min(g[g > 0]))))
     axes[2].set(title=f"tie rate (rolling {window})", xlabel="step", ylim=(-0.05, 1.05))
