@@ -132,11 +132,11 @@ def plot(task_name: str, out: Path) -> Path:
         log = tj.read_jsonl(log_path)
         dev = [r for r in log if r.get("event") == "dev"]
         steps = [r for r in log if r.get("event") == "step"]
-        axes[0].plot([r["step"] + 1 for r in dev], [r["value"] for r in dev], marker="o", color=colour, label=arm)
+        axes[0].plot([tj.shown_step(r) for r in dev], [r["value"] for r in dev], marker="o", color=colour, label=arm)
         done = out / arm / tj.EVAL
         kept = json.loads(done.read_text()).get("kept_steps") if done.exists() else None
-        if kept and any(r["step"] + 1 == kept for r in dev):  # the step whose weights were evaluated
-            axes[0].plot([kept], [next(r["value"] for r in dev if r["step"] + 1 == kept)], marker="*", ms=14,
+        if kept and any(tj.shown_step(r) == kept for r in dev):  # the step whose weights were evaluated
+            axes[0].plot([kept], [next(r["value"] for r in dev if tj.shown_step(r) == kept)], marker="*", ms=14,
                          color=colour, ls="none")
         w = max(1, min(25, len(steps) // 5))
         tie_rate, median_g = rolling_ties_and_grad(steps, w)

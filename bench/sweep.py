@@ -62,7 +62,7 @@ def main() -> None:
             run(cfg, resume=resume)
         log = tj.read_jsonl(out / tj.LOG)
         steps = [r for r in log if r.get("event") == "step"]
-        dev = [(r["step"] + 1, round(r["value"], 4)) for r in log if r.get("event") == "dev"]
+        dev = [(tj.shown_step(r), round(r["value"], 4)) for r in log if r.get("event") == "dev"]
         row = {"arm": text, "dev": dev, "tie_rate": sum(r["ties"] > 0 for r in steps) / len(steps),
                "median_abs_g": statistics.median(abs(r["grad"]) for r in steps),
                "seconds_per_step": statistics.median(r["seconds"] for r in steps)}

@@ -136,3 +136,21 @@ def test_settings_that_cannot_work_across_processes_are_refused_before_any_colle
     with pytest.raises(ConfigError, match=needle):
         run(cfg, world=world)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_reward_failing_on_rank_0_in_an_evaluation_stops_every_rank_with_the_same_line(model_dir, tmp_path):
+    reward = tmp_path / "rewards.py"
+    reward.write_text("def boom(prediction, reference):\n    raise ValueError('kaboom')\n")
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ZOOBJ_DIST_BACKEND": "gloo", "COLUMNS": "200"}
+    proc = subprocess.run(  # the reward runs on rank 0 alone, first in the zero-shot evaluation
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "zoobj",
+         "train", "--model", model_dir, "--task", "sst2", "--metric", f"{reward}:boom", "--steps", "2",
+         "--batch-size", "4", "--eval-limit", "6", "--eval-every", "0", "--output", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("zoobj:")]
+    assert len(errors) == 2 and errors[0] == errors[1], failure(proc)  # one line per rank, the same line
+    assert errors[0].startswith("zoobj: error: ") and "kaboom" in errors[0] and "boom" in errors[0]
+    assert not out.exists()  # failed before its first step: nothing left behind

@@ -142,7 +142,9 @@ class _Progress:
             self.bar.update(self.task_id, advance=1, info=(
                 f"loss {info['loss']:.4f} g {info['grad']:+.3g} ties {self.ties / self.seen:.0%} {rate:.2f} step/s"))
         elif event == "dev":
-            self.bar.console.print(f"step {info['step'] + 1}: dev {info['value']:.4f}")
+            from zoobj.trajectory import shown_step
+
+            self.bar.console.print(f"step {shown_step(info)}: dev {info['value']:.4f}")
         elif event == "done":
             self.bar.stop()
 

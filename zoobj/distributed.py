@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zoobj.errors import ConfigError, RewardError
+from zoobj.errors import ConfigError, DataError, ModelError, RewardError, ZoobjError
 
 
 @dataclass
@@ -103,21 +103,60 @@ class World:
             decoded.append(texts)
         return self.unshard(decoded, total)
 
-    def broadcast_loss(self, value: float | None, error: str | None = None) -> float:
-        """Rank 0's loss to every rank; if rank 0 failed, every rank raises."""
+    def broadcast_loss(self, value: float | None, failure: BaseException | None = None) -> float:
+        """Rank 0's loss to every rank; if rank 0 failed (``failure``), every rank raises
+        the same one-line error (rank 0 its own exception)."""
         import torch.distributed as dist
 
-        t = self._t([value if value is not None else float("nan"), 0.0 if error is None else 1.0])
+        t = self._t([value if value is not None else float("nan"), 0.0 if failure is None else 1.0])
         if self.is_main:
             self.bytes += 16
         dist.broadcast(t, src=0)
-        if float(t[1]) and not self.is_main:
-            raise RewardError("the metric failed on rank 0 (its error is shown there)")
+        if float(t[1]):
+            self.share_failure(failure)
         return float(t[0])
+
+    def share_failure(self, failure: BaseException | None) -> None:
+        """Called by every rank after a step only rank 0 ran (scoring, an evaluation's
+        metric): when rank 0 failed, every rank raises its error -- the same class for
+        zoobj's errors (else RuntimeError) and the same one-line message -- so all exit
+        together instead of waiting in the next collective."""
+        import torch.distributed as dist
+
+        code, text = 0, b""
+        if self.is_main and failure is not None:
+            code = 1 + next((i for i, c in enumerate(_SHARED_ERRORS) if type(failure) is c), len(_SHARED_ERRORS))
+            text = _one_line(failure).encode("utf-8")
+        head = self._t([code, len(text)], torch.int64)
+        if self.is_main:
+            self.bytes += 16
+        dist.broadcast(head, src=0)
+        code, size = (int(x) for x in head.tolist())
+        if not code:
+            return
+        raw = torch.tensor(list(text), dtype=torch.uint8) if self.is_main else torch.zeros(size, dtype=torch.uint8)
+        raw = raw.to(self.device)
+        if self.is_main:
+            self.bytes += size
+        dist.broadcast(raw, src=0)
+        if self.is_main:
+            raise failure
+        kind = _SHARED_ERRORS[code - 1] if code <= len(_SHARED_ERRORS) else RuntimeError
+        raise kind(bytes(raw.cpu().tolist()).decode("utf-8"))
 
     def agree(self, failed: bool) -> bool:
         """True when any rank failed (every rank learns it, so all can stop together)."""
         return self.all_reduce_sum([1.0 if failed else 0.0])[0] > 0
+
+
+# zoobj's own error classes keep their class on every rank (so the CLI exits with 2 everywhere)
+_SHARED_ERRORS = (ConfigError, DataError, ModelError, RewardError, ZoobjError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return first if isinstance(exc, ZoobjError) else f"{type(exc).__name__}: {first}"
 
 
 def from_env(device: str | None = None) -> World | None:

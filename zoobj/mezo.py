@@ -134,14 +134,16 @@ def _axpz(flat: torch.Tensor, k1, k2, offset, a, b) -> None:
 class _Kernel:
     """Chooses, once per process and device type, the compiled or the eager form of ``_axpz``."""
 
-    def __init__(self) -> None:
+    def __init__(self, compile: bool = True) -> None:
         self._compiled: dict[str, Callable | None] = {}
         self.backend = "eager"
+        self.compile = compile  # False: always the eager form (replaying a run that ran eagerly)
 
     def _get_compiled(self, device_type: str = "cpu") -> Callable | None:
         if device_type not in self._compiled:
             self._compiled[device_type] = None
-            if os.environ.get("ZOOBJ_COMPILE", "1") not in ("0", "false", "no") and device_type != "meta":
+            wanted = self.compile and os.environ.get("ZOOBJ_COMPILE", "1") not in ("0", "false", "no")
+            if wanted and device_type != "meta":
                 try:
                     # one graph per dtype and device; leave room for fp32, bf16 and fp16
                     limit = getattr(torch._dynamo.config, "recompile_limit", None)
@@ -180,20 +182,22 @@ class _Kernel:
 
 
 _kernel = _Kernel()
+_eager_kernel = _Kernel(compile=False)
+NOISE_BACKENDS = ("auto", "compiled", "eager")
 
 
 def _flat(p: torch.Tensor) -> torch.Tensor:
     return p.detach().view(-1)
 
 
-def _axpz_param(p: torch.Tensor, seed: int, index: int, a: float, b: float) -> None:
+def _axpz_param(p: torch.Tensor, seed: int, index: int, a: float, b: float, kernel: _Kernel = _kernel) -> None:
     if a == 1.0 and b == 0.0:  # nothing to do (and -0.0 stays -0.0)
         return
     if p.is_contiguous():
-        _kernel(_flat(p), seed, index, a, b)
+        kernel(_flat(p), seed, index, a, b)
     else:  # rare: work on a contiguous copy and write it back
         tmp = p.detach().contiguous()
-        _kernel(tmp.view(-1), seed, index, a, b)
+        kernel(tmp.view(-1), seed, index, a, b)
         p.detach().copy_(tmp)
 
 
@@ -326,6 +330,11 @@ class MeZO:
             module and one noise pass per module call -- which, for generation, is one
             per decoded token).
         model: the ``torch.nn.Module`` holding ``params``; needed for ``perturb="forward"``.
+        noise: which form of the noise kernel runs: ``"auto"`` (compiled where
+            ``torch.compile`` works, else eager), ``"compiled"`` (raise RuntimeError where
+            it does not) or ``"eager"``. The two forms agree only to float32 rounding of
+            ``z``: replaying a trajectory bit for bit needs the form that made it
+            (``noise_backend`` says which one runs).
         shard, exchange: query-parallel n-SPSA. ``shard=(rank, world)`` makes this
             process evaluate only perturbations ``k`` with ``k % world == rank``;
             ``exchange(rows)`` receives this process's ``(k, l+, l-)`` rows as a float64
@@ -360,6 +369,7 @@ class MeZO:
         model: torch.nn.Module | None = None,
         shard: tuple[int, int] | None = None,
         exchange: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        noise: str = "auto",
     ) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
@@ -373,6 +383,8 @@ class MeZO:
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
         if perturb not in PERTURB:
             raise ValueError(f"unknown perturb {perturb!r}; choose one of {', '.join(PERTURB)}")
+        if noise not in NOISE_BACKENDS:
+            raise ValueError(f"unknown noise backend {noise!r}; choose one of {', '.join(NOISE_BACKENDS)}")
         if perturb == "forward" and not isinstance(model, torch.nn.Module):
             raise ValueError("perturb='forward' needs model=<the torch.nn.Module that holds the parameters>")
         if shard is not None:
@@ -396,6 +408,10 @@ class MeZO:
         self._swapped: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._hooks: list = []
         self._reached: set[int] | None = None
+        self._kernel = _eager_kernel if noise == "eager" else _kernel
+        if noise == "compiled" and self.noise_backend != "compiled":
+            raise RuntimeError("noise='compiled': torch.compile is not available for the noise kernel here "
+                               "(ZOOBJ_COMPILE=0, no C++ compiler, or an unsupported device)")
         if perturb == "forward":
             self._install_hooks(model)
 
@@ -482,7 +498,7 @@ class MeZO:
                     continue
                 original = p.data
                 tmp = original.clone(memory_format=torch.contiguous_format)
-                _kernel(tmp.view(-1), self._seed_now, i, 1.0, self._offset * self.eps)
+                self._kernel(tmp.view(-1), self._seed_now, i, 1.0, self._offset * self.eps)
                 self._swapped[id(p)] = (p, original)
                 p.data = tmp
                 if self._reached is not None:
@@ -522,7 +538,7 @@ class MeZO:
             return
         with _atomic(), torch.no_grad():
             for i, p in self._params():
-                _axpz_param(p, seed, i, 1.0, coef * self.eps)
+                _axpz_param(p, seed, i, 1.0, coef * self.eps, self._kernel)
             self._offset += coef  # inside the atomic block: always matches the weights
 
     def _restore_and_update(self, seed: int, g: float, lr: float) -> None:
@@ -532,7 +548,7 @@ class MeZO:
                 glr = self._group_lr(group, lr)
                 a = 1.0 - glr * group["weight_decay"]
                 for i, p in zip(group["index"], group["params"]):
-                    _axpz_param(p, seed, i, a, a * self.eps - glr * g)
+                    _axpz_param(p, seed, i, a, a * self.eps - glr * g, self._kernel)
             self._offset = 0.0
 
     def _update(self, seeds: Sequence[int], grads: Sequence[float], lr: float) -> None:
@@ -545,7 +561,7 @@ class MeZO:
                 for i, p in zip(group["index"], group["params"]):
                     if self.rule == "sgd":
                         for k, (s, g) in enumerate(zip(seeds, grads)):
-                            _axpz_param(p, s, i, decay if k == 0 else 1.0, -glr * g / n)
+                            _axpz_param(p, s, i, decay if k == 0 else 1.0, -glr * g / n, self._kernel)
                     else:
                         self._stateful_update(i, p, seeds, grads, glr, decay)
 
@@ -567,7 +583,7 @@ class MeZO:
             size = min(_STATE_CHUNK, flat.numel() - off)
             ghat = buf[:size].zero_()  # the chunk of sum_k g_k z_k / n
             for s, g in zip(seeds, grads):
-                _chunk_axpz(ghat, s, i, off, g / n)
+                _chunk_axpz(ghat, s, i, off, g / n, self._kernel)
             m = st["exp_avg"][off : off + size]
             target = flat[off : off + size]
             if self.rule == "momentum":
@@ -703,23 +719,23 @@ class MeZO:
         """``"compiled"`` or ``"eager"``: which form of the noise kernel runs (on the
         first parameter's device)."""
         _, first = next(self._params())
-        return "compiled" if _kernel._get_compiled(first.device.type) is not None else "eager"
+        return "compiled" if self._kernel._get_compiled(first.device.type) is not None else "eager"
 
 
-def _chunk_axpz(buf: torch.Tensor, seed: int, index: int, offset: int, b: float) -> None:
+def _chunk_axpz(buf: torch.Tensor, seed: int, index: int, offset: int, b: float, kernel: _Kernel = _kernel) -> None:
     """buf += b * z(seed, index)[offset : offset + len(buf)] (offset < 2**31 per span)."""
     span, local = divmod(offset, _MAX_SPAN)
     if local + buf.numel() > _MAX_SPAN:  # straddles a re-keyed span: split it
         cut = _MAX_SPAN - local
-        _chunk_axpz(buf[:cut], seed, index, offset, b)
-        _chunk_axpz(buf[cut:], seed, index, offset + cut, b)
+        _chunk_axpz(buf[:cut], seed, index, offset, b, kernel)
+        _chunk_axpz(buf[cut:], seed, index, offset + cut, b, kernel)
         return
     dev = buf.device
     k1, k2 = (torch.tensor(k, dtype=torch.int64, device=dev) for k in _param_key(seed, index, span))
     one = torch.ones((), dtype=torch.float32, device=dev)
     fb = torch.tensor(b, dtype=torch.float32, device=dev)
     off = torch.tensor(local, dtype=torch.int64, device=dev)
-    fn = _kernel._get_compiled(dev.type) or _axpz
+    fn = kernel._get_compiled(dev.type) or _axpz
     fn(buf, k1, k2, off, one, fb)
 
 

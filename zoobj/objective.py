@@ -116,10 +116,7 @@ def metric_objective(model, tok, task, metric: str | Callable, batch_size: int =
                 result = value(rows, preds)
             except Exception as exc:  # every rank must hear of it before rank 0 raises
                 failure = exc
-        shared = world.broadcast_loss(result, None if failure is None else str(failure))
-        if failure is not None:
-            raise failure
-        return shared
+        return world.broadcast_loss(result, failure)  # rank 0's failure is raised on every rank
 
     return loss
 

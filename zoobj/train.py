@@ -18,6 +18,7 @@ import resource
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -129,12 +130,18 @@ class TrainConfig:
 
 
 def weights_hash(model) -> str:
-    """sha256 over every tensor of the state dict (names, shapes, dtypes, bytes)."""
+    """sha256 over every tensor of the state dict (names, shapes, dtypes, bytes), on
+    whatever device the tensors live: the bytes are copied to the host one tensor at a time."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(_host(t).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in host memory (a copy when it lives on a device), detached: safe for numpy."""
+    return t.detach().to("cpu")
 
 
 def batch_indices(seed: int, step: int, size: int, n_rows: int) -> list[int]:
@@ -185,7 +192,12 @@ def _device(cfg: TrainConfig, world) -> str:
     return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def prepare(cfg: TrainConfig, model=None, tok=None, world=None) -> Session:
+def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict | None = None) -> Session:
+    """Load the model (unless given), choose the trained tensors and build the optimizer.
+
+    ``recorded``: the config.json of the run being resumed or rebuilt; its trajectory
+    is replayed with the noise kernel that made it (compiled and eager agree only to
+    float32 rounding), or a ConfigError says why that cannot be done here."""
     from zoobj.models import load_model, trainable_parameters
 
     if model is None:
@@ -195,8 +207,29 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None) -> Session:
     query = world is not None and cfg.parallel == "query"
     opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, n=cfg.n, rule=cfg.rule,
                weight_decay=cfg.weight_decay, schedule=lr_schedule, perturb=cfg.perturb or "inplace", model=model,
-               shard=(world.rank, world.size) if query else None, exchange=world.exchange_rows if query else None)
+               shard=(world.rank, world.size) if query else None, exchange=world.exchange_rows if query else None,
+               noise=_recorded_noise(recorded, params, cfg.output))
     return Session(model, tok, params, opt)
+
+
+def _recorded_noise(recorded: dict | None, params: list, run_dir) -> str:
+    """The noise kernel a run's trajectory must be replayed with ("auto" for a new run)."""
+    if not recorded or recorded.get("noise_backend") not in ("compiled", "eager"):
+        return "auto"
+    backend, device = recorded["noise_backend"], recorded.get("noise_device")
+    here = params[0].device.type
+    if backend == "compiled":
+        from zoobj.mezo import _kernel
+
+        if _kernel._get_compiled(here) is None:
+            raise ConfigError(f"run {run_dir} was made with the compiled noise kernel, which cannot run here "
+                              f"(ZOOBJ_COMPILE=0, or torch.compile failed on {here}: see the warning above); the "
+                              "eager kernel differs in the last float32 bits, so replaying with it would not give "
+                              "the run's weights: use a machine where torch.compile works (a C++ compiler for CPU)")
+    if device and device != here:
+        warnings.warn(f"zoobj: run {run_dir} made its noise on {device}, this replay on {here}: the weights "
+                      "agree only to float32 rounding of the noise", RuntimeWarning, stacklevel=3)
+    return backend
 
 
 def _evaluate(session: Session, task, metric, rows, world, keep_predictions: bool = False, **kw) -> dict | None:
@@ -209,9 +242,15 @@ def _evaluate(session: Session, task, metric, rows, world, keep_predictions: boo
     else:
         mine = predict(session.model, session.tok, task, world.shard(rows), batch_size=kw.get("batch_size", 16))
         preds = world.gather_predictions(mine, len(rows), strings=task.kind == "generation")
+        out, failure = None, None
+        if world.is_main:
+            try:  # the metric runs on rank 0 alone: every rank must hear if it fails
+                out = evaluate(session.model, session.tok, task, metric, rows=rows, predictions=preds, **kw)
+            except Exception as exc:
+                failure = exc
+        world.share_failure(failure)
         if not world.is_main:
             return None
-        out = evaluate(session.model, session.tok, task, metric, rows=rows, predictions=preds, **kw)
     if not keep_predictions:
         out.pop("predictions")
     return out
@@ -220,6 +259,23 @@ def _evaluate(session: Session, task, metric, rows, world, keep_predictions: boo
 def _settings(cfg: TrainConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items()
             if k not in ("output", "save_model", "zero_shot", "device", "device_map")}  # placement is per launch
+
+
+# Settings a resumed run may change: neither alters the trajectory (see resume_config).
+RESUMABLE_CHANGES = ("steps", "keep")
+# What a setting missing from an older run's config.json was: the default of the version that wrote it.
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+
+
+def _check_same_run(cfg: TrainConfig, saved: dict, out: Path) -> None:
+    """Resuming replays the saved trajectory and continues it: every setting that shapes
+    the trajectory or its evaluation must be the run's own (``steps`` and ``keep`` may change)."""
+    ours = {k: v for k, v in _settings(cfg).items() if k not in RESUMABLE_CHANGES and k != "model"}  # model: by hash
+    differ = [k for k, v in ours.items() if (saved[k] if k in saved else _DEFAULTS.get(k)) != v]
+    if differ:
+        shown = ", ".join(f"{k} {ours[k]!r} (the run's: {saved.get(k, _DEFAULTS.get(k))!r})" for k in differ)
+        raise ConfigError(f"{out}: resuming with settings that differ from {out / tj.CONFIG}: {shown}; "
+                          "resume with the run's own settings (zoobj.train.load_run_config, or zoobj train --resume)")
 
 
 def _save_model_dir(session: Session, cfg: TrainConfig, target: Path) -> None:
@@ -269,14 +325,17 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
     eval_rows = task.load(task.eval_split, cfg.data)[: cfg.eval_limit]
     dev_rows = dev_rows[: cfg.dev_limit]
 
-    session = prepare(cfg, model, tok, world)
+    saved = None
+    if resume:  # the run's own settings, checked before anything is loaded
+        saved = tj.read_json(out / tj.CONFIG)
+        _check_same_run(cfg, saved, out)
+    session = prepare(cfg, model, tok, world, recorded=saved)
     base_hash = weights_hash(session.model)
     records: list[dict] = []
     created = False
     failure: Exception | None = None
     try:
         if resume:
-            saved = tj.read_json(out / tj.CONFIG)
             if saved["base_weights_sha256"] != base_hash:
                 raise ConfigError(f"{out}: the base model's weights differ from the ones this run started from "
                                   f"({cfg.model}); resume with the same model")
@@ -290,7 +349,7 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
             out.mkdir(parents=True, exist_ok=True)
             tj.write_json(out / tj.CONFIG, {
                 **_settings(cfg), "zoobj_version": zoobj.__version__, "base_weights_sha256": base_hash,
-                "noise_backend": session.optimizer.noise_backend,
+                "noise_backend": session.optimizer.noise_backend, "noise_device": session.params[0].device.type,
                 "trainable_parameters": sum(p.numel() for p in session.params), "data_note": note,
                 "world_size": world.size if world else 1,
             })
@@ -338,6 +397,25 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
         report("start", {"cfg": cfg, "start_step": len(records), "zero_shot": zero,
                          "trainable": sum(p.numel() for p in session.params), "note": note})
         opt = session.optimizer
+
+        def dev_point(step: int) -> None:
+            """The dev evaluation after step ``step`` (0-based): logged, and offered to --keep best."""
+            dev = _evaluate(session, task, cfg.metric, dev_rows, world, batch_size=cfg.eval_batch_size,
+                            n_resamples=200)
+            if dev is not None:
+                log.append({"event": "dev", "step": step, "value": dev["value"], "ci95": dev["ci95"]})
+                report("dev", {"step": step, "value": dev["value"]})
+            if cfg.keep == "best":
+                value = dev["value"] if dev is not None else None
+                best.offer(world.broadcast_loss(value) if world is not None else value, step + 1, session.params)
+
+        def dev_due(step: int) -> bool:
+            return bool(cfg.eval_every and (step + 1) % cfg.eval_every == 0 and dev_rows)
+
+        if resume and records and dev_due(len(records) - 1) and not _logged_dev(out, len(records) - 1):
+            # stopped between a step's trajectory line and its dev evaluation: make that evaluation now,
+            # so a resumed run makes the same dev evaluations (and keeps the same step) as one that never stopped
+            dev_point(len(records) - 1)
         for step in range(len(records), cfg.steps):
             # sample the (global) batch: a function of (seed, step) only
             batch = [train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(train_rows))]
@@ -355,15 +433,8 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
             log.append(entry)
             report("step", entry)
             # evaluate on dev now and then
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and dev_rows:
-                dev = _evaluate(session, task, cfg.metric, dev_rows, world, batch_size=cfg.eval_batch_size,
-                                n_resamples=200)
-                if dev is not None:
-                    log.append({"event": "dev", "step": step, "value": dev["value"], "ci95": dev["ci95"]})
-                    report("dev", {"step": step, "value": dev["value"]})
-                if cfg.keep == "best":
-                    value = dev["value"] if dev is not None else None
-                    best.offer(world.broadcast_loss(value) if world is not None else value, step + 1, session.params)
+            if dev_due(step):
+                dev_point(step)
         kept = len(opt.trajectory)
         if cfg.keep == "best" and best.tensors is not None and best.steps < kept:
             best.restore(session.params)  # the final evaluation, --save-model and export see the best dev step
@@ -410,6 +481,11 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
     return result
 
 
+def _logged_dev(out: Path, step: int) -> bool:
+    """Whether the run's log holds the dev evaluation after step ``step``."""
+    return any(r.get("event") == "dev" and r.get("step") == step for r in tj.read_jsonl(out / tj.LOG))
+
+
 def load_run_config(run_dir: str | Path) -> TrainConfig:
     saved = tj.read_json(Path(run_dir) / tj.CONFIG)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -449,10 +525,11 @@ def kept_steps(run_dir: str | Path, n_records: int) -> int:
 
 
 def rebuild(run_dir: str | Path) -> tuple[TrainConfig, Session]:
-    """The run's trained model in memory: its base model, checked, plus its trajectory."""
+    """The run's trained model in memory: its base model, checked, plus its trajectory
+    replayed with the noise kernel the run recorded."""
     cfg = load_run_config(run_dir)
-    session = prepare(cfg)
     saved = tj.read_json(Path(run_dir) / tj.CONFIG)
+    session = prepare(cfg, recorded=saved)
     if weights_hash(session.model) != saved["base_weights_sha256"]:
         raise ConfigError(f"the base model {cfg.model!r} is not the one run {run_dir} started from")
     records = tj.read_trajectory(Path(run_dir) / tj.TRAJECTORY)
@@ -488,14 +565,14 @@ def plot_curve(run_dir: str | Path) -> None:
     steps = [r for r in log if r.get("event") == "step"]
     dev = [r for r in log if r.get("event") == "dev"]
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
-    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
+    xs = [tj.shown_step(r) for r in steps]  # steps counted from 1, as everywhere else
+    axes[0].plot(xs, [r["loss"] for r in steps], lw=1)
     axes[0].set(title="loss (mean of l+ and l-)", xlabel="step")
     if dev:
-        axes[1].plot([r["step"] for r in dev], [r["value"] for r in dev], marker="o")
-    axes[1].set(title="dev metric", xlabel="step")
+        axes[1].plot([tj.shown_step(r) for r in dev], [r["value"] for r in dev], marker="o")
+    axes[1].set(title="dev metric (after step)", xlabel="step")
     window = 0
     if steps:
-        xs = [r["step"] for r in steps]
         window = max(1, min(20, len(steps) // 4))  # several points even for a short run
         tie_rate, median_g = rolling_ties_and_grad(steps, window)
         axes[2].plot(xs[window - 1 :], tie_rate, marker=".")

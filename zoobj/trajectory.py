@@ -22,6 +22,17 @@ CONFIG, TRAJECTORY, LOG, EVAL, CURVE = "config.json", "trajectory.jsonl", "log.j
 PREDICTIONS = "predictions.jsonl"
 
 
+def shown_step(record: dict) -> int:
+    """The step of a trajectory or log record as zoobj shows it (progress lines, curves,
+    tables, ``kept_steps``): counted from 1. Records store the 0-based index ``s`` of the
+    step; a dev evaluation stored with ``s`` was made after ``s + 1`` steps.
+
+    >>> shown_step({"event": "dev", "step": 9})
+    10
+    """
+    return record["step"] + 1
+
+
 def write_jsonl(path: str | Path, rows: list) -> None:
     """Write one JSON value per line, atomically (the file is whole or absent)."""
     path = Path(path)

@@ -1,0 +1,134 @@
+"""Resuming from Python: the same dev evaluations as an uninterrupted run, settings that
+must match the run's, the recorded noise kernel, and the step numbers curves show."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from zoobj import train
+from zoobj import trajectory as tj
+from zoobj.errors import ConfigError
+from zoobj.models import load_model
+from zoobj.train import TrainConfig, run
+
+BASE = dict(task="sst2", steps=6, batch_size=4, lr=5e-2, eps=1e-2, eval_limit=8, eval_every=2, dev_limit=8,
+            keep="best", zero_shot=False)
+
+
+def dev_events(run_dir):
+    return [(r["step"], r["value"]) for r in tj.read_jsonl(run_dir / tj.LOG) if r.get("event") == "dev"]
+
+
+def test_ctrl_c_during_a_dev_evaluation_then_resume_makes_the_same_dev_evaluations(model_dir, tmp_path, monkeypatch):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run(TrainConfig(model=model_dir, output=str(whole), **BASE))
+
+    real, calls = train._evaluate, [0]
+
+    def interrupted(*args, **kw):
+        if kw.get("n_resamples") == 200:  # the dev evaluations
+            calls[0] += 1
+            if calls[0] == 2:  # the one after step 4 (index 3): its trajectory line is already written
+                raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train, "_evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(TrainConfig(model=model_dir, output=str(cut), **BASE))
+    assert len(tj.read_trajectory(cut / tj.TRAJECTORY)) == 4 and len(dev_events(cut)) == 1
+    monkeypatch.setattr(train, "_evaluate", real)
+
+    result = run(TrainConfig(model=model_dir, output=str(cut), **BASE), resume=True)
+    assert dev_events(cut) == dev_events(whole) and [s for s, _ in dev_events(whole)] == [1, 3, 5]
+    reference = json.loads((whole / tj.EVAL).read_text())
+    assert (result["kept_steps"], result["best_dev"], result["value"]) == (
+        reference["kept_steps"], reference["best_dev"], reference["value"])
+    assert (cut / tj.TRAJECTORY).read_text() == (whole / tj.TRAJECTORY).read_text()
+
+
+@pytest.mark.parametrize("change", [
+    dict(eps=2e-2), dict(rule="momentum"), dict(n=2), dict(objective="ce"), dict(seed=1), dict(batch_size=2),
+    dict(train_embeddings=True), dict(peft="lora", lr=1e-2), dict(weight_decay=0.1), dict(metric="macro_f1"),
+    dict(eval_every=3), dict(dev_limit=4),
+])
+def test_resume_from_python_refuses_a_setting_that_changes_the_run(model_dir, tmp_path, change):
+    out = tmp_path / "run"
+    settings = dict(BASE, steps=2, keep="last")
+    run(TrainConfig(model=model_dir, output=str(out), **settings))
+    before = (out / tj.TRAJECTORY).read_text()
+    changed = next(iter(change))
+    with pytest.raises(ConfigError, match=rf"{changed} .*the run's") as err:
+        run(TrainConfig(model=model_dir, output=str(out), **{**settings, **change, "steps": 4}), resume=True)
+    assert "\n" not in str(err.value)
+    assert (out / tj.TRAJECTORY).read_text() == before
+
+
+def test_resume_from_python_may_raise_the_budget_and_change_keep(model_dir, tmp_path):
+    out = tmp_path / "run"
+    run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=2, keep="last")))
+    result = run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=4, keep="best")), resume=True)
+    assert result["steps"] == 4 and json.loads((out / tj.CONFIG).read_text())["keep"] == "best"
+
+
+def test_curve_plots_steps_and_dev_points_counted_from_1(model_dir, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    out = tmp_path / "run"
+    run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, keep="last")))
+    plotted = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, x, *a, **k: plotted.append(list(x)) or real(ax, x, *a, **k))
+    train.plot_curve(out)
+    assert plotted[0] == [1, 2, 3, 4, 5, 6]  # the loss of each step
+    assert plotted[1] == [2, 4, 6]  # dev after steps 2, 4 and 6, as the progress line and eval.json count them
+    assert json.loads((out / tj.EVAL).read_text())["kept_steps"] == 6
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_rebuild_replays_with_the_recorded_noise_kernel(model_dir, tmp_path, monkeypatch):
+    from zoobj import mezo
+
+    out = tmp_path / "eager"
+    model, tok = load_model(model_dir)
+    monkeypatch.setattr(mezo, "_kernel", mezo._eager_kernel)  # as under ZOOBJ_COMPILE=0
+    run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, keep="last", eval_every=0, lr=5e-1)),
+        model=model, tok=tok)
+    trained = _weights(model)
+    assert json.loads((out / tj.CONFIG).read_text())["noise_backend"] == "eager"
+    monkeypatch.undo()  # the compiled kernel is back: replaying with it would differ in the last bits
+    assert mezo._kernel._get_compiled("cpu") is not None
+
+    _, session = train.rebuild(out)
+    assert session.optimizer.noise_backend == "eager"
+    rebuilt = _weights(session.model)
+    assert all(torch.equal(rebuilt[k], trained[k]) for k in trained)
+
+
+def test_rebuild_refuses_a_compiled_run_where_compile_is_unavailable(model_dir, tmp_path, monkeypatch):
+    from zoobj import mezo
+
+    out = tmp_path / "compiled"
+    run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=1, keep="last", eval_every=0)))
+    assert json.loads((out / tj.CONFIG).read_text())["noise_backend"] == "compiled"
+    monkeypatch.setattr(mezo, "_kernel", mezo._Kernel(compile=False))
+    with pytest.raises(ConfigError, match="compiled noise kernel, which cannot run here"):
+        train.rebuild(out)
+    with pytest.raises(ConfigError, match="compiled noise kernel"):
+        run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=2, keep="last", eval_every=0)),
+            resume=True)
+
+
+def test_a_new_run_records_where_its_noise_ran(model_dir, tmp_path):
+    out = tmp_path / "run"
+    run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=1, keep="last", eval_every=0)))
+    config = json.loads((out / tj.CONFIG).read_text())
+    assert config["noise_device"] == "cpu" and config["noise_backend"] in ("compiled", "eager")
+    assert set(dataclasses.asdict(TrainConfig(task="sst2"))) - set(config) <= {
+        "output", "save_model", "zero_shot", "device", "device_map"}
