@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from zoobj.errors import ConfigError, RewardError
+from zoobj.errors import ConfigError, DataError, RewardError
 from zoobj.metrics import (
     METRICS,
     bootstrap_ci,
@@ -191,6 +191,36 @@ def test_trl_form_gets_prompts_completions_and_columns():
     assert seen["prompts"] == ["2+2=", "3*3="]
     assert seen["level"] == [1, 2]
     assert seen["references"] == ["ref4", "ref9"]
+
+
+def test_trl_columns_named_like_reward_arguments_are_renamed():
+    seen = {}
+
+    def score(completions, **kwargs):
+        seen.update(kwargs, completions=completions)
+        return [1.0] * len(completions)
+
+    rows = [
+        {"references": "row ref", "prompts": "row prompt", "completions": "row completion", "level": 1},
+        {"references": "row ref 2", "prompts": "row prompt 2", "completions": "row completion 2", "level": 2},
+    ]
+    get_metric(score)(["out", "out 2"], ["gold", "gold 2"], prompts=["p", "p 2"], rows=rows)
+    assert seen["references"] == ["gold", "gold 2"]  # the reserved names always win
+    assert seen["prompts"] == ["p", "p 2"]
+    assert seen["completions"] == ["out", "out 2"]
+    assert seen["column_references"] == ["row ref", "row ref 2"]  # the row's values, renamed
+    assert seen["column_prompts"] == ["row prompt", "row prompt 2"]
+    assert seen["column_completions"] == ["row completion", "row completion 2"]
+    assert seen["level"] == [1, 2]
+
+
+def test_trl_renamed_column_that_exists_too_is_refused():
+    def score(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    rows = [{"references": "a", "column_references": "b"}]
+    with pytest.raises(DataError, match="'references' and 'column_references'"):
+        get_metric(score)(["out"], ["gold"], rows=rows)
 
 
 def test_trl_form_without_kwargs_is_config_error():

@@ -8,7 +8,10 @@ comes from its signature:
   once per batch as ``reward(prompts=..., completions=..., references=..., **columns)``
   where ``columns = {key: [row[key] for row in rows]}``; it must accept ``**kwargs``
   and returns one float or None per example (None: not applicable, left out of the
-  mean). ``prompts`` is a list of None when the caller has none.
+  mean). ``prompts`` is a list of None when the caller has none. The three arguments
+  always win: a data column named ``prompts``, ``completions`` or ``references`` is
+  passed as ``column_prompts``, ``column_completions`` or ``column_references``
+  (rows that also have a column of that new name are a DataError).
 - first two parameters named ``predictions, references``: batch form, one float.
 - any other function callable with two arguments, e.g. ``(prediction, reference)``:
   example form, called per example and averaged over the batch. A callable whose
@@ -49,7 +52,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoobj.errors import ConfigError, RewardError, ZoobjError
+from zoobj.errors import ConfigError, DataError, RewardError, ZoobjError
 from zoobj.metrics._common import check_batch, mean
 
 __all__ = [
@@ -64,6 +67,8 @@ __all__ = [
 ]
 
 FORMS = ("example", "batch", "trl")
+_TRL_ARGS = ("prompts", "completions", "references")  # a data column of that name comes as column_NAME
+_COLUMN_PREFIX = "column_"
 _FORM_ATTR = "__zoobj_form__"
 
 
@@ -130,11 +135,21 @@ class UserMetric:
                     raise RewardError(f"{what} raised {_oneline(exc)} on example {i}") from exc
                 out.append(_score(value, what, i))
             return out
-        # TRL form: one call for the whole batch
-        columns = {key: [row.get(key) for row in rows] for key in rows[0]} if rows else {}
-        kwargs = {"references": list(references), **columns}
-        kwargs["prompts"] = list(prompts) if prompts is not None else [None] * n
-        kwargs["completions"] = list(predictions)
+        # TRL form: one call for the whole batch; a column named like an argument is renamed
+        kwargs = {
+            "prompts": list(prompts) if prompts is not None else [None] * n,
+            "completions": list(predictions),
+            "references": list(references),
+        }
+        for key in rows[0] if rows else ():
+            name = f"{_COLUMN_PREFIX}{key}" if key in _TRL_ARGS else key
+            if name in kwargs:
+                clash = name.removeprefix(_COLUMN_PREFIX)
+                raise DataError(
+                    f"{what}: the rows have both {clash!r} and {name!r} columns, but a TRL reward gets the column "
+                    f"{clash!r} as {name!r}; rename one of them"
+                )
+            kwargs[name] = [row.get(key) for row in rows]
         try:
             values = self.fn(**kwargs)
         except Exception as exc:
