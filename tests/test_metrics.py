@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from zoobj.errors import ConfigError, RewardError
+from zoobj.errors import ConfigError, DataError, RewardError
 from zoobj.metrics import (
     METRICS,
     bootstrap_ci,
@@ -193,6 +193,36 @@ def test_trl_form_gets_prompts_completions_and_columns():
     assert seen["references"] == ["ref4", "ref9"]
 
 
+def test_trl_columns_named_like_reward_arguments_are_renamed():
+    seen = {}
+
+    def score(completions, **kwargs):
+        seen.update(kwargs, completions=completions)
+        return [1.0] * len(completions)
+
+    rows = [
+        {"references": "row ref", "prompts": "row prompt", "completions": "row completion", "level": 1},
+        {"references": "row ref 2", "prompts": "row prompt 2", "completions": "row completion 2", "level": 2},
+    ]
+    get_metric(score)(["out", "out 2"], ["gold", "gold 2"], prompts=["p", "p 2"], rows=rows)
+    assert seen["references"] == ["gold", "gold 2"]  # the reserved names always win
+    assert seen["prompts"] == ["p", "p 2"]
+    assert seen["completions"] == ["out", "out 2"]
+    assert seen["column_references"] == ["row ref", "row ref 2"]  # the row's values, renamed
+    assert seen["column_prompts"] == ["row prompt", "row prompt 2"]
+    assert seen["column_completions"] == ["row completion", "row completion 2"]
+    assert seen["level"] == [1, 2]
+
+
+def test_trl_renamed_column_that_exists_too_is_refused():
+    def score(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    rows = [{"references": "a", "column_references": "b"}]
+    with pytest.raises(DataError, match="'references' and 'column_references'"):
+        get_metric(score)(["out"], ["gold"], rows=rows)
+
+
 def test_trl_form_without_kwargs_is_config_error():
     def score(completions, solution):
         return [1.0] * len(completions)
@@ -315,13 +345,13 @@ def test_numpy_scores_are_accepted():
 
 
 class _FakeModule:
-    def __init__(self, result):
-        self.result = result
+    def __init__(self, *results):
+        self.results = list(results)
         self.calls = []
 
     def compute(self, predictions, references):
         self.calls.append((predictions, references))
-        return self.result
+        return self.results[min(len(self.calls), len(self.results)) - 1]
 
 
 def _fake_evaluate(monkeypatch, load):
@@ -334,14 +364,52 @@ def test_evaluate_name_main_score_scaled_from_percent(monkeypatch):
     module = _FakeModule({"exact_match": 70.0, "f1": 85.0})
     loaded = []
     _fake_evaluate(monkeypatch, lambda name: loaded.append(name) or module)
-    metric = get_metric("evaluate:f1")
-    assert loaded == ["f1"]  # loaded at get_metric time
-    assert metric(["a"], ["a"]) == pytest.approx(0.85)
+    metric = get_metric("evaluate:squad#f1")
+    assert loaded == ["squad"]  # loaded at get_metric time, without the #key
+    assert metric(["a"], ["a"]) == pytest.approx(0.85)  # squad reports percent
     assert module.calls == [(["a"], ["a"])]
 
 
-def test_evaluate_first_number_when_no_key_matches(monkeypatch):
-    _fake_evaluate(monkeypatch, lambda name: _FakeModule({"name": "x", "score": 0.4, "other": 0.9}))
+def test_evaluate_percent_metric_keeps_its_scale_at_low_scores(monkeypatch):
+    # squad reports percent: 0.8 is 0.8 %, not 80 %, and the scale never switches
+    _fake_evaluate(monkeypatch, lambda name: _FakeModule({"exact_match": 0.0, "f1": 0.8}, {"f1": 85.0}))
+    metric = get_metric("evaluate:squad#f1")
+    assert metric(["a"], ["a"]) == pytest.approx(0.008)
+    assert metric(["a"], ["a"]) == pytest.approx(0.85)
+
+
+def test_evaluate_percent_mark_overrides(monkeypatch):
+    _fake_evaluate(monkeypatch, lambda name: _FakeModule({"mine": 0.8}, {"mine": 80.0}))
+    metric = get_metric("evaluate:mine%")
+    assert metric(["a"], ["a"]) == pytest.approx(0.008)
+    assert metric(["a"], ["a"]) == pytest.approx(0.8)
+
+
+def test_evaluate_unknown_scale_is_a_fraction_and_refuses_values_above_one(monkeypatch):
+    _fake_evaluate(monkeypatch, lambda name: _FakeModule({"mine": 0.8}, {"mine": 80.0}, {"mine": -0.5}))
+    metric = get_metric("evaluate:mine")
+    assert metric(["a"], ["a"]) == pytest.approx(0.8)  # trusted as a fraction...
+    with pytest.raises(RewardError) as info:  # ...and never reread as percent
+        metric(["a"], ["a"])
+    message = str(info.value)
+    assert "80.0" in message and "'evaluate:mine%'" in message and "\n" not in message
+    assert metric(["a"], ["a"]) == pytest.approx(-0.5)  # correlations may be negative
+
+
+def test_evaluate_several_scores_need_a_key(monkeypatch):
+    _fake_evaluate(monkeypatch, lambda name: _FakeModule({"exact_match": 70.0, "f1": 85.0, "name": "x"}))
+    with pytest.raises(ConfigError) as info:
+        get_metric("evaluate:squad")(["a"], ["a"])
+    message = str(info.value)
+    assert "exact_match, f1" in message and "'evaluate:squad#exact_match'" in message and "\n" not in message
+    with pytest.raises(ConfigError, match=r"no key 'F1'.*exact_match, f1, name"):
+        get_metric("evaluate:squad#F1")(["a"], ["a"])
+    with pytest.raises(RewardError, match="'name'.*not a number"):
+        get_metric("evaluate:squad#name")(["a"], ["a"])
+
+
+def test_evaluate_single_number_is_the_score(monkeypatch):
+    _fake_evaluate(monkeypatch, lambda name: _FakeModule({"name": "x", "score": 0.4, "counts": [1, 2]}))
     assert get_metric("evaluate:rouge")(["a"], ["a"]) == pytest.approx(0.4)
 
 
@@ -351,7 +419,66 @@ def test_evaluate_local_script(monkeypatch, tmp_path):
     loaded = []
     _fake_evaluate(monkeypatch, lambda path: loaded.append(path) or _FakeModule({"my_metric": 0.3, "n": 7}))
     assert get_metric(str(script))(["a"], ["a"]) == pytest.approx(0.3)
-    assert loaded == [str(script)]
+    assert get_metric(f"{script}#n%")(["a"], ["a"]) == pytest.approx(0.07)
+    assert loaded == [str(script)] * 2
+
+
+_SCRIPT = '''
+import datasets
+import evaluate
+
+
+class {name}(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="a test metric",
+            citation="",
+            features=datasets.Features({{"predictions": datasets.Value("string"),
+                                         "references": datasets.Value("string")}}),
+        )
+
+    def _compute(self, predictions, references):
+        hits = sum(p == r for p, r in zip(predictions, references))
+        return {result}
+'''
+
+
+@pytest.fixture
+def real_evaluate(monkeypatch):
+    evaluate = pytest.importorskip("evaluate")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
+    monkeypatch.setattr(evaluate.config, "HF_EVALUATE_OFFLINE", True)
+    return evaluate
+
+
+def test_real_evaluate_script_with_key_and_percent_mark(real_evaluate, tmp_path):
+    two = tmp_path / "two_scores.py"  # exact match in percent, f1 as a fraction
+    two.write_text(_SCRIPT.format(name="TwoScores", result='{"exact_match": 50.0, "f1": 0.8}'))
+    assert get_metric(f"evaluate:{two}#f1")(["a"], ["a"]) == pytest.approx(0.8)
+    assert get_metric(f"{two}#f1")(["a"], ["a"]) == pytest.approx(0.8)  # bare script path
+    assert get_metric(f"evaluate:{two}#exact_match%")(["a"], ["a"]) == pytest.approx(0.5)
+    with pytest.raises(RewardError, match=f"'evaluate:{two}#exact_match%'"):
+        get_metric(f"evaluate:{two}#exact_match")(["a"], ["a"])
+    with pytest.raises(ConfigError, match=f"exact_match, f1.*'evaluate:{two}#exact_match'"):
+        get_metric(f"evaluate:{two}")(["a"], ["a"])
+    with pytest.raises(ConfigError, match="no key 'bleu'.*exact_match, f1"):
+        get_metric(f"evaluate:{two}#bleu")(["a"], ["a"])
+
+
+def test_real_evaluate_percent_script_at_a_low_score(real_evaluate, tmp_path):
+    pct = tmp_path / "hit_percent.py"
+    pct.write_text(_SCRIPT.format(name="HitPercent", result='{"hit_percent": 100.0 * hits / len(predictions)}'))
+    metric = get_metric(f"evaluate:{pct}%")
+    preds = ["a"] + ["x"] * 124  # 1 of 125 right: 0.8 %
+    assert metric(preds, ["a"] * 125) == pytest.approx(0.008)
+    assert metric(["a", "x"], ["a", "a"]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("spec", ["evaluate:squad#", "evaluate:#f1", "evaluate:%"])
+def test_evaluate_malformed_spec(spec):
+    with pytest.raises(ConfigError, match="evaluate:NAME#KEY"):
+        get_metric(spec)
 
 
 def test_evaluate_not_installed(monkeypatch):

@@ -6,8 +6,9 @@ better; the built-ins return a fraction in [0, 1] and ignore ``prompts`` and ``r
 
 :func:`get_metric` takes a built-in name (:func:`list_metrics`), a
 ``"package.module:function"``, a ``"path/to/file.py:function"``, an
-``"evaluate:NAME"`` (Hugging Face evaluate, if installed) or the path of a local
-evaluate metric script. User functions are wrapped by their signature:
+``"evaluate:NAME[#KEY][%]"`` (Hugging Face evaluate, if installed; ``#KEY`` picks the
+result key, ``%`` says it is percent) or the path of a local evaluate metric script
+(``path/to/metric.py[#KEY][%]``). User functions are wrapped by their signature:
 
 - first parameter ``completions`` or ``prompts``: TRL reward form,
   ``reward(prompts=..., completions=..., **columns) -> list[float | None]``;
@@ -35,7 +36,7 @@ from zoobj.errors import ConfigError
 from zoobj.metrics._common import check_batch
 from zoobj.metrics.classification import accuracy, correct, macro_f1
 from zoobj.metrics.squad import exact_match, f1, normalize_answer, squad_exact_match, squad_f1
-from zoobj.metrics.user import FORMS, UserMetric, as_metric, load_callable, load_evaluate, reward
+from zoobj.metrics.user import FORMS, UserMetric, as_metric, load_callable, load_evaluate, parse_evaluate, reward
 
 __all__ = [
     "FORMS",
@@ -92,9 +93,10 @@ def get_metric(name: str | Callable) -> Callable[..., float]:
     if name in METRICS:
         return METRICS[name]
     if name.startswith("evaluate:"):
-        return load_evaluate(name.removeprefix("evaluate:"), name)
-    if name.endswith(".py"):  # a local evaluate metric script
-        if not Path(name).expanduser().is_file():
+        return load_evaluate(name)
+    script = parse_evaluate(name)[0]
+    if script.endswith(".py"):  # a local evaluate metric script, maybe with #KEY and %
+        if not Path(script).expanduser().is_file():
             raise ConfigError(f"metric {name!r}: no such file (use path/to/file.py:function for a Python reward)")
         return load_evaluate(name)
     if ":" in name:

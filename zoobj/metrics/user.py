@@ -8,7 +8,10 @@ comes from its signature:
   once per batch as ``reward(prompts=..., completions=..., references=..., **columns)``
   where ``columns = {key: [row[key] for row in rows]}``; it must accept ``**kwargs``
   and returns one float or None per example (None: not applicable, left out of the
-  mean). ``prompts`` is a list of None when the caller has none.
+  mean). ``prompts`` is a list of None when the caller has none. The three arguments
+  always win: a data column named ``prompts``, ``completions`` or ``references`` is
+  passed as ``column_prompts``, ``column_completions`` or ``column_references``
+  (rows that also have a column of that new name are a DataError).
 - first two parameters named ``predictions, references``: batch form, one float.
 - any other function callable with two arguments, e.g. ``(prediction, reference)``:
   example form, called per example and averaged over the batch. A callable whose
@@ -19,6 +22,13 @@ comes from its signature:
 A reward may return any finite number (bools count as 0/1; numpy and 0-d tensors are
 fine). Raising, or returning None (outside the TRL form), NaN, infinity or a
 non-number is a :class:`~zoobj.errors.RewardError` naming the reward and the example.
+
+A Hugging Face evaluate metric, ``evaluate:NAME[#KEY][%]`` (:func:`load_evaluate`), is
+of the batch form. Its score is the result's ``KEY``, which must be named when the
+result holds several numbers; it is divided by 100 for the keys known to be percent
+(:data:`PERCENT_SCORES`: squad, squad_v2, sacrebleu, chrf, ter) or with the trailing
+``%``, and is otherwise a fraction: a value outside [-1, 1] is then an error asking for
+the ``%``, never silently reread as percent.
 
 >>> def overlap(prediction, reference):
 ...     return len(set(prediction.split()) & set(reference.split())) / len(set(reference.split()))
@@ -42,12 +52,23 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoobj.errors import ConfigError, RewardError
+from zoobj.errors import ConfigError, DataError, RewardError, ZoobjError
 from zoobj.metrics._common import check_batch, mean
 
-__all__ = ["FORMS", "UserMetric", "as_metric", "load_callable", "load_evaluate", "reward"]
+__all__ = [
+    "FORMS",
+    "PERCENT_SCORES",
+    "UserMetric",
+    "as_metric",
+    "load_callable",
+    "load_evaluate",
+    "parse_evaluate",
+    "reward",
+]
 
 FORMS = ("example", "batch", "trl")
+_TRL_ARGS = ("prompts", "completions", "references")  # a data column of that name comes as column_NAME
+_COLUMN_PREFIX = "column_"
 _FORM_ATTR = "__zoobj_form__"
 
 
@@ -89,6 +110,8 @@ class UserMetric:
             check_batch(predictions, references, prompts, rows)
             try:
                 value = self.fn(predictions, references)
+            except ZoobjError:  # already one line naming the metric (e.g. an evaluate metric's key or scale)
+                raise
             except Exception as exc:
                 raise RewardError(f"metric '{self.name}' raised {_oneline(exc)}") from exc
             return _score(value, f"metric '{self.name}'")
@@ -112,11 +135,21 @@ class UserMetric:
                     raise RewardError(f"{what} raised {_oneline(exc)} on example {i}") from exc
                 out.append(_score(value, what, i))
             return out
-        # TRL form: one call for the whole batch
-        columns = {key: [row.get(key) for row in rows] for key in rows[0]} if rows else {}
-        kwargs = {"references": list(references), **columns}
-        kwargs["prompts"] = list(prompts) if prompts is not None else [None] * n
-        kwargs["completions"] = list(predictions)
+        # TRL form: one call for the whole batch; a column named like an argument is renamed
+        kwargs = {
+            "prompts": list(prompts) if prompts is not None else [None] * n,
+            "completions": list(predictions),
+            "references": list(references),
+        }
+        for key in rows[0] if rows else ():
+            name = f"{_COLUMN_PREFIX}{key}" if key in _TRL_ARGS else key
+            if name in kwargs:
+                clash = name.removeprefix(_COLUMN_PREFIX)
+                raise DataError(
+                    f"{what}: the rows have both {clash!r} and {name!r} columns, but a TRL reward gets the column "
+                    f"{clash!r} as {name!r}; rename one of them"
+                )
+            kwargs[name] = [row.get(key) for row in rows]
         try:
             values = self.fn(**kwargs)
         except Exception as exc:
@@ -199,13 +232,44 @@ def load_callable(spec: str) -> Callable:
     return obj
 
 
-def load_evaluate(target: str, spec: str | None = None) -> UserMetric:
-    """Wrap ``evaluate.load(target)`` (a Hub metric name or a local metric script).
+# Hugging Face evaluate metrics that report percent (0-100), by metric name: the result
+# keys in percent. Every other evaluate score is a fraction unless the spec ends in "%".
+PERCENT_SCORES = {
+    "squad": {"exact_match", "f1"},
+    "squad_v2": {"exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "best_exact", "best_f1"},
+    "sacrebleu": {"score"},
+    "chrf": {"score"},
+    "ter": {"score"},
+}
 
-    The main score is the result key named like the metric (else the first number),
-    divided by 100 when it is above 1 (metrics that report percent).
+
+def parse_evaluate(spec: str) -> tuple[str, str | None, bool]:
+    """Split ``"[evaluate:]NAME[#KEY][%]"`` into ``(NAME, KEY or None, percent)``.
+
+    >>> parse_evaluate("evaluate:squad#f1"), parse_evaluate("path/to/metric.py#score%")
+    (('squad', 'f1', False), ('path/to/metric.py', 'score', True))
     """
-    spec = spec or target
+    text = spec.removeprefix("evaluate:")
+    target, hash_, key = text.removesuffix("%").rpartition("#")
+    return (target, key, text.endswith("%")) if hash_ else (key, None, text.endswith("%"))
+
+
+def load_evaluate(spec: str) -> UserMetric:
+    """Wrap ``evaluate.load(NAME)`` for ``spec = "[evaluate:]NAME[#KEY][%]"``.
+
+    NAME is a Hub metric name or a local metric script. The score is the result's KEY,
+    else the key named like the metric, else its only number (several numbers and no
+    KEY: a ConfigError listing them). It is read as a fraction, except for the percent
+    keys of :data:`PERCENT_SCORES` or with a trailing ``%``, which are divided by 100;
+    a fraction outside [-1, 1] is a RewardError asking for the ``%``. The key and the
+    scale are fixed by the first result: the same metric never switches between calls.
+    """
+    target, key, percent = parse_evaluate(spec)
+    if not target or key == "":
+        raise ConfigError(
+            f"malformed metric {spec!r}; expected evaluate:NAME or evaluate:NAME#KEY (the result key to use), "
+            "with a trailing % if the metric reports percent"
+        )
     try:
         import evaluate
     except ImportError as exc:
@@ -217,19 +281,55 @@ def load_evaluate(target: str, spec: str | None = None) -> UserMetric:
             f"could not load evaluate metric {target!r} ({_oneline(exc)}); evaluate needs the Hugging Face Hub "
             "or a local metric script (path/to/metric.py)"
         ) from exc
-    key = Path(target).stem if target.endswith(".py") else target.rsplit("/", 1)[-1]
+    name = Path(target).stem if target.endswith(".py") else target.rstrip("/").rsplit("/", 1)[-1]
+    prefix = "evaluate:" if spec.startswith("evaluate:") else ""
+    fixed: dict = {}  # the key and the scale, set by the first result
 
     def compute(predictions, references):
         result = module.compute(predictions=predictions, references=references)
-        if isinstance(result, Mapping):
-            value = result.get(key)
-            if not _is_number(value):
-                value = next((v for v in result.values() if _is_number(v)), result)
-        else:
-            value = result
-        return value / 100 if _is_number(value) and value > 1 else value
+        if not fixed:
+            fixed["key"] = key if key is not None else _main_key(result, name, spec, f"{prefix}{target}#")
+            fixed["percent"] = percent or fixed["key"] in PERCENT_SCORES.get(name, ())
+        k = fixed["key"]
+        value = _score(result if k is None else _result_key(result, k, spec), f"metric {spec!r}")
+        if fixed["percent"]:
+            return value / 100
+        if not -1 <= value <= 1:
+            raise RewardError(
+                f"metric {spec!r} returned {value}, outside [-1, 1] for a fraction; "
+                f"if it reports percent, write '{prefix}{target}{'' if key is None else '#' + key}%'"
+            )
+        return value
 
     return UserMetric(compute, "batch", spec)
+
+
+def _main_key(result, name: str, spec: str, stem: str) -> str | None:
+    """The key of an evaluate result that holds the score, none being named (None: the result is the score)."""
+    if not isinstance(result, Mapping):
+        return None
+    numbers = [k for k, v in result.items() if _is_number(v)]
+    if _is_number(result.get(name)):
+        return name
+    if len(numbers) == 1:
+        return numbers[0]
+    if not numbers:
+        raise RewardError(f"metric {spec!r} returned no number (keys: {', '.join(map(str, result))})")
+    raise ConfigError(
+        f"metric {spec!r} returns several scores ({', '.join(map(str, numbers))}); name one, e.g. '{stem}{numbers[0]}'"
+    )
+
+
+def _result_key(result, key: str, spec: str):
+    if not isinstance(result, Mapping):
+        raise ConfigError(f"metric {spec!r} returns one {type(result).__name__}, not keys; drop #{key}")
+    if key not in result:
+        raise ConfigError(f"metric {spec!r}: the result has no key {key!r} (keys: {', '.join(map(str, result))})")
+    if not _is_number(result[key]):
+        raise RewardError(
+            f"metric {spec!r}: key {key!r} holds {reprlib.repr(result[key])}, not a number; name a score with #KEY"
+        )
+    return result[key]
 
 
 def _import(module_name: str, spec: str):
