@@ -324,14 +324,14 @@ def test_state_dict_round_trip():
 
 
 def test_eager_noise_matches_compiled(monkeypatch):
-    from zoobj import mezo
+    import zoobj.noise as zn
 
-    compiled = mezo.noise((3, 1000), seed=9, index=4)
+    compiled = zn.noise((3, 1000), seed=9, index=4)
     monkeypatch.setenv("ZOOBJ_COMPILE", "0")
-    eager_kernel = mezo._Kernel()
-    monkeypatch.setattr(mezo, "_kernel", eager_kernel)
-    monkeypatch.setattr(mezo, "_EAGER_CHUNK", 256)  # several chunks, offsets exercised
-    eager = mezo.noise((3, 1000), seed=9, index=4)
+    eager_kernel = zn._Kernel()
+    monkeypatch.setattr(zn, "_kernel", eager_kernel)
+    monkeypatch.setattr(zn, "_EAGER_CHUNK", 256)  # several chunks, offsets exercised
+    eager = zn.noise((3, 1000), seed=9, index=4)
     assert eager_kernel.backend == "eager"
     torch.testing.assert_close(eager, compiled, rtol=1e-5, atol=1e-5)
 

@@ -12,17 +12,23 @@ stored)::
     theta += (eps - lr * g) * z          # restore and update in one pass
 
 so ``z`` is produced three times a step and nothing the size of the model is
-allocated. The noise is counter-based: element ``i`` of parameter ``j`` at step
-seed ``s`` is a hash of ``(s, j, i)`` turned into a normal deviate (Box-Muller),
-so any slice of ``z`` can be regenerated on its own, the result does not depend
-on the thread count, and the global RNG is never touched. Where ``torch.compile``
-works the hash, the transform and the in-place update run as one fused kernel;
-elsewhere the same arithmetic runs eagerly in chunks (the two agree to within a
-float32 rounding of ``z``).
+allocated. ``MeZO.step`` reads as those lines do -- seeds, probe, estimate, update
+and record -- and each variation is a piece it calls, chosen once at construction:
+
+- the noise ``z``: ``zoobj.noise`` (counter-based, the same numbers on any thread
+  count, compiled where ``torch.compile`` works and eager elsewhere);
+- how the weights are perturbed: ``zoobj.perturb`` (in place, or by forward hooks
+  that build each perturbed tensor in a temporary);
+- which directions this process evaluates: ``_Queries`` (all of them, or a share in
+  query-parallel n-SPSA, the others' losses arriving by an exchange);
+- how the update is made: ``MeZO._apply`` with one per-parameter rule (``sgd``,
+  ``momentum``, ``adam``, or the fused restore-and-update above, which needs n = 1,
+  sgd, in-place perturbation and one process: ``MeZO._fused``).
 
 Every step appends one flat record to ``opt.trajectory``; ``replay`` re-applies
-those records to the base weights and reproduces the trained weights bit for bit
-(same backend, same settings), which is why a run's checkpoint can be a few KB.
+those records to the base weights with the same weight passes as ``step`` (the
+fused decision included) and reproduces the trained weights bit for bit (same
+backend, same settings), which is why a run's checkpoint can be a few KB.
 
 >>> import torch
 >>> from zoobj import MeZO
@@ -39,16 +45,14 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import signal
-import threading
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+
+from zoobj.noise import NOISE_BACKENDS, _axpz_param, _chunk_axpz, _flat, kernel_for, noise, step_seed
+from zoobj.perturb import Forward, InPlace, atomic
 
 __all__ = [
     "MeZO",
@@ -66,192 +70,11 @@ RULES = ("sgd", "momentum", "adam")
 PERTURB = ("inplace", "forward")
 RECORD_KEYS = ("step", "seeds", "grads", "lr", "loss_plus", "loss_minus", "ties", "skipped")
 
-_M32 = 0xFFFFFFFF
-_M64 = 0xFFFFFFFFFFFFFFFF
-_HASH_MUL = 0x45D9F3B  # < 2**31, so a 32-bit value times it stays inside int64
-_TWO_PI = 2.0 * math.pi
-_EAGER_CHUNK = 1 << 20  # elements per chunk on the eager path
 _STATE_CHUNK = 1 << 20  # elements per chunk for the momentum / adam updates
-_MAX_SPAN = 1 << 31  # element indices are hashed as 32-bit counters: re-key past this
 
 
 class NonFiniteLossError(FloatingPointError):
     """The closure returned NaN or inf and the optimizer was asked to raise."""
-
-
-# ----------------------------------------------------------------------------- seeds
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def step_seed(seed: int, step: int, k: int = 0) -> int:
-    """The seed of perturbation ``k`` at ``step``: a pure function of its arguments.
-
-    A 32-bit integer, so it is short in a trajectory file and exact in any JSON reader.
-
-    >>> step_seed(0, 5) == step_seed(0, 5)
-    True
-    >>> step_seed(0, 5) != step_seed(0, 6) != step_seed(1, 5)
-    True
-    """
-    return _splitmix64(_splitmix64(_splitmix64(seed & _M64) ^ step) ^ k) & _M32
-
-
-def _param_key(seed: int, index: int, span: int) -> tuple[int, int]:
-    """Two 32-bit keys for parameter ``index`` (and its ``span``-th 2**31 slice)."""
-    h = _splitmix64(_splitmix64((seed << 20) ^ index) ^ span)
-    return h & _M32, h >> 32
-
-
-# ----------------------------------------------------------------------------- noise
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    # Thomas Mueller's 32-bit integer hash, in int64 so that nothing overflows.
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL) & _M32
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL) & _M32
-    return x ^ (x >> 16)
-
-
-def _axpz(flat: torch.Tensor, k1, k2, offset, a, b) -> None:
-    """``flat <- a * flat + b * z[offset : offset + len(flat)]``, in place, computed in fp32."""
-    i = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) + offset
-    u = _hash32(i ^ k1)
-    v = _hash32(u ^ k2)
-    u1 = ((u >> 8).to(torch.float32) + 0.5) * (2.0**-24)  # (0, 1): log is finite
-    u2 = (v >> 8).to(torch.float32) * (2.0**-24)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
-    flat.copy_((flat.to(torch.float32) * a + z * b).to(flat.dtype))
-
-
-class _Kernel:
-    """Chooses, once per process and device type, the compiled or the eager form of ``_axpz``."""
-
-    def __init__(self, compile: bool = True) -> None:
-        self._compiled: dict[str, Callable | None] = {}
-        self.backend = "eager"
-        self.compile = compile  # False: always the eager form (replaying a run that ran eagerly)
-
-    def _get_compiled(self, device_type: str = "cpu") -> Callable | None:
-        if device_type not in self._compiled:
-            self._compiled[device_type] = None
-            wanted = self.compile and os.environ.get("ZOOBJ_COMPILE", "1") not in ("0", "false", "no")
-            if wanted and device_type != "meta":
-                try:
-                    # one graph per dtype and device; leave room for fp32, bf16 and fp16
-                    limit = getattr(torch._dynamo.config, "recompile_limit", None)
-                    if isinstance(limit, int) and limit < 32:
-                        torch._dynamo.config.recompile_limit = 32
-                    fn = torch.compile(_axpz, dynamic=True)
-                    probe = torch.zeros(8, device=device_type)
-                    t = torch.zeros((), dtype=torch.int64, device=device_type)
-                    fn(probe, t, t, t, torch.ones((), device=device_type), torch.ones((), device=device_type))
-                    self._compiled[device_type] = fn
-                except Exception as exc:  # no C++ compiler / triton, unsupported platform, ...
-                    warnings.warn(
-                        f"zoobj: torch.compile unavailable on {device_type} ({type(exc).__name__}); "
-                        "noise runs eagerly (slower, same numbers to float32 rounding). "
-                        "Set ZOOBJ_COMPILE=0 to skip the attempt.",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-            if device_type == "cpu" or len(self._compiled) == 1:
-                self.backend = "compiled" if self._compiled[device_type] is not None else "eager"
-        return self._compiled[device_type]
-
-    def __call__(self, flat: torch.Tensor, seed: int, index: int, a: float, b: float) -> None:
-        dev = flat.device
-        fa = torch.tensor(a, dtype=torch.float32, device=dev)
-        fb = torch.tensor(b, dtype=torch.float32, device=dev)
-        compiled = self._get_compiled(dev.type)
-        for span, start in enumerate(range(0, flat.numel(), _MAX_SPAN)):
-            part = flat[start : start + _MAX_SPAN]
-            k1, k2 = (torch.tensor(k, dtype=torch.int64, device=dev) for k in _param_key(seed, index, span))
-            if compiled is not None:
-                compiled(part, k1, k2, torch.zeros((), dtype=torch.int64, device=dev), fa, fb)
-                continue
-            for off in range(0, part.numel(), _EAGER_CHUNK):
-                _axpz(part[off : off + _EAGER_CHUNK], k1, k2, off, fa, fb)
-
-
-_kernel = _Kernel()
-_eager_kernel = _Kernel(compile=False)
-NOISE_BACKENDS = ("auto", "compiled", "eager")
-
-
-def _flat(p: torch.Tensor) -> torch.Tensor:
-    return p.detach().view(-1)
-
-
-def _axpz_param(p: torch.Tensor, seed: int, index: int, a: float, b: float, kernel: _Kernel = _kernel) -> None:
-    if a == 1.0 and b == 0.0:  # nothing to do (and -0.0 stays -0.0)
-        return
-    if p.is_contiguous():
-        kernel(_flat(p), seed, index, a, b)
-    else:  # rare: work on a contiguous copy and write it back
-        tmp = p.detach().contiguous()
-        kernel(tmp.view(-1), seed, index, a, b)
-        p.detach().copy_(tmp)
-
-
-def noise(shape: Sequence[int] | int, seed: int, index: int = 0, dtype=torch.float32, device=None) -> torch.Tensor:
-    """The perturbation direction ``z`` for parameter ``index`` under step seed ``seed``.
-
-    This is exactly what the optimizer adds (scaled by eps); it is materialised here
-    only for inspection and tests.
-
-    >>> z = noise(100_000, seed=7)
-    >>> abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
-    True
-    >>> bool((noise(10, seed=7) == z[:10]).all())
-    True
-    """
-    out = torch.zeros(shape, dtype=dtype, device=device)
-    _kernel(out.view(-1), seed, index, 0.0, 1.0)
-    return out
-
-
-# ----------------------------------------------------------------------------- signals
-
-
-@contextlib.contextmanager
-def _atomic():
-    """Hold SIGINT / SIGTERM until a noise pass is complete, then deliver them.
-
-    A pass touches every parameter; an interrupt in the middle would leave some
-    perturbed and some not. Deferred, an interrupt lands between passes, where the
-    optimizer knows exactly how far the weights are from the base point.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[tuple[int, Any]] = []
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old[sig] = signal.signal(sig, lambda s, f: pending.append((s, f)))
-        except (ValueError, OSError):  # pragma: no cover - exotic embedding
-            pass
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        for sig, frame in pending:
-            handler = old.get(sig)
-            if callable(handler):
-                handler(sig, frame)
-            elif handler == signal.SIG_DFL:
-                if sig == signal.SIGINT:
-                    raise KeyboardInterrupt
-                signal.raise_signal(sig)
 
 
 # ----------------------------------------------------------------------------- groups
@@ -291,6 +114,33 @@ def _round(x: float) -> float:
 
 def _finite_or_none(x: float) -> float | None:
     return _round(x) if math.isfinite(x) else None
+
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+class _Queries:
+    """Which of a step's directions this process evaluates, and how the others' losses arrive.
+
+    One process evaluates them all. With ``shard=(rank, world)`` (query-parallel n-SPSA)
+    it evaluates ``k % world == rank`` and ``exchange`` brings every process's rows.
+    """
+
+    def __init__(self, shard: tuple[int, int] | None, exchange: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        self.rank, self.world = shard if shard is not None else (0, 1)
+        self.exchange = exchange if shard is not None else None
+
+    def mine(self, k: int) -> bool:
+        return k % self.world == self.rank
+
+    def gather(self, plus: list[float], minus: list[float]) -> None:
+        """Fill in, in place, the (l+, l-) of the directions other processes evaluated."""
+        if self.exchange is None:
+            return
+        rows = torch.tensor([[k, plus[k], minus[k]] for k in range(len(plus)) if self.mine(k)], dtype=torch.float64)
+        for k, lp, lm in self.exchange(rows).tolist():
+            plus[int(k)], minus[int(k)] = lp, lm
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -402,18 +252,19 @@ class MeZO:
         self.state: dict[int, dict[str, torch.Tensor]] = {}
         self.trajectory: list[dict] = []
         self.step_count = 0
-        self._offset = 0.0
         self.perturb, self.shard, self.exchange = perturb, shard, exchange
-        self._seed_now = 0  # the seed whose perturbation the forward hooks add
-        self._swapped: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._hooks: list = []
-        self._reached: set[int] | None = None
-        self._kernel = _eager_kernel if noise == "eager" else _kernel
+        self._kernel = kernel_for(noise)
         if noise == "compiled" and self.noise_backend != "compiled":
             raise RuntimeError("noise='compiled': torch.compile is not available for the noise kernel here "
                                "(ZOOBJ_COMPILE=0, no C++ compiler, or an unsupported device)")
-        if perturb == "forward":
-            self._install_hooks(model)
+        # the variations, decided once: how to perturb, which directions are ours, how to update
+        trained = list(self._params())
+        self._perturb = (InPlace(trained, self.eps, self._kernel) if perturb == "inplace"
+                         else Forward(trained, self.eps, self._kernel, model))
+        self._queries = _Queries(shard, exchange)
+        # fused: the probe's third pass (the restore) also applies the update -- in step and in replay
+        self._fused = n == 1 and rule == "sgd" and perturb == "inplace" and shard is None
+        self._rule = self._fused_sgd if self._fused else self._sgd if rule == "sgd" else self._stateful
 
     # -- setup ---------------------------------------------------------------
 
@@ -462,110 +313,113 @@ class MeZO:
         base = self.defaults["lr"]
         return g["lr"] * (lr / base) if base else g["lr"]
 
-    # -- perturbation during the forward (perturb="forward") ------------------------
-
-    def _install_hooks(self, model: torch.nn.Module) -> None:
-        index = {id(p): i for i, p in self._params()}
-        owned: set[int] = set()
-        for module in model.modules():
-            own = [(p, index[id(p)]) for p in module._parameters.values() if p is not None and id(p) in index]
-            if not own:
-                continue
-            owned.update(id(p) for p, _ in own)
-            self._hooks.append(module.register_forward_pre_hook(lambda m, a, own=own: self._swap_in(own)))
-            self._hooks.append(module.register_forward_hook(lambda m, a, o, own=own: self._swap_out(own), always_call=True))
-        stray = [i for i, p in self._params() if id(p) not in owned]
-        if stray:
-            self.remove_hooks()
-            raise ValueError(f"perturb='forward': parameters {stray[:5]} are not held by any module of the model; "
-                             "pass the model that owns them, or use perturb='inplace'")
-        self._reached = set()  # filled during the first perturbed closure, then checked
-
     def remove_hooks(self) -> None:
         """Take the forward hooks of ``perturb="forward"`` off the model."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        self._perturb.release()
 
-    def _swap_in(self, own) -> None:
-        if not self._offset:
-            return
-        # outside inference mode: the temporary is an ordinary tensor, and the noise kernel
-        # sees the same kind of inputs as in the in-place passes (no recompilation)
-        with torch.inference_mode(False), torch.no_grad():
-            for p, i in own:
-                if id(p) in self._swapped:  # a tied tensor already swapped by an enclosing module
-                    continue
-                original = p.data
-                tmp = original.clone(memory_format=torch.contiguous_format)
-                self._kernel(tmp.view(-1), self._seed_now, i, 1.0, self._offset * self.eps)
-                self._swapped[id(p)] = (p, original)
-                p.data = tmp
-                if self._reached is not None:
-                    self._reached.add(i)
+    # -- the step ----------------------------------------------------------------
 
-    def _swap_out(self, own) -> None:
-        for p, _ in own:
-            entry = self._swapped.pop(id(p), None)
-            if entry is not None:
-                p.data = entry[1]
+    def step(self, closure: Callable[[], Any]) -> float:
+        """One SPSA step; see the class docstring. Returns the mean of l+ and l-."""
+        if closure is None:
+            raise TypeError("MeZO.step needs a closure that returns the loss")
+        t, lr = self.step_count, self.lr_at(self.step_count)
+        seeds = [step_seed(self.seed, t, k) for k in range(self.n)]  # n directions from (seed, step)
+        plus, minus = self._probe_all(seeds, closure)  # (l+, l-) each; restores on error
+        grads, skipped = self._estimate(t, plus, minus)  # projected gradients
+        record = {
+            "step": t,
+            "seeds": seeds,
+            "grads": grads,
+            "lr": lr,
+            "loss_plus": [_finite_or_none(x) for x in plus],
+            "loss_minus": [_finite_or_none(x) for x in minus],
+            "ties": sum(a == b for a, b in zip(plus, minus)),
+            "skipped": skipped,
+        }
+        self._commit(record)  # update and record, together
+        return sum(plus + minus) / (2 * self.n)
 
-    def _release(self) -> None:
-        """Put back every original tensor (after an exception inside a forward)."""
-        for p, original in self._swapped.values():
-            p.data = original
-        self._swapped.clear()
+    def _probe_all(self, seeds: list[int], closure: Callable[[], Any]) -> tuple[list[float], list[float]]:
+        """(l+, l-) for every direction: evaluated here, or by another process and exchanged."""
+        plus, minus = [math.nan] * self.n, [math.nan] * self.n
+        for k, s in enumerate(seeds):
+            try:
+                if self._queries.mine(k):
+                    plus[k], minus[k] = self._probe(s, closure)
+                else:  # the same weight passes, no forwards: the replicas (and replay) round alike
+                    self._passes(s, finite=True)
+            except BaseException:
+                self._perturb.restore(s)  # back to where the step began
+                raise
+        self._queries.gather(plus, minus)
+        return plus, minus
 
-    def _check_reached(self) -> None:
-        if self._reached is None:
-            return
-        missed = [i for i, _ in self._params() if i not in self._reached]
-        self._reached = None
-        if missed:
-            raise ValueError(f"perturb='forward': the closure never ran the modules holding parameters {missed[:5]} "
-                             "(a tensor used outside its module's forward cannot be perturbed this way); "
-                             "use perturb='inplace'")
+    def _probe(self, s: int, closure: Callable[[], Any]) -> tuple[float, float]:
+        """l+ at theta + eps z(s), l- at theta - eps z(s), then back to theta (or left for the fused update)."""
+        self._perturb.shift(s, +1.0)
+        lp = _as_float(closure(), "l+")
+        self._perturb.check_reached()
+        self._perturb.shift(s, -2.0)
+        lm = _as_float(closure(), "l-")
+        self._back(s, math.isfinite(lp) and math.isfinite(lm))
+        return lp, lm
 
-    # -- the passes ------------------------------------------------------------
+    def _passes(self, s: int, finite: bool) -> None:
+        """The weight passes of ``_probe`` without its forwards (another process's direction; replay)."""
+        self._perturb.shift(s, +1.0)
+        self._perturb.shift(s, -2.0)
+        self._back(s, finite)
 
-    def _shift(self, seed: int, coef: float) -> None:
-        """theta += coef * eps * z(seed), as one uninterruptible pass.
+    def _back(self, s: int, finite: bool) -> None:
+        """Restore theta now, unless the fused update will (its pass is the restore)."""
+        if not (self._fused and finite):
+            self._perturb.shift(s, +1.0)
 
-        With ``perturb="forward"`` nothing is written: the hooks read the offset."""
-        if self.perturb == "forward":
-            self._offset += coef
-            self._seed_now = seed
-            return
-        with _atomic(), torch.no_grad():
-            for i, p in self._params():
-                _axpz_param(p, seed, i, 1.0, coef * self.eps, self._kernel)
-            self._offset += coef  # inside the atomic block: always matches the weights
+    def _estimate(self, t: int, plus: list[float], minus: list[float]) -> tuple[list[float], bool]:
+        """The projected gradients (l+ - l-) / (2 eps), and whether the step is skipped (a loss not finite)."""
+        skipped = not all(math.isfinite(x) for x in plus + minus)
+        if skipped and self.on_nonfinite == "raise":
+            raise NonFiniteLossError(
+                f"step {t}: the closure returned a non-finite loss (l+={plus}, l-={minus}); "
+                "the weights were restored"
+            )
+        grads = [0.0 if skipped else _round((lp - lm) / (2 * self.eps)) for lp, lm in zip(plus, minus)]
+        return grads, skipped
 
-    def _restore_and_update(self, seed: int, g: float, lr: float) -> None:
-        """From theta - eps*z to decay(theta) - lr*g*z in one pass (rule sgd, n = 1)."""
-        with _atomic(), torch.no_grad():
-            for group in self.param_groups:
-                glr = self._group_lr(group, lr)
-                a = 1.0 - glr * group["weight_decay"]
-                for i, p in zip(group["index"], group["params"]):
-                    _axpz_param(p, seed, i, a, a * self.eps - glr * g, self._kernel)
-            self._offset = 0.0
+    def _commit(self, record: dict) -> None:
+        """Apply a record's update and append it: both land, or neither does."""
+        with atomic():
+            if not record["skipped"]:
+                self._apply(record["seeds"], record["grads"], record["lr"])
+            self.trajectory.append(record)
+            self.step_count += 1
 
-    def _update(self, seeds: Sequence[int], grads: Sequence[float], lr: float) -> None:
-        """Apply the averaged estimate sum_k g_k z_k / n at the (restored) base point."""
-        n = len(seeds)
-        with _atomic(), torch.no_grad():
+    # -- the update: one rule per parameter, chosen at construction ------------
+
+    def _apply(self, seeds: Sequence[int], grads: Sequence[float], lr: float) -> None:
+        """theta <- decay * theta - (the rule's step along sum_k g_k z_k / n), group by group."""
+        with atomic(), torch.no_grad():
             for group in self.param_groups:
                 glr = self._group_lr(group, lr)
                 decay = 1.0 - glr * group["weight_decay"]
                 for i, p in zip(group["index"], group["params"]):
-                    if self.rule == "sgd":
-                        for k, (s, g) in enumerate(zip(seeds, grads)):
-                            _axpz_param(p, s, i, decay if k == 0 else 1.0, -glr * g / n, self._kernel)
-                    else:
-                        self._stateful_update(i, p, seeds, grads, glr, decay)
+                    self._rule(i, p, seeds, grads, glr, decay)
+            if self._fused:
+                self._perturb.offset = 0.0  # that pass was also the restore
 
-    def _stateful_update(self, i: int, p: torch.Tensor, seeds, grads, glr: float, decay: float) -> None:
+    def _fused_sgd(self, i: int, p: torch.Tensor, seeds, grads, glr: float, decay: float) -> None:
+        """From theta - eps*z to decay*theta - lr*g*z in one pass (rule sgd, n = 1, in place)."""
+        _axpz_param(p, seeds[0], i, decay, decay * self.eps - glr * grads[0], self._kernel)
+
+    def _sgd(self, i: int, p: torch.Tensor, seeds, grads, glr: float, decay: float) -> None:
+        """At the restored base point: one pass per direction, the decay in the first."""
+        n = len(seeds)
+        for k, (s, g) in enumerate(zip(seeds, grads)):
+            _axpz_param(p, s, i, decay if k == 0 else 1.0, -glr * g / n, self._kernel)
+
+    def _stateful(self, i: int, p: torch.Tensor, seeds, grads, glr: float, decay: float) -> None:
+        """Momentum or adam on the estimate sum_k g_k z_k / n, built chunk by chunk in fp32."""
         st = self.state.setdefault(i, {})
         if not st:
             st["exp_avg"] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
@@ -596,75 +450,6 @@ class MeZO:
                 denom = (v / (1 - b2**t)).sqrt_().add_(self.adam_eps)
                 target.add_((-glr / (1 - b1**t) * m / denom).to(target.dtype))
 
-    # -- the step ----------------------------------------------------------------
-
-    def step(self, closure: Callable[[], Any]) -> float:
-        """One SPSA step; see the class docstring. Returns the mean of l+ and l-."""
-        if closure is None:
-            raise TypeError("MeZO.step needs a closure that returns the loss")
-        t = self.step_count
-        lr = self.lr_at(t)
-        seeds = [step_seed(self.seed, t, k) for k in range(self.n)]
-        fused = self.n == 1 and self.rule == "sgd" and self.perturb == "inplace" and self.shard is None
-        plus, minus, grads = [math.nan] * self.n, [math.nan] * self.n, []
-        self._offset = 0.0  # how many eps*z(s) the weights are from the step's base point
-        for k, s in enumerate(seeds):
-            try:
-                if self.shard is not None and k % self.shard[1] != self.shard[0]:
-                    # another process evaluates this one; run the same weight passes so the
-                    # replicas (and replay) see the same rounding
-                    if self.perturb == "inplace":
-                        self._shift(s, +1.0)
-                        self._shift(s, -2.0)
-                        self._shift(s, +1.0)
-                    continue
-                self._shift(s, +1.0)
-                lp = _as_float(closure(), "l+")
-                self._check_reached()
-                self._shift(s, -2.0)
-                lm = _as_float(closure(), "l-")
-                finite = math.isfinite(lp) and math.isfinite(lm)
-                if not (fused and finite):
-                    self._shift(s, +1.0)  # restore now; the update comes after all n
-            except BaseException:
-                self._release()
-                if self._offset:
-                    self._shift(s, -self._offset)
-                self._offset = 0.0
-                raise
-            plus[k], minus[k] = lp, lm
-        if self.shard is not None:
-            mine = torch.tensor([[k, plus[k], minus[k]] for k in range(self.n) if k % self.shard[1] == self.shard[0]],
-                                dtype=torch.float64)
-            for k, lp, lm in self.exchange(mine).tolist():
-                plus[int(k)], minus[int(k)] = lp, lm
-        for lp, lm in zip(plus, minus):
-            finite = math.isfinite(lp) and math.isfinite(lm)
-            grads.append(_round((lp - lm) / (2 * self.eps)) if finite else 0.0)
-        skipped = not all(math.isfinite(x) for x in plus + minus)
-        if skipped and self.on_nonfinite == "raise":
-            raise NonFiniteLossError(
-                f"step {t}: the closure returned a non-finite loss (l+={plus}, l-={minus}); "
-                "the weights were restored"
-            )
-        record = {
-            "step": t,
-            "seeds": seeds,
-            "grads": [0.0 if skipped else g for g in grads],
-            "lr": lr,
-            "loss_plus": [_finite_or_none(x) for x in plus],
-            "loss_minus": [_finite_or_none(x) for x in minus],
-            "ties": sum(a == b for a, b in zip(plus, minus)),
-            "skipped": skipped,
-        }
-        with _atomic():  # the update and its record land together, or neither does
-            if fused and not skipped:
-                self._restore_and_update(seeds[0], grads[0], lr)  # the step's third pass
-            elif not skipped:
-                self._update(seeds, grads, lr)
-            self.trajectory.append(record)
-            self.step_count = t + 1
-        return sum(plus + minus) / (2 * self.n)
 
     # -- replay ----------------------------------------------------------------
 
@@ -672,7 +457,8 @@ class MeZO:
         """Re-apply recorded steps to the current (base) weights, pass for pass.
 
         Steps must follow on from ``self.step_count``. With the same settings and
-        noise backend the result is bit-identical to the weights after training.
+        noise backend the result is bit-identical to the weights after training:
+        each direction gets the weight passes ``step`` gave it, and the same update.
         """
         for rec in trajectory:
             missing = [k for k in RECORD_KEYS if k not in rec]
@@ -680,19 +466,12 @@ class MeZO:
                 raise ValueError(f"trajectory record lacks {', '.join(missing)}: {rec!r}")
             if rec["step"] != self.step_count:
                 raise ValueError(f"trajectory record for step {rec['step']} where step {self.step_count} was expected")
-            seeds, grads, lr = rec["seeds"], rec["grads"], rec["lr"]
-            fused = len(seeds) == 1 and self.rule == "sgd" and self.perturb == "inplace" and self.shard is None
-            for s, g in zip(seeds, grads):
-                self._shift(s, +1.0)
-                self._shift(s, -2.0)
-                if fused and not rec["skipped"]:
-                    self._restore_and_update(s, g, lr)
-                else:
-                    self._shift(s, +1.0)
-            if not rec["skipped"] and not fused:
-                self._update(seeds, grads, lr)
-            self.trajectory.append(dict(rec))
-            self.step_count += 1
+            if len(rec["seeds"]) != self.n:
+                raise ValueError(f"trajectory record for step {rec['step']} has {len(rec['seeds'])} directions, "
+                                 f"this optimizer n={self.n}")
+            for s in rec["seeds"]:
+                self._passes(s, finite=not rec["skipped"])  # +eps z, -2 eps z, and the restore unless fused
+            self._commit(dict(rec))
 
     # -- state -------------------------------------------------------------------
 
@@ -721,22 +500,6 @@ class MeZO:
         _, first = next(self._params())
         return "compiled" if self._kernel._get_compiled(first.device.type) is not None else "eager"
 
-
-def _chunk_axpz(buf: torch.Tensor, seed: int, index: int, offset: int, b: float, kernel: _Kernel = _kernel) -> None:
-    """buf += b * z(seed, index)[offset : offset + len(buf)] (offset < 2**31 per span)."""
-    span, local = divmod(offset, _MAX_SPAN)
-    if local + buf.numel() > _MAX_SPAN:  # straddles a re-keyed span: split it
-        cut = _MAX_SPAN - local
-        _chunk_axpz(buf[:cut], seed, index, offset, b, kernel)
-        _chunk_axpz(buf[cut:], seed, index, offset + cut, b, kernel)
-        return
-    dev = buf.device
-    k1, k2 = (torch.tensor(k, dtype=torch.int64, device=dev) for k in _param_key(seed, index, span))
-    one = torch.ones((), dtype=torch.float32, device=dev)
-    fb = torch.tensor(b, dtype=torch.float32, device=dev)
-    off = torch.tensor(local, dtype=torch.int64, device=dev)
-    fn = kernel._get_compiled(dev.type) or _axpz
-    fn(buf, k1, k2, off, one, fb)
 
 
 def _as_float(value: Any, which: str) -> float:

@@ -219,7 +219,7 @@ def _recorded_noise(recorded: dict | None, params: list, run_dir) -> str:
     backend, device = recorded["noise_backend"], recorded.get("noise_device")
     here = params[0].device.type
     if backend == "compiled":
-        from zoobj.mezo import _kernel
+        from zoobj.noise import _kernel
 
         if _kernel._get_compiled(here) is None:
             raise ConfigError(f"run {run_dir} was made with the compiled noise kernel, which cannot run here "

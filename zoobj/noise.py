@@ -1,0 +1,207 @@
+"""Counter-based Gaussian noise: the perturbation directions ``z`` of MeZO.
+
+Element ``i`` of parameter ``j`` at step seed ``s`` is a hash of ``(s, j, i)`` turned
+into a normal deviate (Box-Muller), so any slice of ``z`` can be regenerated on its
+own, the result does not depend on the thread count, and the global RNG is never
+touched. Nothing the size of the model is stored: ``z`` is rebuilt on every pass.
+
+- seeds: ``step_seed(seed, step, k)`` names direction ``k`` of a step; ``_param_key``
+  derives two 32-bit keys per parameter (and per 2**31-element span of it).
+- the arithmetic: ``_axpz(flat, ...)`` does ``flat <- a * flat + b * z`` in fp32.
+- the kernel: ``_Kernel`` runs ``_axpz`` compiled (``torch.compile``, one fused kernel)
+  where that works and eagerly in chunks elsewhere; the two agree to within a float32
+  rounding of ``z``. ``_kernel`` is the process's choice, ``_eager_kernel`` the eager
+  form (to replay a run that ran eagerly); ``kernel_for(backend)`` picks one.
+- callers: ``_axpz_param`` (a whole parameter, in place), ``_chunk_axpz`` (a slice of
+  ``z`` added to a buffer), ``noise`` (``z`` itself, for inspection and tests).
+
+>>> z = noise(5, seed=1)
+>>> bool((noise(5, seed=1) == z).all()), bool((noise(5, seed=2) != z).any())
+(True, True)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+NOISE_BACKENDS = ("auto", "compiled", "eager")
+
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+_HASH_MUL = 0x45D9F3B  # < 2**31, so a 32-bit value times it stays inside int64
+_TWO_PI = 2.0 * math.pi
+_EAGER_CHUNK = 1 << 20  # elements per chunk on the eager path
+_MAX_SPAN = 1 << 31  # element indices are hashed as 32-bit counters: re-key past this
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def step_seed(seed: int, step: int, k: int = 0) -> int:
+    """The seed of perturbation ``k`` at ``step``: a pure function of its arguments.
+
+    A 32-bit integer, so it is short in a trajectory file and exact in any JSON reader.
+
+    >>> step_seed(0, 5) == step_seed(0, 5)
+    True
+    >>> step_seed(0, 5) != step_seed(0, 6) != step_seed(1, 5)
+    True
+    """
+    return _splitmix64(_splitmix64(_splitmix64(seed & _M64) ^ step) ^ k) & _M32
+
+
+def _param_key(seed: int, index: int, span: int) -> tuple[int, int]:
+    """Two 32-bit keys for parameter ``index`` (and its ``span``-th 2**31 slice)."""
+    h = _splitmix64(_splitmix64((seed << 20) ^ index) ^ span)
+    return h & _M32, h >> 32
+
+
+# ----------------------------------------------------------------------------- the arithmetic
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    # Thomas Mueller's 32-bit integer hash, in int64 so that nothing overflows.
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    return x ^ (x >> 16)
+
+
+def _axpz(flat: torch.Tensor, k1, k2, offset, a, b) -> None:
+    """``flat <- a * flat + b * z[offset : offset + len(flat)]``, in place, computed in fp32."""
+    i = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) + offset
+    u = _hash32(i ^ k1)
+    v = _hash32(u ^ k2)
+    u1 = ((u >> 8).to(torch.float32) + 0.5) * (2.0**-24)  # (0, 1): log is finite
+    u2 = (v >> 8).to(torch.float32) * (2.0**-24)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
+    flat.copy_((flat.to(torch.float32) * a + z * b).to(flat.dtype))
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+class _Kernel:
+    """Chooses, once per process and device type, the compiled or the eager form of ``_axpz``."""
+
+    def __init__(self, compile: bool = True) -> None:
+        self._compiled: dict[str, Callable | None] = {}
+        self.backend = "eager"
+        self.compile = compile  # False: always the eager form (replaying a run that ran eagerly)
+
+    def _get_compiled(self, device_type: str = "cpu") -> Callable | None:
+        if device_type not in self._compiled:
+            self._compiled[device_type] = None
+            wanted = self.compile and os.environ.get("ZOOBJ_COMPILE", "1") not in ("0", "false", "no")
+            if wanted and device_type != "meta":
+                try:
+                    # one graph per dtype and device; leave room for fp32, bf16 and fp16
+                    limit = getattr(torch._dynamo.config, "recompile_limit", None)
+                    if isinstance(limit, int) and limit < 32:
+                        torch._dynamo.config.recompile_limit = 32
+                    fn = torch.compile(_axpz, dynamic=True)
+                    probe = torch.zeros(8, device=device_type)
+                    t = torch.zeros((), dtype=torch.int64, device=device_type)
+                    fn(probe, t, t, t, torch.ones((), device=device_type), torch.ones((), device=device_type))
+                    self._compiled[device_type] = fn
+                except Exception as exc:  # no C++ compiler / triton, unsupported platform, ...
+                    warnings.warn(
+                        f"zoobj: torch.compile unavailable on {device_type} ({type(exc).__name__}); "
+                        "noise runs eagerly (slower, same numbers to float32 rounding). "
+                        "Set ZOOBJ_COMPILE=0 to skip the attempt.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+            if device_type == "cpu" or len(self._compiled) == 1:
+                self.backend = "compiled" if self._compiled[device_type] is not None else "eager"
+        return self._compiled[device_type]
+
+    def __call__(self, flat: torch.Tensor, seed: int, index: int, a: float, b: float) -> None:
+        dev = flat.device
+        fa = torch.tensor(a, dtype=torch.float32, device=dev)
+        fb = torch.tensor(b, dtype=torch.float32, device=dev)
+        compiled = self._get_compiled(dev.type)
+        for span, start in enumerate(range(0, flat.numel(), _MAX_SPAN)):
+            part = flat[start : start + _MAX_SPAN]
+            k1, k2 = (torch.tensor(k, dtype=torch.int64, device=dev) for k in _param_key(seed, index, span))
+            if compiled is not None:
+                compiled(part, k1, k2, torch.zeros((), dtype=torch.int64, device=dev), fa, fb)
+                continue
+            for off in range(0, part.numel(), _EAGER_CHUNK):
+                _axpz(part[off : off + _EAGER_CHUNK], k1, k2, off, fa, fb)
+
+
+_kernel = _Kernel()
+_eager_kernel = _Kernel(compile=False)
+
+
+def kernel_for(backend: str) -> _Kernel:
+    """The kernel for a ``NOISE_BACKENDS`` name (looked up at call time, so a patched
+    ``_kernel`` is the one used)."""
+    return _eager_kernel if backend == "eager" else _kernel
+
+
+# ----------------------------------------------------------------------------- callers
+
+
+def _flat(p: torch.Tensor) -> torch.Tensor:
+    return p.detach().view(-1)
+
+
+def _axpz_param(p: torch.Tensor, seed: int, index: int, a: float, b: float, kernel: _Kernel) -> None:
+    """``p <- a * p + b * z(seed, index)``, in place, for a whole parameter."""
+    if a == 1.0 and b == 0.0:  # nothing to do (and -0.0 stays -0.0)
+        return
+    if p.is_contiguous():
+        kernel(_flat(p), seed, index, a, b)
+    else:  # rare: work on a contiguous copy and write it back
+        tmp = p.detach().contiguous()
+        kernel(tmp.view(-1), seed, index, a, b)
+        p.detach().copy_(tmp)
+
+
+def _chunk_axpz(buf: torch.Tensor, seed: int, index: int, offset: int, b: float, kernel: _Kernel) -> None:
+    """buf += b * z(seed, index)[offset : offset + len(buf)] (offset < 2**31 per span)."""
+    span, local = divmod(offset, _MAX_SPAN)
+    if local + buf.numel() > _MAX_SPAN:  # straddles a re-keyed span: split it
+        cut = _MAX_SPAN - local
+        _chunk_axpz(buf[:cut], seed, index, offset, b, kernel)
+        _chunk_axpz(buf[cut:], seed, index, offset + cut, b, kernel)
+        return
+    dev = buf.device
+    k1, k2 = (torch.tensor(k, dtype=torch.int64, device=dev) for k in _param_key(seed, index, span))
+    one = torch.ones((), dtype=torch.float32, device=dev)
+    fb = torch.tensor(b, dtype=torch.float32, device=dev)
+    off = torch.tensor(local, dtype=torch.int64, device=dev)
+    fn = kernel._get_compiled(dev.type) or _axpz
+    fn(buf, k1, k2, off, one, fb)
+
+
+def noise(shape: Sequence[int] | int, seed: int, index: int = 0, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The perturbation direction ``z`` for parameter ``index`` under step seed ``seed``.
+
+    This is exactly what the optimizer adds (scaled by eps); it is materialised here
+    only for inspection and tests.
+
+    >>> z = noise(100_000, seed=7)
+    >>> abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
+    True
+    >>> bool((noise(10, seed=7) == z[:10]).all())
+    True
+    """
+    out = torch.zeros(shape, dtype=dtype, device=device)
+    _kernel(out.view(-1), seed, index, 0.0, 1.0)
+    return out
