@@ -191,7 +191,7 @@ def check_same_run(cfg: TrainConfig, saved: dict, out: Path) -> None:
     if differ:
         shown = ", ".join(f"{k} {ours[k]!r} (the run's: {saved.get(k, _DEFAULTS.get(k))!r})" for k in differ)
         raise ConfigError(f"{out}: resuming with settings that differ from {out / tj.CONFIG}: {shown}; "
-                          "resume with the run's own settings (zoobj.train.load_run_config, or zoobj train --resume)")
+                          "resume with the run's own settings (zoobj.config.load_run_config, or zoobj train --resume)")
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
