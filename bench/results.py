@@ -122,7 +122,7 @@ def plot(task_name: str, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     from zoobj import trajectory as tj
-    from zoobj.train import rolling_ties_and_grad
+    from zoobj.plots import rolling_ties_and_grad
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for arm, colour in (("ce", "#4C72B0"), ("metric", "#DD8452")):

@@ -85,7 +85,7 @@ def plot(rows: list[dict], path: str, task: str) -> None:
     import numpy as np
 
     from zoobj import trajectory as tj
-    from zoobj.train import rolling_ties_and_grad
+    from zoobj.plots import rolling_ties_and_grad
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for row in rows:

@@ -1,7 +1,9 @@
 """The command line on a tiny model saved to a temp folder."""
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -118,6 +120,7 @@ def test_list_shows_tasks_metrics_and_models(capsys):
 
 REWARD = """
 import os
+import re
 CALLS = [0]
 
 def acc(predictions, references):
@@ -178,7 +181,8 @@ def test_keep_best_evaluates_saves_and_exports_the_best_dev_step(model_dir, tmp_
 
     from transformers import AutoModelForCausalLM
 
-    from zoobj.train import load_run_config, prepare
+    from zoobj.config import load_run_config
+    from zoobj.session import prepare
     from zoobj import trajectory as tj
 
     records = tj.read_trajectory(run_dir / "trajectory.jsonl")
@@ -222,3 +226,79 @@ def test_keep_best_needs_dev_evaluations(model_dir, tmp_path, capsys):
     assert "--keep best" in err and "--eval-every" in err and not (tmp_path / "r").exists()
     assert cli("train", *COMMON, "--model", model_dir, "--keep", "first", "--output", tmp_path / "r") == 2
     assert "unknown --keep 'first'" in capsys.readouterr().err
+
+
+def _help(*command):
+    from typer.testing import CliRunner
+
+    from tests.test_golden import help_options
+    from zoobj.cli import app
+
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
+    assert result.exit_code == 0, result.output
+    return help_options(result.output.replace(" *  --", "    --"))  # a required option's mark
+
+
+def test_help_shows_the_defaults_and_choices_of_train_config():
+    from zoobj.config import KEEP, PARALLEL, PEFT, TrainConfig, cli_fields
+    from zoobj.mezo import PERTURB, RULES
+    from zoobj.objective import OBJECTIVES
+
+    shown = _help("train")
+    assert "[default: 20]" in shown["--steps"] and TrainConfig.steps == 20
+    for f in cli_fields():  # every setting with a value of its own shows that value
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-")).split("/")[0]
+        assert flag in shown, flag
+        if f.default not in (None, dataclasses.MISSING) and not isinstance(f.default, bool):
+            assert f"[default: {f.default}]" in shown[flag], (flag, shown[flag])
+    assert "[default: freeze-embeddings]" in shown["--train-embeddings"]
+    assert "[default: the paper's for the parameter set: 1e-06 (none), 0.0001 (lora), 0.01 (prefix)]" in shown["--lr"]
+    for flag, choices in {"--peft": PEFT, "--rule": RULES, "--keep": KEEP, "--parallel": PARALLEL,
+                          "--objective": OBJECTIVES, "--perturb": PERTURB}.items():
+        assert all(re.search(rf"\b{c}\b", shown[flag]) for c in choices), (flag, choices, shown[flag])
+    compared = _help("compare")  # the same settings, with the comparison's own default where it has one
+    assert "[default: 20]" in compared["--steps"] and "[default: 0]" in compared["--eval-every"]
+    assert "[default: --lr]" in compared["--ce-lr"] and "[required]" in compared["--task"]
+
+
+def test_a_default_changed_in_train_config_is_the_one_help_shows(monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from zoobj.cli import _with_options, setting_options
+    from zoobj.config import TrainConfig
+
+    monkeypatch.setattr(TrainConfig.__dataclass_fields__["steps"], "default", 50)
+    app = typer.Typer()
+
+    @app.command()
+    @_with_options(*setting_options(("steps", "batch_size")))
+    def command(**flags):
+        typer.echo(json.dumps(flags))
+
+    out = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}).output
+    assert "[default: 50]" in out and "[default: 8]" in out
+    given = CliRunner().invoke(app, ["--steps", "3"])
+    assert json.loads(given.output) == {"steps": 3, "batch_size": None}  # a flag left out stays None (resume)
+
+
+def test_compare_gives_both_arms_the_shared_settings_and_its_own_defaults(tmp_path, monkeypatch, capsys):
+    from zoobj import compare, models, objective
+    from zoobj.config import TrainConfig
+
+    arms = []
+
+    def fake_run(cfg, reporter=None):
+        arms.append(cfg)
+        return {"value": 0.6, "ci95": [0.5, 0.7], "steps": cfg.steps, "tie_rate": 0.1, "wall_seconds": 1.0}
+
+    monkeypatch.setattr(models, "load_model", lambda name: (name, None))
+    monkeypatch.setattr(objective, "evaluate", lambda *a, **k: {"value": 0.5, "ci95": [0.4, 0.6], "n": 8,
+                                                                "split": "validation"})
+    monkeypatch.setattr(compare, "run", fake_run)
+    monkeypatch.setattr(compare, "_plot", lambda *a: None)
+    assert cli("compare", "--task", "sst2", "--steps", "3", "--lr", "1e-3", "--ce-lr", "1e-2", "--output", tmp_path) == 0
+    shared = dict(task="sst2", metric="accuracy", steps=3, eval_every=0, zero_shot=False)  # compare: no dev evaluations
+    assert arms == [TrainConfig(objective="ce", lr=1e-2, output=str(tmp_path / "ce"), **shared),
+                    TrainConfig(objective="metric", lr=1e-3, output=str(tmp_path / "metric"), **shared)]
+    assert "3 steps, batch 8, seed 0, parameters: none" in (tmp_path / "report.md").read_text()

@@ -56,7 +56,7 @@ class _DeviceStateDict(torch.nn.Module):
 
 
 def test_weights_hash_of_a_model_on_a_device_equals_the_host_hash():
-    from zoobj.train import weights_hash
+    from zoobj.session import weights_hash
 
     model = tiny_gemma(64)
     assert weights_hash(_DeviceStateDict(model)) == weights_hash(model)

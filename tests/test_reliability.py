@@ -291,7 +291,8 @@ def test_reward_breaking_mid_step_restores_the_weights(tmp_path):
     + trajectory rebuild the complete steps bit for bit (the resume test above)."""
     from zoobj.errors import RewardError
     from zoobj.mezo import MeZO
-    from zoobj.train import TrainConfig, lr_schedule, run
+    from zoobj.session import lr_schedule
+    from zoobj.train import TrainConfig, run
 
     torch.set_num_threads(1)
     (tmp_path / "late.py").write_text(LATE)

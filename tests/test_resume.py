@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from zoobj import train
+from zoobj import export, plots, train
 from zoobj import trajectory as tj
 from zoobj.errors import ConfigError
 from zoobj.models import load_model
@@ -82,7 +82,7 @@ def test_curve_plots_steps_and_dev_points_counted_from_1(model_dir, tmp_path, mo
     plotted = []
     real = matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, x, *a, **k: plotted.append(list(x)) or real(ax, x, *a, **k))
-    train.plot_curve(out)
+    plots.plot_curve(out)
     assert plotted[0] == [1, 2, 3, 4, 5, 6]  # the loss of each step
     assert plotted[1] == [2, 4, 6]  # dev after steps 2, 4 and 6, as the progress line and eval.json count them
     assert json.loads((out / tj.EVAL).read_text())["kept_steps"] == 6
@@ -105,7 +105,7 @@ def test_rebuild_replays_with_the_recorded_noise_kernel(model_dir, tmp_path, mon
     monkeypatch.undo()  # the compiled kernel is back: replaying with it would differ in the last bits
     assert zn._kernel._get_compiled("cpu") is not None
 
-    _, session = train.rebuild(out)
+    _, session = export.rebuild(out)
     assert session.optimizer.noise_backend == "eager"
     rebuilt = _weights(session.model)
     assert all(torch.equal(rebuilt[k], trained[k]) for k in trained)
@@ -119,7 +119,7 @@ def test_rebuild_refuses_a_compiled_run_where_compile_is_unavailable(model_dir, 
     assert json.loads((out / tj.CONFIG).read_text())["noise_backend"] == "compiled"
     monkeypatch.setattr(zn, "_kernel", zn._Kernel(compile=False))
     with pytest.raises(ConfigError, match="compiled noise kernel, which cannot run here"):
-        train.rebuild(out)
+        export.rebuild(out)
     with pytest.raises(ConfigError, match="compiled noise kernel"):
         run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=2, keep="last", eval_every=0)),
             resume=True)

@@ -1,13 +1,24 @@
-"""The ``zoobj`` command line: parses flags and calls library code, nothing more."""
+"""The ``zoobj`` command line: parses flags and calls library code, nothing more.
+
+The options of ``zoobj train`` and ``zoobj compare`` are not written out here: they
+are built from the settings they set, declared once in ``zoobj.config.TrainConfig``
+(name, type, help and default; ``setting_options``), so ``--help`` shows the default
+the code uses.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
+import typing
 
 import typer
+from rich.markup import escape
 
 import zoobj
+from zoobj import compare
+from zoobj.config import TrainConfig, cli_fields, shown_default
 from zoobj.errors import ZoobjError
 
 app = typer.Typer(
@@ -16,6 +27,47 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fine-tune language models toward any metric with forward passes only (MeZO).",
 )
+
+
+def _option(name: str, kind: type, default, decl: str, help: str, shown: str | None = None) -> inspect.Parameter:
+    """A command-line option as typer reads it from a command's signature; ``shown``:
+    the default its help ends with, ``[default: ...]``."""
+    if shown is not None:
+        help += " " + escape(f"[default: {shown}]")  # rich markup would swallow the brackets
+    option = typer.Option(default, decl, help=help, show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+
+
+def setting_options(names: typing.Sequence[str] | None = None, required: typing.Sequence[str] = (),
+                    shown: dict | None = None, help: dict | None = None) -> list[inspect.Parameter]:
+    """An option for each TrainConfig setting that has help (those in ``names`` only, in
+    that order), its help ending with the default the code uses. A value not given is
+    None, so that a resumed run can tell a given flag from a default (an on-switch such
+    as --save-model is off); ``required`` options have none. A command's own defaults
+    (``shown``) and help texts (``help``) win over TrainConfig's."""
+    fields = {f.name: f for f in cli_fields()}
+    hints = typing.get_type_hints(TrainConfig)
+    shown, help = shown or {}, help or {}
+    options = []
+    for name in names or fields:
+        f = fields[name]
+        kind = next(t for t in (*typing.get_args(hints[name]), hints[name]) if t is not type(None))  # int | None -> int
+        default = ... if name in required else (f.default if kind is bool and "flag" not in f.metadata else None)
+        options.append(_option(name, kind, default, f.metadata.get("flag", "--" + name.replace("_", "-")),
+                               help.get(name, f.metadata["help"]),
+                               shown=None if name in required else shown.get(name, shown_default(f))))
+    return options
+
+
+def _with_options(*params: inspect.Parameter):
+    """Give a command the options ``params``: typer reads them from the command's
+    signature, and the command takes them as keyword arguments."""
+
+    def attach(command):
+        command.__signature__ = inspect.Signature(params)
+        return command
+
+    return attach
 
 
 @app.callback(invoke_without_command=True)
@@ -33,15 +85,15 @@ def version_cmd() -> None:
 
 @app.command("eval")
 def eval_cmd(
-    task: str = typer.Option(None, "--task", help="Task name, task .toml file, or package.module:object [default: the run's]."),
+    task: str = typer.Option(None, "--task", help="Task name, task .toml file, or package.module:object (default: the run's)."),
     metric: str = typer.Option(None, "--metric", help="Metric name(s), comma-separated, or module:function (default: the task's)."),
     run: str = typer.Option(None, "--run", help="Evaluate the trained model of this run directory (base model + trajectory)."),
-    model: str = typer.Option("gemma-3-270m", "--model", help="Model alias, local directory, .gguf file or Hub id."),
+    model: str = typer.Option(TrainConfig.model, "--model", help="Model alias, local directory, .gguf file or Hub id."),
     split: str = typer.Option(None, "--split", help="Split to evaluate (default: the task's evaluation split)."),
     limit: int = typer.Option(None, "--limit", help="Evaluate the first N examples only."),
     data: str = typer.Option(None, "--data", help="'hub' or a folder of <split>.jsonl files (default: shipped data)."),
     batch_size: int = typer.Option(16, "--batch-size"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bf16 or fp16."),
+    dtype: str = typer.Option(TrainConfig.dtype, "--dtype", help="float32, bf16 or fp16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Zero-shot (or any saved model's) metric on a split, with a 95% bootstrap interval."""
@@ -51,7 +103,7 @@ def eval_cmd(
 
     run_cfg = None
     if run:
-        from zoobj.train import load_run_config
+        from zoobj.config import load_run_config
 
         run_cfg = load_run_config(run)
         task = task or run_cfg.task
@@ -63,7 +115,7 @@ def eval_cmd(
 
     fns = {name: get_metric(name) for name in names}  # fail on a bad name before loading the model
     if run_cfg:
-        from zoobj.train import rebuild
+        from zoobj.export import rebuild
 
         _, session = rebuild(run)
         m, tok, model = session.model, session.tok, f"{run_cfg.model} + {run}"
@@ -180,55 +232,24 @@ def _summary(result: dict, metric: str) -> None:
     print(line)
 
 
-@app.command("train")
-def train_cmd(
-    task: str = typer.Option(None, "--task", help="Task name, task .toml file, or package.module:object."),
-    metric: str = typer.Option(None, "--metric", help="Metric name, module:function or file.py:function (default: the task's)."),
-    objective: str = typer.Option(None, "--objective", help="metric (optimise the metric itself) or ce (cross-entropy MeZO)."),
-    model: str = typer.Option(None, "--model", help="Model alias, local directory, .gguf file or Hub id [default: gemma-3-270m]."),
-    steps: int = typer.Option(None, "--steps", help="Steps in all [default: 20]."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Global batch size [default: 8]."),
-    lr: float = typer.Option(None, "--lr", help="Learning rate [default: the paper's for the parameter set]."),
-    eps: float = typer.Option(None, "--eps", help="Perturbation scale [default: the paper's for the parameter set]."),
-    n: int = typer.Option(None, "--n", help="Perturbations per step (n-SPSA) [default: 1]."),
-    rule: str = typer.Option(None, "--rule", help="sgd, momentum or adam [default: sgd]."),
-    peft: str = typer.Option(None, "--peft", help="none (full parameters) or lora [default: none]."),
-    seed: int = typer.Option(None, "--seed", help="Seed of noise and batches [default: 0]."),
-    eval_every: int = typer.Option(None, "--eval-every", help="Dev evaluation every N steps, 0 = never [default: 10]."),
-    eval_limit: int = typer.Option(None, "--eval-limit", help="Final and zero-shot evaluation on the first N examples [default: 100]."),
-    dev_limit: int = typer.Option(None, "--dev-limit", help="Dev evaluations use the first N dev examples [default: 32]."),
-    keep: str = typer.Option(None, "--keep", help="last (the weights after the last step) or best (the step with the "
-                             "best dev metric; needs --eval-every) [default: last]."),
-    train_max_new_tokens: int = typer.Option(None, "--train-max-new-tokens", help="Generation length during training (evaluation keeps the task's)."),
-    smooth: float = typer.Option(None, "--smooth", help="Classification: optimise the metric's expectation under "
-                                 "softmax(candidate scores / T) instead of the hard metric (fewer l+ == l- ties) [default: 0, off]."),
-    train_embeddings: bool = typer.Option(None, "--train-embeddings/--freeze-embeddings", help="Perturb the token embeddings too [default: frozen]."),
-    data: str = typer.Option(None, "--data", help="'hub' or a folder of <split>.jsonl files [default: shipped data]."),
-    dtype: str = typer.Option(None, "--dtype", help="float32, bf16 or fp16 [default: float32]."),
-    perturb: str = typer.Option(None, "--perturb", help="inplace (the paper's) or forward (exact in any dtype) "
-                                "[default: inplace for float32, forward for bf16/fp16]."),
-    parallel: str = typer.Option(None, "--parallel", help="Under torchrun: data (shard the batch) or query "
-                                 "(one perturbation per process) [default: data]."),
-    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [default: cuda if present]."),
-    device_map: str = typer.Option(None, "--device-map", help="auto: spread the layers over the visible devices "
-                                   "(Accelerate), for a model larger than one device."),
-    output: str = typer.Option(None, "--output", help="Run directory [default: runs/<task>-<metric>-<time>]."),
-    resume: str = typer.Option(None, "--resume", help="Continue the run in this directory (to --steps in all)."),
-    save_model: bool = typer.Option(False, "--save-model", help="Also write the weights into <run dir>/model."),
-) -> None:
-    """Fine-tune with MeZO toward a metric (or cross-entropy); writes a run directory."""
-    from zoobj.train import TrainConfig, resume_config, run
+PLACEMENT = ("device", "device_map")  # where a launch runs: set on the run, never compared with a resumed run's
 
-    given = {k: v for k, v in dict(
-        task=task, metric=metric, objective=objective, model=model, steps=steps, batch_size=batch_size, lr=lr,
-        eps=eps, n=n, rule=rule, peft=peft, seed=seed, eval_every=eval_every, eval_limit=eval_limit,
-        dev_limit=dev_limit, keep=keep, train_max_new_tokens=train_max_new_tokens, smooth=smooth, train_embeddings=train_embeddings, data=data,
-        dtype=dtype, perturb=perturb, parallel=parallel, output=output).items() if v is not None}
-    placement = {k: v for k, v in dict(device=device, device_map=device_map).items() if v is not None}
+
+@app.command("train")
+@_with_options(*setting_options(), _option("resume", str, None, "--resume",
+                                           "Continue the run in this directory (to --steps in all)."))
+def train_cmd(**flags) -> None:
+    """Fine-tune with MeZO toward a metric (or cross-entropy); writes a run directory."""
+    from zoobj.config import resume_config
+    from zoobj.train import run
+
+    resume, save_model = flags.pop("resume"), flags.pop("save_model")
+    placement = {k: v for k in PLACEMENT if (v := flags.pop(k)) is not None}
+    given = {k: v for k, v in flags.items() if v is not None}  # a flag left out stays the run's (or the default)
     if resume:
         cfg = resume_config(resume, {**given, "save_model": save_model})
     else:
-        if task is None:
+        if "task" not in given:
             raise ZoobjError("--task is required (see zoobj list for the tasks)")
         cfg = TrainConfig(**given, save_model=save_model)
     for key, value in placement.items():
@@ -271,38 +292,22 @@ def export_cmd(
     output: str = typer.Option(..., "--output", help="Folder to write the model and tokenizer into."),
 ) -> None:
     """Rebuild a run's weights from base model + trajectory and save them (safetensors)."""
-    from zoobj.train import export
+    from zoobj.export import export
 
     path = export(run_dir, output)
     typer.echo(f"saved {path} (loads with from_pretrained and zoobj eval --model {path})")
 
 
 @app.command("compare")
-def compare_cmd(
-    task: str = typer.Option(..., "--task"),
-    metric: str = typer.Option(None, "--metric"),
-    model: str = typer.Option("gemma-3-270m", "--model"),
-    steps: int = typer.Option(20, "--steps"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    lr: float = typer.Option(None, "--lr"),
-    ce_lr: float = typer.Option(None, "--ce-lr", help="Learning rate of the cross-entropy arm [default: --lr]."),
-    eps: float = typer.Option(None, "--eps"),
-    n: int = typer.Option(1, "--n"),
-    peft: str = typer.Option("none", "--peft"),
-    seed: int = typer.Option(0, "--seed"),
-    eval_limit: int = typer.Option(100, "--eval-limit"),
-    eval_every: int = typer.Option(0, "--eval-every"),
-    dev_limit: int = typer.Option(32, "--dev-limit"),
-    keep: str = typer.Option("last", "--keep", help="last or best (each arm keeps its best dev step; needs --eval-every)."),
-    train_max_new_tokens: int = typer.Option(None, "--train-max-new-tokens"),
-    output: str = typer.Option(None, "--output", help="Folder for report.md, compare.png and the two runs."),
-) -> None:
+@_with_options(*setting_options(
+    ("task", *compare.SETTINGS, "output"), required=("task",),
+    shown={**compare.DEFAULTS, "output": "runs/compare-<task>-<metric>-<time>"},
+    help={"keep": "last or best (each arm keeps its best dev step; needs --eval-every).",
+          "output": "Folder for report.md, compare.png and the two runs."}),
+    _option("ce_lr", float, None, "--ce-lr", "Learning rate of the cross-entropy arm.", shown="--lr"))
+def compare_cmd(**flags) -> None:
     """Zero-shot vs MeZO cross-entropy vs MeZO on the metric: same seed, same budget."""
-    from zoobj.compare import compare
-
-    report = compare(task=task, metric=metric, model=model, steps=steps, batch_size=batch_size, lr=lr, ce_lr=ce_lr,
-                     eps=eps, n=n, peft=peft, seed=seed, eval_limit=eval_limit, eval_every=eval_every,
-                     dev_limit=dev_limit, keep=keep, train_max_new_tokens=train_max_new_tokens, output=output, reporter_factory=_Progress)
+    report = compare.compare(**flags, reporter_factory=_Progress)
     typer.echo(report.read_text())
     typer.echo(f"written: {report} and {report.parent / 'compare.png'}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from datetime import datetime
@@ -16,39 +17,45 @@ def _steps(r: dict) -> str:
     return str(steps) if kept in (None, steps) else f"{kept} of {steps} (best dev)"
 
 
-def compare(task: str, metric: str | None = None, model: str = "gemma-3-270m", steps: int = 20,
-            batch_size: int = 8, lr: float | None = None, ce_lr: float | None = None, eps: float | None = None,
-            n: int = 1, peft: str = "none", seed: int = 0, eval_limit: int = 100, eval_every: int = 0,
-            dev_limit: int = 32, keep: str = "last", train_max_new_tokens: int | None = None,
-            output: str | None = None, reporter_factory=None) -> Path:
-    """Runs the three arms into ``output`` and writes ``report.md`` and ``compare.png``; returns report.md."""
+# The settings both arms share, as zoobj train takes them (zoobj.config), and the
+# comparison's own defaults where they differ: no dev evaluations (both arms would pay for them).
+SETTINGS = ("metric", "model", "steps", "batch_size", "lr", "eps", "n", "peft", "seed", "eval_limit", "eval_every",
+            "dev_limit", "keep", "train_max_new_tokens")
+DEFAULTS = {"eval_every": 0}
+
+
+def compare(task: str, ce_lr: float | None = None, output: str | None = None, reporter_factory=None,
+            **settings) -> Path:
+    """Runs the three arms into ``output`` and writes ``report.md`` and ``compare.png``; returns report.md.
+
+    ``settings``: TrainConfig's (see SETTINGS), the same for both arms; one left out or
+    None is the default (DEFAULTS, else TrainConfig's). ``ce_lr``: the cross-entropy
+    arm's learning rate (default: ``lr``)."""
     from zoobj.models import load_model
     from zoobj.objective import evaluate
     from zoobj.tasks import get_task
 
+    base = TrainConfig(task=task, zero_shot=False, **{**DEFAULTS, **{k: v for k, v in settings.items() if v is not None}})
     t = get_task(task)
-    metric = metric or t.metric
+    metric = base.metric = base.metric or t.metric
     out = Path(output or Path("runs") / f"compare-{t.name}-{metric}-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(task=task, metric=metric, model=model, steps=steps, batch_size=batch_size, eps=eps, n=n,
-                  peft=peft, seed=seed, eval_limit=eval_limit, eval_every=eval_every, dev_limit=dev_limit, keep=keep,
-                  zero_shot=False)
 
     start = time.time()
-    m, tok = load_model(model)
-    rows = t.load(t.eval_split)[:eval_limit]
-    zero = evaluate(m, tok, t, metric, rows=rows, batch_size=batch_size)
+    m, tok = load_model(base.model)
+    rows = t.load(t.eval_split)[: base.eval_limit]
+    zero = evaluate(m, tok, t, metric, rows=rows, batch_size=base.batch_size)
     zero.update(wall_seconds=round(time.time() - start, 1))
     del m, tok
     arms = {"zero-shot": zero}
-    for name, objective, arm_lr in (("MeZO (cross-entropy)", "ce", ce_lr if ce_lr is not None else lr),
-                                    (f"MeZO ({metric})", "metric", lr)):
-        cfg = TrainConfig(objective=objective, lr=arm_lr, output=str(out / objective),
-                          train_max_new_tokens=train_max_new_tokens if objective == "metric" else None, **common)
+    for name, objective, arm_lr in (("MeZO (cross-entropy)", "ce", ce_lr if ce_lr is not None else base.lr),
+                                    (f"MeZO ({metric})", "metric", base.lr)):
+        cfg = dataclasses.replace(base, objective=objective, lr=arm_lr, output=str(out / objective),
+                                  train_max_new_tokens=base.train_max_new_tokens if objective == "metric" else None)
         arms[name] = run(cfg, reporter=reporter_factory() if reporter_factory else None)
 
     lines = [f"# zoobj compare: {t.name}, {metric}", "",
-             f"Model {model}; {steps} steps, batch {batch_size}, seed {seed}, parameters: {peft}; "
+             f"Model {base.model}; {base.steps} steps, batch {base.batch_size}, seed {base.seed}, parameters: {base.peft}; "
              f"evaluated on the first {zero['n']} examples of {zero['split']} (95% bootstrap intervals).", "",
              f"| | {metric} | 95% CI | steps | tie rate | wall time |", "|---|---|---|---|---|---|"]
     for name, r in arms.items():

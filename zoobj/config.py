@@ -1,0 +1,220 @@
+"""Every setting of a run, declared once: ``TrainConfig``.
+
+A field's ``metadata["help"]`` is its command-line help: ``zoobj train`` and
+``zoobj compare`` build their options from these fields (``cli_fields``), and the
+default shown in ``--help`` is the field's own default (``shown_default``), or, for a
+setting resolved later from the task or the parameter set, the ``shown`` rule. A field
+without help is a setting of the Python API only. Also here: ``resolved`` (those later
+defaults, and the checks of every value), reading a run's ``config.json`` back
+(``load_run_config``, ``resume_config``) and the check that a resumed run keeps its
+settings (``check_same_run``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from zoobj import trajectory as tj
+from zoobj.errors import ConfigError
+from zoobj.mezo import PERTURB, RULES
+from zoobj.objective import OBJECTIVES
+
+PEFT = ("none", "lora", "prefix")
+PARALLEL = ("data", "query")
+KEEP = ("last", "best")
+# The paper's settings per parameter set (Malladi et al. 2023, Tables 15-16).
+PAPER_DEFAULTS = {"none": (1e-6, 1e-3), "lora": (1e-4, 1e-2), "prefix": (1e-2, 1e-1)}
+# Generation length while training a generation task, at most (answers are short; evaluation keeps the task's).
+TRAIN_MAX_NEW_TOKENS = 24
+
+
+def setting(default=dataclasses.MISSING, help: str | None = None, shown: str | None = None, flag: str | None = None):
+    """A TrainConfig field. ``help``: its command-line help (no help: no option);
+    ``shown``: what a default of None stands for, resolved later; ``flag``: the
+    option's declaration where it is not ``--the-name`` (an on/off pair)."""
+    meta = {k: v for k, v in dict(help=help, shown=shown, flag=flag).items() if v is not None}
+    return field(default=default, metadata=meta)
+
+
+def _paper(i: int) -> str:
+    return "the paper's for the parameter set: " + ", ".join(f"{v[i]:g} ({k})" for k, v in PAPER_DEFAULTS.items())
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. ``None`` means "the default for this task and parameter set".
+    A field with help is a command-line option (``setting``); the others (weight_decay,
+    eval_batch_size, zero_shot, extra) are set from Python."""
+
+    task: str = setting(help="Task name, task .toml file, or package.module:object.")
+    metric: str | None = setting(None, "Metric name, module:function or file.py:function.", shown="the task's")
+    objective: str = setting("metric", "metric (optimise the metric itself) or ce (cross-entropy MeZO).")
+    model: str = setting("gemma-3-270m", "Model alias, local directory, .gguf file or Hub id.")
+    steps: int = setting(20, "Steps in all.")
+    batch_size: int = setting(8, "Global batch size.")
+    lr: float | None = setting(None, "Learning rate.", shown=_paper(0))
+    eps: float | None = setting(None, "Perturbation scale.", shown=_paper(1))
+    n: int = setting(1, "Perturbations per step (n-SPSA).")
+    rule: str = setting("sgd", "Update rule: sgd, momentum or adam.")
+    peft: str = setting("none", "Which parameters train: none (full parameters), lora or prefix.")
+    seed: int = setting(0, "Seed of noise and batches.")
+    weight_decay: float = 0.0
+    train_embeddings: bool = setting(False, "Perturb the token embeddings too.",
+                                     flag="--train-embeddings/--freeze-embeddings")
+    eval_every: int = setting(10, "Dev evaluation every N steps, 0 = never.")
+    eval_limit: int = setting(100, "Final and zero-shot evaluation on the first N examples.")
+    dev_limit: int = setting(32, "Dev evaluations use the first N dev examples.")
+    keep: str = setting("last", "last (the weights after the last step) or best (the step with the best dev "
+                                "metric; needs --eval-every).")
+    eval_batch_size: int = 32
+    train_max_new_tokens: int | None = setting(None, "Generation length during training (evaluation keeps the task's).",
+                                               shown=f"the task's, at most {TRAIN_MAX_NEW_TOKENS}")
+    smooth: float = setting(0.0, "Classification: optimise the metric's expectation under softmax(candidate "
+                                 "scores / T) instead of the hard metric (fewer l+ == l- ties); 0 = off.")
+    data: str | None = setting(None, "'hub' or a folder of <split>.jsonl files.", shown="shipped data")
+    dtype: str = setting("float32", "float32, bf16 or fp16.")
+    perturb: str | None = setting(None, "inplace (the paper's) or forward (exact in any dtype).",
+                                  shown="inplace for float32, forward for bf16/fp16")
+    parallel: str = setting("data", "Under torchrun: data (shard the batch) or query (one perturbation per process).")
+    device: str | None = setting(None, "cpu, cuda, cuda:1 ...", shown="cuda if present")
+    device_map: str | None = setting(None, "auto: spread the layers over the visible devices (Accelerate), for a model "
+                                           "larger than one device.")
+    output: str | None = setting(None, "Run directory.", shown="runs/<task>-<metric>-<time>")
+    save_model: bool = setting(False, "Also write the weights into <run dir>/model.")
+    zero_shot: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def resolved(self) -> TrainConfig:
+        from zoobj.tasks import get_task
+
+        c = dataclasses.replace(self)
+        _one_of(c.objective, OBJECTIVES, "objective")
+        _one_of(c.peft, PEFT, "--peft")
+        _one_of(c.rule, RULES, "--rule")
+        from zoobj.models import resolve_dtype
+
+        low = resolve_dtype(c.dtype) in (torch.bfloat16, torch.float16)
+        c.perturb = c.perturb or ("forward" if low else "inplace")  # exact restore where rounding would drift
+        _one_of(c.perturb, PERTURB, "--perturb")
+        _one_of(c.parallel, PARALLEL, "--parallel")
+        _one_of(c.keep, KEEP, "--keep")
+        if c.keep == "best" and not (c.eval_every and c.dev_limit):
+            raise ConfigError("--keep best picks the step with the best dev metric: it needs --eval-every N > 0")
+        if c.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {c.steps}")
+        if not (math.isfinite(c.smooth) and c.smooth >= 0):
+            raise ConfigError(f"--smooth must be a temperature >= 0 (0: the metric itself), got {c.smooth}")
+        if c.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {c.batch_size}")
+        task = get_task(c.task)
+        c.metric = c.metric or task.metric
+        if c.smooth and (c.objective != "metric" or task.kind != "classification"):
+            raise ConfigError(f"--smooth applies to the metric objective of classification tasks; "
+                              f"{task.name} is {task.kind}, objective {c.objective}")
+        if c.train_max_new_tokens is None and task.kind == "generation":
+            # shorter generations while training (answers are short; evaluation keeps the task's length)
+            c.train_max_new_tokens = min(getattr(task, "max_new_tokens", 50), TRAIN_MAX_NEW_TOKENS)
+        from zoobj.metrics import get_metric
+
+        get_metric(c.metric)  # a bad name fails here, before any model is loaded
+        lr, eps = PAPER_DEFAULTS[c.peft]
+        c.lr = lr if c.lr is None else c.lr
+        c.eps = eps if c.eps is None else c.eps
+        if not (math.isfinite(c.lr) and c.lr >= 0):
+            raise ConfigError(f"--lr must be a finite number >= 0, got {c.lr}")
+        if not (math.isfinite(c.eps) and c.eps > 0):
+            raise ConfigError(f"--eps must be a finite number > 0, got {c.eps}")
+        if c.output is None:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            c.output = str(Path("runs") / f"{task.name}-{c.metric if c.objective == 'metric' else 'ce'}-{stamp}")
+        return c
+
+
+def _one_of(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+def cli_fields() -> list[dataclasses.Field]:
+    """The settings that are command-line options, in TrainConfig's order."""
+    return [f for f in dataclasses.fields(TrainConfig) if "help" in f.metadata]
+
+
+def shown_default(f: dataclasses.Field) -> str | None:
+    """What ``--help`` says a setting's default is: the field's own default, the rule
+    for one resolved later, the side of an on/off pair that is on by default, or None
+    (nothing to show: off unless given).
+
+    >>> steps = TrainConfig.__dataclass_fields__["steps"]
+    >>> steps.default, steps.metadata["help"], shown_default(steps)
+    (20, 'Steps in all.', '20')
+    >>> shown_default(TrainConfig.__dataclass_fields__["train_embeddings"])
+    'freeze-embeddings'
+    """
+    if "shown" in f.metadata:
+        return f.metadata["shown"]
+    if f.default is dataclasses.MISSING or f.default is None:
+        return None
+    if isinstance(f.default, bool):
+        if "flag" not in f.metadata:
+            return None
+        on, off = f.metadata["flag"].split("/")
+        return (on if f.default else off).lstrip("-")
+    return str(f.default)
+
+
+# Settings of a launch, not of the run: left out of config.json and free to differ on resume.
+NOT_RECORDED = ("output", "save_model", "zero_shot", "device", "device_map")
+# Settings a resumed run may change: neither alters the trajectory (see resume_config).
+RESUMABLE_CHANGES = ("steps", "keep")
+# What a setting missing from an older run's config.json was: the default of the version that wrote it.
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+
+
+def recorded_settings(cfg: TrainConfig) -> dict:
+    """The settings config.json records."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RECORDED}
+
+
+def check_same_run(cfg: TrainConfig, saved: dict, out: Path) -> None:
+    """Resuming replays the saved trajectory and continues it: every setting that shapes
+    the trajectory or its evaluation must be the run's own (``steps`` and ``keep`` may change)."""
+    ours = {k: v for k, v in recorded_settings(cfg).items()
+            if k not in RESUMABLE_CHANGES and k != "model"}  # the model is compared by its weights' hash
+    differ = [k for k, v in ours.items() if (saved[k] if k in saved else _DEFAULTS.get(k)) != v]
+    if differ:
+        shown = ", ".join(f"{k} {ours[k]!r} (the run's: {saved.get(k, _DEFAULTS.get(k))!r})" for k in differ)
+        raise ConfigError(f"{out}: resuming with settings that differ from {out / tj.CONFIG}: {shown}; "
+                          "resume with the run's own settings (zoobj.config.load_run_config, or zoobj train --resume)")
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    saved = tj.read_json(Path(run_dir) / tj.CONFIG)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    cfg.output = str(run_dir)
+    return cfg
+
+
+def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
+    """The run's own settings; ``steps`` and ``keep`` may change (neither alters the
+    trajectory: resuming a finished run with ``--keep best`` re-does only its final
+    evaluation), any other flag must agree."""
+    cfg = load_run_config(run_dir)
+    for key, value in overrides.items():
+        if value is None or key in ("output", "steps", "keep", "save_model"):  # save_model is per invocation, not saved
+            continue
+        if getattr(cfg, key) != value:
+            raise ConfigError(f"--{key.replace('_', '-')} {value!r} contradicts the run's {getattr(cfg, key)!r} "
+                              f"({run_dir}/config.json); leave it out when resuming")
+    for key in ("steps", "keep"):
+        if overrides.get(key) is not None:
+            setattr(cfg, key, overrides[key])
+    cfg.save_model = bool(overrides.get("save_model"))
+    return cfg

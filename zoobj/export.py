@@ -1,0 +1,65 @@
+"""A run's trained model from its base model and trajectory: ``rebuild`` (in memory),
+``export`` (a folder that loads with ``from_pretrained``), and ``save_model_dir``,
+which writes such a folder whole or not at all (also ``--save-model``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from zoobj import trajectory as tj
+from zoobj.config import TrainConfig, load_run_config
+from zoobj.errors import ConfigError
+from zoobj.session import Session, prepare, weights_hash
+
+
+def kept_steps(run_dir: str | Path, n_records: int) -> int:
+    """How many trajectory steps the run's result stands for: all of them, or with
+    ``--keep best`` those up to the best dev evaluation (as recorded when the run ended)."""
+    path = Path(run_dir) / tj.EVAL
+    if not path.exists():
+        return n_records
+    result = tj.read_json(path)
+    if result.get("steps") != n_records or not result.get("kept_steps"):
+        return n_records  # continued since (or never finished): the trajectory's end
+    return int(result["kept_steps"])
+
+
+def rebuild(run_dir: str | Path) -> tuple[TrainConfig, Session]:
+    """The run's trained model in memory: its base model, checked, plus its trajectory
+    replayed with the noise kernel the run recorded."""
+    cfg = load_run_config(run_dir)
+    saved = tj.read_json(Path(run_dir) / tj.CONFIG)
+    session = prepare(cfg, recorded=saved)
+    if weights_hash(session.model) != saved["base_weights_sha256"]:
+        raise ConfigError(f"the base model {cfg.model!r} is not the one run {run_dir} started from")
+    records = tj.read_trajectory(Path(run_dir) / tj.TRAJECTORY)
+    session.optimizer.replay(records[: kept_steps(run_dir, len(records))])
+    session.optimizer.remove_hooks()
+    return cfg, session
+
+
+def export(run_dir: str | Path, target: str | Path) -> Path:
+    """Base model + trajectory -> a folder that loads with ``from_pretrained``."""
+    cfg, session = rebuild(run_dir)
+    save_model_dir(session, target)
+    return Path(target)
+
+
+def save_model_dir(session: Session, target: str | Path) -> None:
+    """save_pretrained into a temp folder, then rename: the folder is whole or absent."""
+    from zoobj.models import merged_for_saving
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        merged_for_saving(session.model).save_pretrained(tmp)
+        session.tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,92 @@
+"""A model made ready for training: the base model (loaded unless given), the trained
+tensors in a fixed order and the MeZO optimizer over them (``prepare``), shared by a
+run (``zoobj.train``) and a rebuild from its trajectory (``zoobj.export``); and the
+hash of the base weights that ties a run directory to its base model."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from zoobj.config import TrainConfig
+from zoobj.errors import ConfigError
+from zoobj.mezo import MeZO
+
+
+@dataclass
+class Session:
+    """A model made ready for training: trainable tensors in a fixed order, and an optimizer."""
+
+    model: object
+    tok: object
+    params: list
+    optimizer: MeZO
+
+
+def lr_schedule(step: int) -> float:
+    """Constant: the paper's MeZO runs use a constant learning rate."""
+    return 1.0
+
+
+def weights_hash(model) -> str:
+    """sha256 over every tensor of the state dict (names, shapes, dtypes, bytes), on
+    whatever device the tensors live: the bytes are copied to the host one tensor at a time."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(_host(t).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in host memory (a copy when it lives on a device), detached: safe for numpy."""
+    return t.detach().to("cpu")
+
+
+def _device(cfg: TrainConfig, world) -> str:
+    if world is not None:
+        return str(world.device)
+    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict | None = None) -> Session:
+    """Load the model (unless given), choose the trained tensors and build the optimizer.
+
+    ``recorded``: the config.json of the run being resumed or rebuilt; its trajectory
+    is replayed with the noise kernel that made it (compiled and eager agree only to
+    float32 rounding), or a ConfigError says why that cannot be done here."""
+    from zoobj.models import load_model, trainable_parameters
+
+    if model is None:
+        model, tok = load_model(cfg.model, dtype=cfg.dtype, device=_device(cfg, world), device_map=cfg.device_map)
+    model, named = trainable_parameters(model, cfg.peft, cfg.train_embeddings, seed=cfg.seed, tok=tok)
+    params = [p for _, p in named]
+    query = world is not None and cfg.parallel == "query"
+    opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, n=cfg.n, rule=cfg.rule,
+               weight_decay=cfg.weight_decay, schedule=lr_schedule, perturb=cfg.perturb or "inplace", model=model,
+               shard=(world.rank, world.size) if query else None, exchange=world.exchange_rows if query else None,
+               noise=_recorded_noise(recorded, params, cfg.output))
+    return Session(model, tok, params, opt)
+
+
+def _recorded_noise(recorded: dict | None, params: list, run_dir) -> str:
+    """The noise kernel a run's trajectory must be replayed with ("auto" for a new run)."""
+    if not recorded or recorded.get("noise_backend") not in ("compiled", "eager"):
+        return "auto"
+    backend, device = recorded["noise_backend"], recorded.get("noise_device")
+    here = params[0].device.type
+    if backend == "compiled":
+        from zoobj.noise import _kernel
+
+        if _kernel._get_compiled(here) is None:
+            raise ConfigError(f"run {run_dir} was made with the compiled noise kernel, which cannot run here "
+                              f"(ZOOBJ_COMPILE=0, or torch.compile failed on {here}: see the warning above); the "
+                              "eager kernel differs in the last float32 bits, so replaying with it would not give "
+                              "the run's weights: use a machine where torch.compile works (a C++ compiler for CPU)")
+    if device and device != here:
+        warnings.warn(f"zoobj: run {run_dir} made its noise on {device}, this replay on {here}: the weights "
+                      "agree only to float32 rounding of the noise", RuntimeWarning, stacklevel=3)
+    return backend
