@@ -270,6 +270,14 @@ def train_cmd(**flags) -> None:
             print(f"zoobj: interrupted after {done} complete steps; weights were restored and the records are on disk. "
                   f"Resume with: {launcher} --resume {cfg.output}", file=sys.stderr)
         sys.exit(130)
+    except ZoobjError as exc:
+        progress.stop()
+        if world is None:
+            raise
+        # torchrun stops every worker once one exits: each rank prints its line first, then they leave together
+        print(f"zoobj: error: {exc}", file=sys.stderr, flush=True)
+        distributed.settle(world)
+        sys.exit(2)
     except BaseException:
         progress.stop()
         raise

@@ -186,6 +186,21 @@ def from_env(device: str | None = None) -> World | None:
     return World(rank=rank, size=size, backend=backend, device=dev)
 
 
+def settle(world: World, seconds: float = 30.0) -> None:
+    """Wait (at most ``seconds``) until every rank gets here: after an error that every
+    rank raised (``World.share_failure``), so each prints its line before any exits.
+    A rank that never arrives (it failed alone) only costs the wait. Only gloo has a
+    barrier with a time limit; under nccl the ranks do not wait for each other here."""
+    import torch.distributed as dist
+
+    if world.backend != "gloo":
+        return
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=seconds))
+    except Exception:  # the others are gone or elsewhere: nothing more to wait for
+        pass
+
+
 def close(world: World | None, together: bool = False) -> None:
     """Leave the process group. ``together``: wait for every rank first (after a
     successful run), so that no rank exits while another still talks to it -- gloo
