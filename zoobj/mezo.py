@@ -60,13 +60,16 @@ __all__ = [
     "PERTURB",
     "RECORD_KEYS",
     "RULES",
+    "SHAPINGS",
     "decay_groups",
     "noise",
     "replay",
+    "shaped_coefficients",
     "step_seed",
 ]
 
 RULES = ("sgd", "momentum", "adam")
+SHAPINGS = ("none", "zscore", "rank")
 PERTURB = ("inplace", "forward")
 RECORD_KEYS = ("step", "seeds", "grads", "lr", "loss_plus", "loss_minus", "ties", "skipped")
 
@@ -180,6 +183,17 @@ class MeZO:
             module and one noise pass per module call -- which, for generation, is one
             per decoded token).
         model: the ``torch.nn.Module`` holding ``params``; needed for ``perturb="forward"``.
+        shaping: how the ``2n`` losses of a step become the update's coefficients
+            ``c_k`` (``theta -= lr * mean_k c_k z_k``, ``grads`` in the record):
+            ``"none"``, the projected gradients ``(l+_k - l-_k) / (2 eps)`` (n-SPSA;
+            ``lr`` multiplies the raw size of a loss change); ``"zscore"``, half the
+            difference of the losses standardised over the step's ``2n`` values;
+            ``"rank"``, half the difference of their centred ranks in [-1/2, 1/2]
+            (ties share their mean rank). Shaped coefficients are unit-free, so ``lr``
+            is a step length in parameter space per unit of ``z``, whatever the scale
+            of the reward; ``rank`` is unchanged by any increasing transform of the
+            loss, ``zscore`` by any positive affine one (see ``shaped_coefficients``).
+            A step whose ``2n`` losses are all equal moves nothing.
         noise: which form of the noise kernel runs: ``"auto"`` (compiled where
             ``torch.compile`` works, else eager), ``"compiled"`` (raise RuntimeError where
             it does not) or ``"eager"``. The two forms agree only to float32 rounding of
@@ -220,6 +234,7 @@ class MeZO:
         shard: tuple[int, int] | None = None,
         exchange: Callable[[torch.Tensor], torch.Tensor] | None = None,
         noise: str = "auto",
+        shaping: str = "none",
     ) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
@@ -233,6 +248,8 @@ class MeZO:
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
         if perturb not in PERTURB:
             raise ValueError(f"unknown perturb {perturb!r}; choose one of {', '.join(PERTURB)}")
+        if shaping not in SHAPINGS:
+            raise ValueError(f"unknown shaping {shaping!r}; choose one of {', '.join(SHAPINGS)}")
         if noise not in NOISE_BACKENDS:
             raise ValueError(f"unknown noise backend {noise!r}; choose one of {', '.join(NOISE_BACKENDS)}")
         if perturb == "forward" and not isinstance(model, torch.nn.Module):
@@ -247,7 +264,7 @@ class MeZO:
         self.eps, self.seed, self.n, self.rule = float(eps), int(seed), n, rule
         self.momentum, self.betas, self.adam_eps = momentum, tuple(betas), adam_eps
         self.schedule = schedule
-        self.on_nonfinite = on_nonfinite
+        self.on_nonfinite, self.shaping = on_nonfinite, shaping
         self.param_groups = self._groups(params)
         self.state: dict[int, dict[str, torch.Tensor]] = {}
         self.trajectory: list[dict] = []
@@ -384,8 +401,11 @@ class MeZO:
                 f"step {t}: the closure returned a non-finite loss (l+={plus}, l-={minus}); "
                 "the weights were restored"
             )
-        grads = [0.0 if skipped else _round((lp - lm) / (2 * self.eps)) for lp, lm in zip(plus, minus)]
-        return grads, skipped
+        if skipped:
+            return [0.0] * self.n, True
+        if self.shaping == "none":
+            return [_round((lp - lm) / (2 * self.eps)) for lp, lm in zip(plus, minus)], False
+        return [_round(c) for c in shaped_coefficients(plus, minus, self.shaping)], False
 
     def _commit(self, record: dict) -> None:
         """Apply a record's update and append it: both land, or neither does."""
@@ -449,7 +469,6 @@ class MeZO:
                 v.mul_(b2).addcmul_(ghat, ghat, value=1 - b2)
                 denom = (v / (1 - b2**t)).sqrt_().add_(self.adam_eps)
                 target.add_((-glr / (1 - b1**t) * m / denom).to(target.dtype))
-
 
     # -- replay ----------------------------------------------------------------
 
@@ -517,6 +536,39 @@ def _as_float(value: Any, which: str) -> float:
     except ImportError:  # pragma: no cover
         pass
     raise TypeError(f"the closure must return a float or a 0-dim tensor, got {type(value).__name__} for {which}")
+
+
+def shaped_coefficients(plus: Sequence[float], minus: Sequence[float], shaping: str) -> list[float]:
+    """``c_k = (s(l+_k) - s(l-_k)) / 2`` where ``s`` standardises (``"zscore"``) or
+    centre-ranks (``"rank"``) the step's ``2n`` losses together; all equal: zeros.
+
+    >>> [round(c, 4) for c in shaped_coefficients([3.0, 1.0], [1.0, 1.0], "rank")]  # ranks 3, 1, 1, 1
+    [0.3333, 0.0]
+    >>> shaped_coefficients([2.0], [0.0], "zscore"), shaped_coefficients([5.0, 5.0], [5.0, 5.0], "zscore")
+    ([1.0], [0.0, 0.0])
+    """
+    values = [*plus, *minus]
+    m = len(values)
+    if shaping == "zscore":
+        mean = math.fsum(values) / m
+        std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / m)
+        s = [(v - mean) / std if std > 0 else 0.0 for v in values]
+    elif shaping == "rank":
+        order = sorted(range(m), key=values.__getitem__)
+        rank = [0.0] * m
+        i = 0
+        while i < m:  # equal values share the mean of their ranks
+            j = i
+            while j + 1 < m and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in order[i : j + 1]:
+                rank[k] = (i + j) / 2
+            i = j + 1
+        s = [r / (m - 1) - 0.5 for r in rank]
+    else:
+        raise ValueError(f"unknown shaping {shaping!r}; choose one of {', '.join(SHAPINGS[1:])}")
+    n = len(plus)
+    return [(s[k] - s[n + k]) / 2 for k in range(n)]
 
 
 def replay(params: Iterable, trajectory: Iterable[dict], **settings: Any) -> MeZO:

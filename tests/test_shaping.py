@@ -1,0 +1,101 @@
+"""Shaped population steps: MeZO(n=N, shaping="zscore" | "rank")."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zoobj.mezo import MeZO, replay, shaped_coefficients
+
+
+def quadratic(w: torch.Tensor, transform=lambda x: x):
+    target = torch.linspace(-1, 1, w.numel())
+
+    def loss():
+        return transform(float(((w - target) ** 2).sum()))
+
+    return loss
+
+
+def run(shaping: str, transform=lambda x: x, n: int = 4, steps: int = 15, **kw) -> tuple[MeZO, torch.Tensor]:
+    w = torch.zeros(64)
+    opt = MeZO([w], lr=kw.pop("lr", 0.05), eps=1e-2, seed=1, n=n, shaping=shaping, **kw)
+    loss = quadratic(w, transform)
+    for _ in range(steps):
+        opt.step(loss)
+    return opt, w
+
+
+def test_none_is_plain_n_spsa_bit_for_bit():
+    plain, w0 = run("none", lr=1e-3)
+    w1 = torch.zeros(64)
+    opt = MeZO([w1], lr=1e-3, eps=1e-2, seed=1, n=4)  # the default: no shaping argument at all
+    loss = quadratic(w1)
+    for _ in range(15):
+        opt.step(loss)
+    assert torch.equal(w0, w1) and plain.trajectory == opt.trajectory
+
+
+@pytest.mark.parametrize("transform", [lambda x: 3 * x + 7, math.exp, lambda x: math.log1p(x) ** 3],
+                         ids=["affine", "exp", "log-cubed"])
+def test_rank_is_invariant_to_any_increasing_transform_of_the_loss(transform):
+    base_opt, base = run("rank")
+    opt, w = run("rank", transform)
+    assert torch.equal(w, base)
+    assert [r["grads"] for r in opt.trajectory] == [r["grads"] for r in base_opt.trajectory]
+
+
+def test_zscore_is_invariant_to_a_positive_affine_transform_of_the_loss():
+    base_opt, base = run("zscore")
+    opt, w = run("zscore", lambda x: 3 * x + 7)
+    torch.testing.assert_close(w, base, rtol=0, atol=1e-6)
+    for a, b in zip(opt.trajectory, base_opt.trajectory):
+        assert a["grads"] == pytest.approx(b["grads"], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("shaping,lr", [("zscore", 0.1), ("rank", 0.4)])
+def test_shaped_populations_reduce_the_loss_and_replay_exactly(shaping, lr):
+    start = quadratic(torch.zeros(64))()
+    opt, w = run(shaping, steps=40, lr=lr)
+    assert quadratic(w)() < 0.5 * start
+    rebuilt = torch.zeros(64)
+    replay([rebuilt], opt.trajectory, lr=lr, eps=1e-2, seed=1, n=4, shaping=shaping)
+    assert torch.equal(rebuilt, w)
+
+
+@pytest.mark.parametrize("shaping", ["zscore", "rank"])
+def test_a_step_whose_losses_are_all_equal_is_tied_and_moves_nothing(shaping):
+    w = torch.randn(32)
+    before = w.clone()
+    opt = MeZO([w], lr=1.0, eps=1e-2, seed=0, n=8, shaping=shaping)
+    opt.step(lambda: 1.0)
+    record = opt.trajectory[-1]
+    assert record["ties"] == 8 and record["grads"] == [0.0] * 8
+    torch.testing.assert_close(w, before, rtol=0, atol=1e-6)  # only the probes' float32 rounding (in place)
+
+
+def test_coefficients_are_unit_free():
+    plus, minus = [1.0, 4.0, 2.0], [3.0, 0.0, 2.0]
+    for shaping in ("zscore", "rank"):
+        c = shaped_coefficients(plus, minus, shaping)
+        assert c == pytest.approx(shaped_coefficients([1e6 * x for x in plus], [1e6 * x for x in minus], shaping))
+        assert c[2] == 0.0 and c[0] < 0 < c[1]
+
+
+def test_query_parallel_shapes_the_gathered_losses_like_one_process():
+    one, w_one = run("rank", n=4)
+    w = torch.zeros(64)
+    loss = quadratic(w)
+    # a single process standing for rank 0 of 1: evaluates every direction, "exchanges" with itself
+    opt = MeZO([w], lr=0.05, eps=1e-2, seed=1, n=4, shaping="rank", shard=(0, 1), exchange=lambda rows: rows)
+    for _ in range(15):
+        opt.step(loss)
+    assert [r["grads"] for r in opt.trajectory] == [r["grads"] for r in one.trajectory]
+    torch.testing.assert_close(w, w_one, rtol=0, atol=1e-6)
+
+
+def test_unknown_shaping_is_refused():
+    with pytest.raises(ValueError, match="unknown shaping 'softmax'"):
+        MeZO([torch.zeros(3)], shaping="softmax")
