@@ -99,3 +99,25 @@ def test_query_parallel_shapes_the_gathered_losses_like_one_process():
 def test_unknown_shaping_is_refused():
     with pytest.raises(ValueError, match="unknown shaping 'softmax'"):
         MeZO([torch.zeros(3)], shaping="softmax")
+
+
+def test_a_training_run_records_its_shaping_and_the_spread_of_each_steps_losses(model_dir, tmp_path):
+    from zoobj import trajectory as tj
+    from zoobj.errors import ConfigError
+    from zoobj.train import TrainConfig, run
+
+    settings = dict(task="sst2", model=model_dir, steps=2, batch_size=4, n=3, shaping="rank", lr=1e-3, eps=1e-2,
+                    eval_limit=4, eval_every=0, zero_shot=False, objective="ce")
+    out = tmp_path / "run"
+    run(TrainConfig(output=str(out), **settings))
+    assert tj.read_json(out / tj.CONFIG)["shaping"] == "rank"
+    records = tj.read_trajectory(out / tj.TRAJECTORY)
+    steps = [r for r in tj.read_jsonl(out / tj.LOG) if r.get("event") == "step"]
+    for rec, entry in zip(records, steps, strict=True):
+        losses = rec["loss_plus"] + rec["loss_minus"]
+        assert entry["spread"] == pytest.approx(float(torch.tensor(losses, dtype=torch.float64).std(unbiased=False)))
+        assert rec["grads"] == pytest.approx(shaped_coefficients(rec["loss_plus"], rec["loss_minus"], "rank"), abs=1e-7)
+    with pytest.raises(ConfigError, match="shaping 'none' \\(the run's: 'rank'\\)"):
+        run(TrainConfig(output=str(out), **{**settings, "shaping": "none", "steps": 3}), resume=True)
+    with pytest.raises(ConfigError, match="unknown --shaping 'ranks'; choose one of none, zscore, rank"):
+        run(TrainConfig(output=str(tmp_path / "other"), **{**settings, "shaping": "ranks"}))

@@ -192,7 +192,8 @@ class _Progress:
             self.ties += info["ties"] > 0
             rate = self.seen / max(1e-9, time.time() - self.t0)
             self.bar.update(self.task_id, advance=1, info=(
-                f"loss {info['loss']:.4f} g {info['grad']:+.3g} ties {self.ties / self.seen:.0%} {rate:.2f} step/s"))
+                f"loss {info['loss']:.4f} g {info['grad']:+.3g} ties {self.ties / self.seen:.0%} "
+                f"spread {info.get('spread') or 0:.3g} {rate:.2f} step/s"))
         elif event == "dev":
             from zoobj.trajectory import shown_step
 

@@ -19,7 +19,7 @@ def _steps(r: dict) -> str:
 
 # The settings both arms share, as zoobj train takes them (zoobj.config), and the
 # comparison's own defaults where they differ: no dev evaluations (both arms would pay for them).
-SETTINGS = ("metric", "model", "steps", "batch_size", "lr", "eps", "n", "peft", "seed", "eval_limit", "eval_every",
+SETTINGS = ("metric", "model", "steps", "batch_size", "lr", "eps", "n", "shaping", "peft", "seed", "eval_limit", "eval_every",
             "dev_limit", "keep", "train_max_new_tokens")
 DEFAULTS = {"eval_every": 0}
 

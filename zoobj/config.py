@@ -22,7 +22,7 @@ import torch
 
 from zoobj import trajectory as tj
 from zoobj.errors import ConfigError
-from zoobj.mezo import PERTURB, RULES
+from zoobj.mezo import PERTURB, RULES, SHAPINGS
 from zoobj.objective import OBJECTIVES
 
 PEFT = ("none", "lora", "prefix")
@@ -60,7 +60,10 @@ class TrainConfig:
     batch_size: int = setting(8, "Global batch size.")
     lr: float | None = setting(None, "Learning rate.", shown=_paper(0))
     eps: float | None = setting(None, "Perturbation scale.", shown=_paper(1))
-    n: int = setting(1, "Perturbations per step (n-SPSA).")
+    n: int = setting(1, "Perturbations per step (n-SPSA), all evaluated on the same batch.")
+    shaping: str = setting("none", "How a step's 2n losses become the update: none ((l+ - l-) / 2 eps, the "
+                           "paper's), zscore or rank (losses standardised or ranked within the step: unit-free, "
+                           "so --lr is a step length per unit of noise, whatever the metric's jumps).")
     rule: str = setting("sgd", "Update rule: sgd, momentum or adam.")
     peft: str = setting("none", "Which parameters train: none (full parameters), lora or prefix.")
     seed: int = setting(0, "Seed of noise and batches.")
@@ -97,6 +100,7 @@ class TrainConfig:
         _one_of(c.objective, OBJECTIVES, "objective")
         _one_of(c.peft, PEFT, "--peft")
         _one_of(c.rule, RULES, "--rule")
+        _one_of(c.shaping, SHAPINGS, "--shaping")
         from zoobj.models import resolve_dtype
 
         low = resolve_dtype(c.dtype) in (torch.bfloat16, torch.float16)

@@ -65,7 +65,7 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict |
     model, named = trainable_parameters(model, cfg.peft, cfg.train_embeddings, seed=cfg.seed, tok=tok)
     params = [p for _, p in named]
     query = world is not None and cfg.parallel == "query"
-    opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, n=cfg.n, rule=cfg.rule,
+    opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, n=cfg.n, rule=cfg.rule, shaping=cfg.shaping,
                weight_decay=cfg.weight_decay, schedule=lr_schedule, perturb=cfg.perturb or "inplace", model=model,
                shard=(world.rank, world.size) if query else None, exchange=world.exchange_rows if query else None,
                noise=_recorded_noise(recorded, params, cfg.output))

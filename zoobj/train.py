@@ -92,10 +92,13 @@ def train_loop(r: RunState, objective: Callable[[list], float]) -> None:
 
 
 def _step_entry(step: int, loss: float, rec: dict, seconds: float) -> dict:
-    """A step's line in log.jsonl (the mean projected gradient over its n directions)."""
+    """A step's line in log.jsonl: the mean coefficient over its n directions, and the
+    spread (standard deviation) of its 2n losses -- what a metric's jumps look like."""
     grad = rec["grads"][0] if len(rec["grads"]) == 1 else float(np.mean(rec["grads"]))
+    losses = [x for x in rec["loss_plus"] + rec["loss_minus"] if x is not None]
     return {"event": "step", "step": step, "loss": loss, "grad": grad, "ties": rec["ties"],
-            "skipped": rec["skipped"], "seconds": round(seconds, 4)}
+            "spread": float(np.std(losses)) if losses else None, "skipped": rec["skipped"],
+            "seconds": round(seconds, 4)}
 
 
 def batch_indices(seed: int, step: int, size: int, n_rows: int) -> list[int]:
