@@ -121,3 +121,27 @@ def test_a_training_run_records_its_shaping_and_the_spread_of_each_steps_losses(
         run(TrainConfig(output=str(out), **{**settings, "shaping": "none", "steps": 3}), resume=True)
     with pytest.raises(ConfigError, match="unknown --shaping 'ranks'; choose one of none, zscore, rank"):
         run(TrainConfig(output=str(tmp_path / "other"), **{**settings, "shaping": "ranks"}))
+
+
+PEAK = """
+import resource, sys, torch
+from zoobj.mezo import MeZO
+n = int(sys.argv[1])
+w = torch.zeros(32_000_000)  # 128 MB of trained weights: the rest of the process is small beside it
+opt = MeZO([w], lr=1e-3, eps=1e-3, seed=0, n=n, shaping="rank")
+for _ in range(3):
+    opt.step(lambda: float(w[:1000].sum()))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_a_step_of_16_directions_needs_the_memory_of_a_step_of_1():
+    import subprocess
+    import sys
+
+    peaks = {}
+    for n in (1, 16):
+        out = subprocess.run([sys.executable, "-c", PEAK, str(n)], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        peaks[n] = int(out.stdout.split()[-1])
+    assert peaks[16] <= 1.02 * peaks[1], peaks  # no z is stored, whatever n is
