@@ -19,6 +19,7 @@ SETTINGS = {
     "data-ce": dict(BASE, objective="ce"),
     "data-accuracy": dict(BASE, objective="metric", eps=5e-2),
     "query": dict(BASE, objective="ce", parallel="query", n=2),
+    "query-rank": dict(BASE, objective="ce", parallel="query", n=4, shaping="rank", lr=1e-2),
 }
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,14 +83,15 @@ def test_the_run_directory_is_written_once_by_rank_0(launched):
         assert json.loads((launched / f"result-{mode}-0.json").read_text())["result"]["world_size"] == 2
 
 
-def test_query_parallel_matches_one_process_n_spsa(launched, model_dir, tmp_path):
-    w0, w1 = weights(launched, "query", 0), weights(launched, "query", 1)
+@pytest.mark.parametrize("mode,n", [("query", 2), ("query-rank", 4)])
+def test_query_parallel_matches_one_process_n_spsa(launched, model_dir, tmp_path, mode, n):
+    w0, w1 = weights(launched, mode, 0), weights(launched, mode, 1)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
-    ref, ref_records = single(model_dir, tmp_path, "query")  # one process: plain n-SPSA with n=2
+    ref, ref_records = single(model_dir, tmp_path, mode)  # one process: n-SPSA, shaped over all 2n losses
     for k in w0:
         torch.testing.assert_close(w0[k], ref[k], rtol=1e-5, atol=1e-5)
-    records = tj.read_trajectory(launched / "run-query" / tj.TRAJECTORY)
-    assert all(len(r["seeds"]) == 2 for r in records)
+    records = tj.read_trajectory(launched / f"run-{mode}" / tj.TRAJECTORY)
+    assert all(len(r["seeds"]) == n for r in records)
     assert [r["seeds"] for r in records] == [r["seeds"] for r in ref_records]
     for r, q in zip(records, ref_records):
         assert r["grads"] == pytest.approx(q["grads"], rel=1e-4, abs=1e-4)
