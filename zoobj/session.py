@@ -65,10 +65,20 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict |
     model, named = trainable_parameters(model, cfg.peft, cfg.train_embeddings, seed=cfg.seed, tok=tok)
     params = [p for _, p in named]
     query = world is not None and cfg.parallel == "query"
-    opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, n=cfg.n, rule=cfg.rule, shaping=cfg.shaping,
-               weight_decay=cfg.weight_decay, schedule=lr_schedule, perturb=cfg.perturb or "inplace", model=model,
-               shard=(world.rank, world.size) if query else None, exchange=world.exchange_rows if query else None,
-               noise=_recorded_noise(recorded, params, cfg.output))
+    noise = _recorded_noise(recorded, params, cfg.output)
+    try:
+        opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, n=cfg.n, rule=cfg.rule, shaping=cfg.shaping,
+                   weight_decay=cfg.weight_decay, schedule=lr_schedule, perturb=cfg.perturb or "inplace", model=model,
+                   shard=(world.rank, world.size) if query else None,
+                   exchange=world.exchange_rows if query else None, noise=noise)
+    except RuntimeError as exc:  # MeZO's own check: noise="compiled" where torch.compile cannot run
+        if noise != "compiled":
+            raise
+        here = params[0].device.type
+        raise ConfigError(f"run {cfg.output} was made with the compiled noise kernel, which cannot run here "
+                          f"(ZOOBJ_COMPILE=0, or torch.compile failed on {here}: see the warning above); the "
+                          "eager kernel differs in the last float32 bits, so replaying with it would not give "
+                          "the run's weights: use a machine where torch.compile works (a C++ compiler for CPU)") from exc
     return Session(model, tok, params, opt)
 
 
@@ -78,14 +88,6 @@ def _recorded_noise(recorded: dict | None, params: list, run_dir) -> str:
         return "auto"
     backend, device = recorded["noise_backend"], recorded.get("noise_device")
     here = params[0].device.type
-    if backend == "compiled":
-        from zoobj.noise import _kernel
-
-        if _kernel._get_compiled(here) is None:
-            raise ConfigError(f"run {run_dir} was made with the compiled noise kernel, which cannot run here "
-                              f"(ZOOBJ_COMPILE=0, or torch.compile failed on {here}: see the warning above); the "
-                              "eager kernel differs in the last float32 bits, so replaying with it would not give "
-                              "the run's weights: use a machine where torch.compile works (a C++ compiler for CPU)")
     if device and device != here:
         warnings.warn(f"zoobj: run {run_dir} made its noise on {device}, this replay on {here}: the weights "
                       "agree only to float32 rounding of the noise", RuntimeWarning, stacklevel=3)
