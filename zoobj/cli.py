@@ -51,7 +51,8 @@ def setting_options(names: typing.Sequence[str] | None = None, required: typing.
     options = []
     for name in names or fields:
         f = fields[name]
-        kind = next(t for t in (*typing.get_args(hints[name]), hints[name]) if t is not type(None))  # int | None -> int
+        kind = f.metadata.get("cli_type") or next(  # int | None -> int
+            t for t in (*typing.get_args(hints[name]), hints[name]) if t is not type(None))
         default = ... if name in required else (f.default if kind is bool and "flag" not in f.metadata else None)
         options.append(_option(name, kind, default, f.metadata.get("flag", "--" + name.replace("_", "-")),
                                help.get(name, f.metadata["help"]),

@@ -30,15 +30,18 @@ PARALLEL = ("data", "query")
 KEEP = ("last", "best")
 # The paper's settings per parameter set (Malladi et al. 2023, Tables 15-16).
 PAPER_DEFAULTS = {"none": (1e-6, 1e-3), "lora": (1e-4, 1e-2), "prefix": (1e-2, 1e-1)}
+AUTO = "auto"  # --eps auto
 # Generation length while training a generation task, at most (answers are short; evaluation keeps the task's).
 TRAIN_MAX_NEW_TOKENS = 24
 
 
-def setting(default=dataclasses.MISSING, help: str | None = None, shown: str | None = None, flag: str | None = None):
+def setting(default=dataclasses.MISSING, help: str | None = None, shown: str | None = None, flag: str | None = None,
+            cli_type: type | None = None):
     """A TrainConfig field. ``help``: its command-line help (no help: no option);
     ``shown``: what a default of None stands for, resolved later; ``flag``: the
-    option's declaration where it is not ``--the-name`` (an on/off pair)."""
-    meta = {k: v for k, v in dict(help=help, shown=shown, flag=flag).items() if v is not None}
+    option's declaration where it is not ``--the-name`` (an on/off pair); ``cli_type``:
+    the type the command line reads where it is not the field's (a number or a word)."""
+    meta = {k: v for k, v in dict(help=help, shown=shown, flag=flag, cli_type=cli_type).items() if v is not None}
     return field(default=default, metadata=meta)
 
 
@@ -59,7 +62,10 @@ class TrainConfig:
     steps: int = setting(20, "Steps in all.")
     batch_size: int = setting(8, "Global batch size.")
     lr: float | None = setting(None, "Learning rate.", shown=_paper(0))
-    eps: float | None = setting(None, "Perturbation scale.", shown=_paper(1))
+    eps: float | str | None = setting(None, "Perturbation scale, or auto: before the first step, the smallest value "
+                                      "on a half-decade grid around the default at which at most a quarter of 8 seeded "
+                                      "probe directions leave the loss unchanged (recorded in config.json).",
+                                      shown=_paper(1), cli_type=str)
     n: int = setting(1, "Perturbations per step (n-SPSA), all evaluated on the same batch.")
     shaping: str = setting("none", "How a step's 2n losses become the update: none ((l+ - l-) / 2 eps, the "
                            "paper's), zscore or rank (losses standardised or ranked within the step: unit-free, "
@@ -129,15 +135,27 @@ class TrainConfig:
         get_metric(c.metric)  # a bad name fails here, before any model is loaded
         lr, eps = PAPER_DEFAULTS[c.peft]
         c.lr = lr if c.lr is None else c.lr
-        c.eps = eps if c.eps is None else c.eps
+        c.eps = eps if c.eps is None else _eps_value(c.eps)
         if not (math.isfinite(c.lr) and c.lr >= 0):
             raise ConfigError(f"--lr must be a finite number >= 0, got {c.lr}")
-        if not (math.isfinite(c.eps) and c.eps > 0):
-            raise ConfigError(f"--eps must be a finite number > 0, got {c.eps}")
+        if c.eps != AUTO and not (math.isfinite(c.eps) and c.eps > 0):
+            raise ConfigError(f"--eps must be a finite number > 0 or auto, got {c.eps}")
         if c.output is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             c.output = str(Path("runs") / f"{task.name}-{c.metric if c.objective == 'metric' else 'ce'}-{stamp}")
         return c
+
+
+def _eps_value(eps: float | str) -> float | str:
+    """A number, or ``AUTO`` (calibrated before the first step: ``zoobj.calibrate``)."""
+    if not isinstance(eps, str):
+        return eps
+    if eps.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(eps)
+    except ValueError:
+        raise ConfigError(f"--eps must be a number > 0 or auto, got {eps!r}") from None
 
 
 def _one_of(value: str, choices: tuple[str, ...], what: str) -> None:
@@ -191,6 +209,8 @@ def check_same_run(cfg: TrainConfig, saved: dict, out: Path) -> None:
     the trajectory or its evaluation must be the run's own (``steps`` and ``keep`` may change)."""
     ours = {k: v for k, v in recorded_settings(cfg).items()
             if k not in RESUMABLE_CHANGES and k != "model"}  # the model is compared by its weights' hash
+    if ours.get("eps") == AUTO and "eps_calibration" in saved:  # the run calibrated its eps when it began
+        del ours["eps"]
     differ = [k for k, v in ours.items() if (saved[k] if k in saved else _DEFAULTS.get(k)) != v]
     if differ:
         shown = ", ".join(f"{k} {ours[k]!r} (the run's: {saved.get(k, _DEFAULTS.get(k))!r})" for k in differ)
@@ -214,6 +234,10 @@ def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
     for key, value in overrides.items():
         if value is None or key in ("output", "steps", "keep", "save_model"):  # save_model is per invocation, not saved
             continue
+        if key == "eps":  # the command line gives it as text
+            value = _eps_value(value)
+            if value == AUTO and "eps_calibration" in tj.read_json(Path(run_dir) / tj.CONFIG):
+                continue  # the run was made with --eps auto: its calibrated eps stands
         if getattr(cfg, key) != value:
             raise ConfigError(f"--{key.replace('_', '-')} {value!r} contradicts the run's {getattr(cfg, key)!r} "
                               f"({run_dir}/config.json); leave it out when resuming")

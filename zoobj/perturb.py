@@ -62,6 +62,10 @@ def atomic():
                 signal.raise_signal(sig)
 
 
+class NotReachable(ValueError):
+    """``Forward`` cannot perturb a trained tensor: no module's forward owns or reaches it."""
+
+
 class InPlace:
     """Each shift is written into the weights (in bf16/fp16 they do not come back exactly).
 
@@ -130,7 +134,7 @@ class Forward:
         missed = [i for i, _ in self.params if i not in self._reached]
         self._reached = None
         if missed:
-            raise ValueError(f"perturb='forward': the closure never ran the modules holding parameters {missed[:5]} "
+            raise NotReachable(f"perturb='forward': the closure never ran the modules holding parameters {missed[:5]} "
                              "(a tensor used outside its module's forward cannot be perturbed this way); "
                              "use perturb='inplace'")
 
@@ -153,7 +157,7 @@ class Forward:
         stray = [i for i, p in self.params if id(p) not in owned]
         if stray:
             self.release()
-            raise ValueError(f"perturb='forward': parameters {stray[:5]} are not held by any module of the model; "
+            raise NotReachable(f"perturb='forward': parameters {stray[:5]} are not held by any module of the model; "
                              "pass the model that owns them, or use perturb='inplace'")
         self._reached = set()  # filled during the first perturbed closure, then checked
 

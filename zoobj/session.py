@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,18 +53,23 @@ def _device(cfg: TrainConfig, world) -> str:
     return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict | None = None) -> Session:
+def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict | None = None,
+            calibrate: Callable[[object, object, list], None] | None = None) -> Session:
     """Load the model (unless given), choose the trained tensors and build the optimizer.
 
     ``recorded``: the config.json of the run being resumed or rebuilt; its trajectory
     is replayed with the noise kernel that made it (compiled and eager agree only to
-    float32 rounding), or a ConfigError says why that cannot be done here."""
+    float32 rounding), or a ConfigError says why that cannot be done here.
+    ``calibrate(model, tok, params)``: called once the trained tensors are chosen and
+    before the optimizer is built (``--eps auto`` sets ``cfg.eps`` there)."""
     from zoobj.models import load_model, trainable_parameters
 
     if model is None:
         model, tok = load_model(cfg.model, dtype=cfg.dtype, device=_device(cfg, world), device_map=cfg.device_map)
     model, named = trainable_parameters(model, cfg.peft, cfg.train_embeddings, seed=cfg.seed, tok=tok)
     params = [p for _, p in named]
+    if calibrate is not None:
+        calibrate(model, tok, params)
     query = world is not None and cfg.parallel == "query"
     noise = _recorded_noise(recorded, params, cfg.output)
     try:

@@ -34,7 +34,7 @@ import torch
 
 import zoobj
 from zoobj import trajectory as tj
-from zoobj.config import TrainConfig, check_same_run, recorded_settings
+from zoobj.config import AUTO, PAPER_DEFAULTS, TrainConfig, check_same_run, recorded_settings
 from zoobj.errors import ConfigError
 from zoobj.export import save_model_dir
 from zoobj.objective import evaluate, make_objective
@@ -149,6 +149,7 @@ class RunState:
     world: object
     resume: bool
     report: Callable[[str, dict], None]
+    calibration: dict | None = None  # --eps auto: what calibrate_eps found (a new run)
     start_step: int = 0  # the steps already on disk (a resumed run)
     created: bool = False  # this call made the run directory (a failure before the first step removes it)
     best: _Best = field(default_factory=_Best)
@@ -193,12 +194,19 @@ def open_run(cfg: TrainConfig, resume: bool, model, tok, world, report) -> RunSt
     task = get_task(cfg.task)
     train_rows, dev_rows, note = train_dev(task, cfg.data, seed=cfg.seed)
     eval_rows = task.load(task.eval_split, cfg.data)[: cfg.eval_limit]
-    saved = None
+    saved, calibration = None, {}
     if resume:  # the run's own settings, checked before anything is loaded
         saved = tj.read_json(out / tj.CONFIG)
         check_same_run(cfg, saved, out)
-    session = prepare(cfg, model, tok, world, recorded=saved)
-    r = RunState(cfg, session, task, train_rows, dev_rows[: cfg.dev_limit], eval_rows, note, out, world, resume, report)
+        if cfg.eps == AUTO:  # calibrated when the run began
+            cfg.eps = saved["eps"]
+
+    def calibrate(model, tok, params):  # --eps auto, before the optimizer is built
+        calibration.update(calibrate_run_eps(cfg, model, tok, params, task, train_rows, world, report))
+
+    session = prepare(cfg, model, tok, world, recorded=saved, calibrate=calibrate if cfg.eps == AUTO else None)
+    r = RunState(cfg, session, task, train_rows, dev_rows[: cfg.dev_limit], eval_rows, note, out, world, resume, report,
+                 calibration=calibration or None)
     base_hash = weights_hash(session.model)
     records: list[dict] = []
     failure: Exception | None = None
@@ -234,6 +242,7 @@ def _create_run_dir(r: RunState, base_hash: str) -> bool:
         "noise_backend": session.optimizer.noise_backend, "noise_device": session.params[0].device.type,
         "trainable_parameters": sum(p.numel() for p in session.params), "data_note": r.note,
         "world_size": r.world.size if r.world else 1,
+        **({"eps_calibration": r.calibration} if r.calibration else {}),
     })
     return created
 
@@ -272,13 +281,11 @@ def begin(r: RunState) -> tuple[Callable[[list], float], dict | None]:
     """The objective the steps minimise; the zero-shot evaluation (a new run's, or a
     resumed run's from its log); the "start" event."""
     cfg, world = r.cfg, r.world
-    data_world = world if world is not None and cfg.parallel == "data" else None
-    objective = make_objective(cfg.objective, r.session.model, r.session.tok, r.task, cfg.metric,
-                               batch_size=cfg.batch_size, world=data_world,
-                               **({"max_new_tokens": cfg.train_max_new_tokens, "smooth": cfg.smooth}
-                                  if cfg.objective == "metric" else {}))
+    objective = _objective(cfg, r.session.model, r.session.tok, r.task, world)
     if r.note:
         r.log.append({"event": "note", "message": r.note})
+    if r.calibration:
+        r.log.append({"event": "eps_auto", **r.calibration})
     zero = None
     if cfg.zero_shot and not r.resume:
         r.report("status", {"message": f"zero-shot evaluation on {len(r.eval_rows)} {r.task.eval_split} examples ..."})
@@ -291,6 +298,41 @@ def begin(r: RunState) -> tuple[Callable[[list], float], dict | None]:
     r.report("start", {"cfg": cfg, "start_step": r.start_step, "zero_shot": zero,
                        "trainable": sum(p.numel() for p in r.session.params), "note": r.note})
     return objective, zero
+
+
+def _objective(cfg: TrainConfig, model, tok, task, world) -> Callable[[list], float]:
+    """The loss of a batch of rows: what each probe of a step (and of --eps auto) evaluates."""
+    data_world = world if world is not None and cfg.parallel == "data" else None
+    return make_objective(cfg.objective, model, tok, task, cfg.metric, batch_size=cfg.batch_size, world=data_world,
+                          **({"max_new_tokens": cfg.train_max_new_tokens, "smooth": cfg.smooth}
+                             if cfg.objective == "metric" else {}))
+
+
+def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, task, train_rows: list, world, report) -> dict:
+    """``--eps auto``: ``zoobj.calibrate.calibrate_eps`` on the batches of the run's first
+    steps, over half-decades around the parameter set's default eps; sets ``cfg.eps`` and
+    returns what was found (config.json's ``eps_calibration``). The weights are never
+    written. A metric that no grid value un-ties is one ConfigError naming the levers left."""
+    from zoobj.calibrate import MAX_TIE_FRACTION, PROBES, calibrate_eps, eps_grid
+
+    objective = _objective(cfg, model, tok, task, world)
+    batches = [[train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(train_rows))]
+               for step in range(PROBES)]
+    grid = eps_grid(PAPER_DEFAULTS[cfg.peft][1])
+    report("status", {"message": f"--eps auto: {PROBES} probe directions at about 3 of eps "
+                                 f"{', '.join(f'{e:g}' for e in grid)} ..."})
+    cal = calibrate_eps(params, [lambda b=b: objective(b) for b in batches], grid, seed=cfg.seed, model=model,
+                        max_tie_fraction=MAX_TIE_FRACTION)
+    tested = ", ".join(f"{row['eps']:g}: {row['ties'] + row['nonfinite']} of {PROBES}" for row in cal.tested)
+    if cal.eps is None:
+        what = "its cross-entropy" if cfg.objective == "ce" else f"{cfg.metric} on a batch of {cfg.batch_size}"
+        raise ConfigError(f"--eps auto: no eps from {grid[0]:g} to {grid[-1]:g} changed {what} along at least 3 in "
+                          f"4 of {PROBES} probe directions (tied or not finite, by eps: {tested}); levers that "
+                          "remain: a larger --batch-size, --smooth T (classification tasks), a metric with finer "
+                          "steps, or --eps N")
+    cfg.eps = cal.eps
+    report("status", {"message": f"--eps auto: eps {cal.eps:g} (probes tied or not finite, by eps: {tested})"})
+    return cal.as_dict()
 
 
 def dev_due(r: RunState, step: int) -> bool:

@@ -1,0 +1,194 @@
+"""--eps auto: zoobj.calibrate.calibrate_eps and its use by a training run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zoobj.calibrate import CALIBRATION_STEP, calibrate_eps, eps_grid
+from zoobj.noise import noise, step_seed
+
+
+class Flips(torch.nn.Module):
+    """A linear classifier's error count on fixed data: a loss with plateaus."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.lin = torch.nn.Linear(16, 1)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(1, 16, generator=g))
+            self.lin.bias.zero_()
+        self.x = torch.randn(64, 16, generator=g)
+        self.y = torch.randn(64, generator=g) > 0
+
+    def forward(self):
+        return float(((self.lin(self.x).squeeze(1) > 0) != self.y).sum())
+
+
+def direct_ties(model: Flips, eps: float, probes: int, seed: int = 0) -> int:
+    """Ties at ``eps``, counted by hand: l(theta + eps z) == l(theta - eps z) for each probe direction."""
+    params = [model.lin.weight, model.lin.bias]
+    base = [p.detach().clone() for p in params]
+    ties = 0
+    for j in range(probes):
+        s = step_seed(seed, CALIBRATION_STEP, j)
+        losses = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                for i, (p, b) in enumerate(zip(params, base)):
+                    p.copy_(b + sign * eps * noise(p.numel(), s, index=i).view_as(p))
+            losses.append(model())
+        ties += losses[0] == losses[1]
+    with torch.no_grad():
+        for p, b in zip(params, base):
+            p.copy_(b)
+    return ties
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["forward-hooks", "in-place"])
+def test_picks_the_smallest_grid_value_with_at_most_a_quarter_tied_and_leaves_the_weights_exact(hooks):
+    model = Flips()
+    params = [model.lin.weight, model.lin.bias]
+    before = [p.detach().clone() for p in params]
+    grid = eps_grid(1e-3)
+    cal = calibrate_eps(params, [model] * 8, grid, seed=0, model=model if hooks else None)
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)  # bit for bit
+    counted = [direct_ties(model, e, 8) for e in grid]
+    assert cal.eps == min(e for e, t in zip(grid, counted) if t <= 2)
+    assert counted[0] > 2  # the smallest value ties too often: the choice is not the trivial one
+    assert len(cal.tested) <= math.ceil(math.log2(len(grid) + 1))  # bisection
+    for row in cal.tested:
+        assert row["ties"] == counted[grid.index(row["eps"])]
+
+
+def test_a_loss_no_perturbation_changes_gives_no_eps_and_says_what_it_tried():
+    w = torch.zeros(4)
+    cal = calibrate_eps([w], [lambda: 1.0] * 8, [1e-3, 1e-2, 1e-1])
+    assert cal.eps is None
+    assert [row["eps"] for row in cal.tested][-1] == 1e-1 and all(row["ties"] == 8 for row in cal.tested)
+    assert torch.equal(w, torch.zeros(4))
+
+
+def test_non_finite_losses_count_against_a_value():
+    w = torch.zeros(8)
+    loss = lambda: math.nan if float(w.abs().max()) > 0.5 else float(w[0])  # noqa: E731  never tied, nan when far
+    assert calibrate_eps([w], [loss] * 8, [1e-3, 1e-2]).eps == 1e-3
+    cal = calibrate_eps([w], [loss] * 8, [1e-3, 1.0, 10.0])  # bisection starts at 1.0: all nan, so look lower
+    assert cal.eps == 1e-3
+    assert cal.tested == [{"eps": 1.0, "ties": 0, "nonfinite": 8}, {"eps": 1e-3, "ties": 0, "nonfinite": 0}]
+    assert calibrate_eps([w], [loss] * 8, [1.0, 10.0]).eps is None
+
+
+def test_a_closure_that_raises_leaves_the_weights_exact():
+    model = Flips()
+    before = model.lin.weight.detach().clone()
+    calls = []
+
+    def boom():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return model()
+
+    for hooks in (model, None):
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            calibrate_eps([model.lin.weight, model.lin.bias], [boom] * 8, [1e-2], model=hooks)
+        assert torch.equal(model.lin.weight, before)
+        assert not model.lin._forward_pre_hooks and not model.lin._forward_hooks
+
+
+def test_a_tensor_outside_any_modules_forward_falls_back_to_in_place_shifts():
+    model = Flips()
+    free = torch.zeros(16)  # used by the closure, owned by no module
+    loss = lambda: model() + float((free > 0.02).sum())  # noqa: E731
+    cal = calibrate_eps([model.lin.weight, free], [loss] * 8, eps_grid(1e-3), model=model)
+    assert cal.eps is not None and torch.equal(free, torch.zeros(16))
+
+
+def test_eps_grid_is_half_decades_around_the_default():
+    assert eps_grid(1e-2) == [0.001, 0.00316, 0.01, 0.0316, 0.1, 0.316, 1.0]
+    with pytest.raises(ValueError, match="finite values > 0"):
+        calibrate_eps([torch.zeros(2)], [lambda: 0.0], [0.0, 1.0])
+
+
+# ----------------------------------------------------------------------------- in a run
+
+SETTINGS = dict(task="sst2", metric="accuracy", objective="metric", steps=2, batch_size=8, lr=1e-3,
+                eval_limit=4, eval_every=0, zero_shot=False)
+
+
+def test_a_run_with_eps_auto_records_the_calibration_and_resumes_and_rebuilds_with_it(model_dir, tmp_path):
+    from zoobj import trajectory as tj
+    from zoobj.export import rebuild
+    from zoobj.train import TrainConfig, run
+
+    out = tmp_path / "auto"
+    run(TrainConfig(output=str(out), model=model_dir, eps="auto", **SETTINGS))
+    saved = tj.read_json(out / tj.CONFIG)
+    cal = saved["eps_calibration"]
+    assert saved["eps"] == cal["eps"] and cal["eps"] in cal["grid"] and cal["probes"] == 8
+    assert cal["grid"] == eps_grid(1e-3)  # around the full-parameter default
+    logged = [x for x in tj.read_jsonl(out / tj.LOG) if x.get("event") == "eps_auto"]
+    assert logged and logged[0]["eps"] == cal["eps"]
+    # the run is the run with that eps given
+    given = tmp_path / "given"
+    run(TrainConfig(output=str(given), model=model_dir, eps=cal["eps"], **SETTINGS))
+    assert tj.read_trajectory(given / tj.TRAJECTORY) == tj.read_trajectory(out / tj.TRAJECTORY)
+    # resumed with eps="auto" (or its value): the calibrated eps stands, nothing is probed again
+    run(TrainConfig(output=str(out), model=model_dir, eps="auto", **{**SETTINGS, "steps": 3}), resume=True)
+    assert len(tj.read_trajectory(out / tj.TRAJECTORY)) == 3
+    assert len([x for x in tj.read_jsonl(out / tj.LOG) if x.get("event") == "eps_auto"]) == 1
+    run(TrainConfig(output=str(given), model=model_dir, eps=cal["eps"], **{**SETTINGS, "steps": 3}), resume=True)
+    assert tj.read_trajectory(given / tj.TRAJECTORY) == tj.read_trajectory(out / tj.TRAJECTORY)
+    (_, ours), (_, theirs) = rebuild(out), rebuild(given)
+    for a, b in zip(ours.params, theirs.params, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_metric_nothing_unties_is_one_line_naming_the_levers_and_leaves_no_run_dir(model_dir, tmp_path):
+    from zoobj.errors import ConfigError
+    from zoobj.train import TrainConfig, run
+
+    reward = tmp_path / "flat.py"
+    reward.write_text("def constant(predictions, references, **kw):\n    return 0.5\n")
+    out = tmp_path / "flat"
+    with pytest.raises(ConfigError) as err:
+        run(TrainConfig(output=str(out), model=model_dir, eps="auto",
+                        **{**SETTINGS, "metric": f"{reward}:constant"}))
+    message = str(err.value)
+    assert "\n" not in message and "--eps auto: no eps from 0.0001 to 0.1 changed" in message
+    for lever in ("--batch-size", "--smooth", "finer steps", "--eps N"):
+        assert lever in message
+    assert not out.exists()
+
+
+def test_eps_must_be_a_number_or_auto():
+    from zoobj.config import TrainConfig
+    from zoobj.errors import ConfigError
+
+    assert TrainConfig(task="sst2", eps="0.01").resolved().eps == 0.01
+    assert TrainConfig(task="sst2", eps="AUTO").resolved().eps == "auto"
+    with pytest.raises(ConfigError, match="--eps must be a number > 0 or auto, got 'big'"):
+        TrainConfig(task="sst2", eps="big").resolved()
+
+
+def test_the_command_line_takes_eps_auto_and_resumes_such_a_run_with_or_without_it(model_dir, tmp_path, capsys):
+    from tests.test_cli import cli
+    from zoobj import trajectory as tj
+
+    out = tmp_path / "cli"
+    flags = ["--task", "sst2", "--metric", "accuracy", "--batch-size", "8", "--eval-limit", "4", "--eval-every", "0",
+             "--lr", "1e-3", "--model", model_dir]
+    assert cli("train", *flags, "--eps", "auto", "--steps", "1", "--output", out) == 0
+    assert "--eps auto: eps" in capsys.readouterr().err
+    eps = tj.read_json(out / tj.CONFIG)["eps"]
+    assert cli("train", "--resume", out, "--eps", "auto", "--steps", "2") == 0
+    assert cli("train", "--resume", out, "--eps", str(eps), "--steps", "3") == 0
+    assert len(tj.read_trajectory(out / tj.TRAJECTORY)) == 3
+    assert cli("train", "--resume", out, "--eps", str(eps * 10), "--steps", "4") == 2
+    assert "contradicts the run's" in capsys.readouterr().err
