@@ -121,7 +121,9 @@ def test_engine_trajectories_match_the_golden_ones(name):
 @pytest.mark.parametrize("name", list(TRAIN))
 def test_training_loop_matches_the_golden_run(name, model_dir, tmp_path):
     got, want = train_run(name, model_dir, tmp_path / name), _golden(name)
-    assert_same_trajectory(got["trajectory"], want["trajectory"], rel=1e-4)
+    # a model's float32 sums are ordered by the CPU's vector width: recorded on an AVX-512
+    # machine, the cross-entropy run's projected gradients differ by 2e-4 (relative) on AVX2
+    assert_same_trajectory(got["trajectory"], want["trajectory"], rel=1e-3)
     assert [tuple(e) for e in want["events"]] == got["events"]
     for key, value in want["result"].items():
         assert _close(got["result"][key], value, 1e-6, 1e-9), key

@@ -8,7 +8,7 @@ values of an ascending grid, and returns the smallest value at which at most
 ``max_tie_fraction`` of the directions are unusable (tied, or a loss that is not
 finite). The grid is searched by bisection, on the premise that larger perturbations
 flip more predictions (and that a value whose losses are mostly not finite is too
-large), so a grid of 7 values costs 3 probe rounds.
+large), so a grid of 5 values costs at most 3 probe rounds.
 
 The weights are exactly what they were when it returns, or when a closure raises:
 with ``model`` the perturbation is built by forward hooks and never written
@@ -42,11 +42,14 @@ MAX_TIE_FRACTION = 0.25
 PROBES = 8
 
 
-def eps_grid(base: float, low: int = -2, high: int = 4) -> list[float]:
-    """``base * 10 ** (k / 2)`` for ``k = low .. high``: half-decades around ``base``.
+def eps_grid(base: float, low: int = 0, high: int = 4) -> list[float]:
+    """``base * 10 ** (k / 2)`` for ``k = low .. high``: half-decades from ``base`` up.
+
+    Never below the default: a smaller eps does not untie anything, and a loss that
+    never ties (cross-entropy, ``--smooth``) keeps the paper's value.
 
     >>> eps_grid(1e-3)
-    [0.0001, 0.000316, 0.001, 0.00316, 0.01, 0.0316, 0.1]
+    [0.001, 0.00316, 0.01, 0.0316, 0.1]
     """
     return [float(f"{base * 10 ** (k / 2):.3g}") for k in range(low, high + 1)]
 

@@ -63,8 +63,8 @@ class TrainConfig:
     batch_size: int = setting(8, "Global batch size.")
     lr: float | None = setting(None, "Learning rate.", shown=_paper(0))
     eps: float | str | None = setting(None, "Perturbation scale, or auto: before the first step, the smallest value "
-                                      "on a half-decade grid around the default at which at most a quarter of 8 seeded "
-                                      "probe directions leave the loss unchanged (recorded in config.json).",
+                                      "on a half-decade grid from the default up to 100x at which at most 2 of 8 "
+                                      "seeded probe directions leave the loss unchanged (recorded in config.json).",
                                       shown=_paper(1), cli_type=str)
     n: int = setting(1, "Perturbations per step (n-SPSA), all evaluated on the same batch.")
     shaping: str = setting("none", "How a step's 2n losses become the update: none ((l+ - l-) / 2 eps, the "

@@ -310,7 +310,7 @@ def _objective(cfg: TrainConfig, model, tok, task, world) -> Callable[[list], fl
 
 def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, task, train_rows: list, world, report) -> dict:
     """``--eps auto``: ``zoobj.calibrate.calibrate_eps`` on the batches of the run's first
-    steps, over half-decades around the parameter set's default eps; sets ``cfg.eps`` and
+    steps, over half-decades from the parameter set's default eps up; sets ``cfg.eps`` and
     returns what was found (config.json's ``eps_calibration``). The weights are never
     written. A metric that no grid value un-ties is one ConfigError naming the levers left."""
     from zoobj.calibrate import MAX_TIE_FRACTION, PROBES, calibrate_eps, eps_grid
@@ -319,7 +319,7 @@ def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, task, train_ro
     batches = [[train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(train_rows))]
                for step in range(PROBES)]
     grid = eps_grid(PAPER_DEFAULTS[cfg.peft][1])
-    report("status", {"message": f"--eps auto: {PROBES} probe directions at about 3 of eps "
+    report("status", {"message": f"--eps auto: {PROBES} probe directions at up to 3 of eps "
                                  f"{', '.join(f'{e:g}' for e in grid)} ..."})
     cal = calibrate_eps(params, [lambda b=b: objective(b) for b in batches], grid, seed=cfg.seed, model=model,
                         max_tie_fraction=MAX_TIE_FRACTION)
