@@ -192,3 +192,17 @@ def test_the_command_line_takes_eps_auto_and_resumes_such_a_run_with_or_without_
     assert len(tj.read_trajectory(out / tj.TRAJECTORY)) == 3
     assert cli("train", "--resume", out, "--eps", str(eps * 10), "--steps", "4") == 2
     assert "contradicts the run's" in capsys.readouterr().err
+
+
+def test_compare_calibrates_each_arm_and_cross_entropy_keeps_the_default(model_dir, tmp_path, capsys):
+    from tests.test_cli import cli
+    from zoobj import trajectory as tj
+
+    out = tmp_path / "cmp"
+    assert cli("compare", "--task", "sst2", "--metric", "accuracy", "--model", model_dir, "--steps", "1",
+               "--batch-size", "8", "--eval-limit", "4", "--lr", "1e-3", "--eps", "auto", "--output", out) == 0
+    ce, metric = tj.read_json(out / "ce" / tj.CONFIG), tj.read_json(out / "metric" / tj.CONFIG)
+    assert ce["eps"] == 1e-3 and ce["eps_calibration"]["tested"][-1]["ties"] == 0  # cross-entropy never ties
+    assert metric["eps"] == metric["eps_calibration"]["eps"]
+    report = (out / "report.md").read_text()
+    assert "| 0.001 (auto) |" in report and f"| {metric['eps']:g} (auto) |" in report

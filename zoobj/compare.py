@@ -57,12 +57,12 @@ def compare(task: str, ce_lr: float | None = None, output: str | None = None, re
     lines = [f"# zoobj compare: {t.name}, {metric}", "",
              f"Model {base.model}; {base.steps} steps, batch {base.batch_size}, seed {base.seed}, parameters: {base.peft}; "
              f"evaluated on the first {zero['n']} examples of {zero['split']} (95% bootstrap intervals).", "",
-             f"| | {metric} | 95% CI | steps | tie rate | wall time |", "|---|---|---|---|---|---|"]
+             f"| | {metric} | 95% CI | steps | eps | tie rate | wall time |", "|---|---|---|---|---|---|---|"]
     for name, r in arms.items():
         low, high = r["ci95"]
         tie = f"{r['tie_rate']:.0%}" if "tie_rate" in r else "-"
         lines.append(f"| {name} | {100 * r['value']:.1f} | [{100 * low:.1f}, {100 * high:.1f}] | "
-                     f"{_steps(r)} | {tie} | {r['wall_seconds']:.0f} s |")
+                     f"{_steps(r)} | {_eps(r)} | {tie} | {r['wall_seconds']:.0f} s |")
     lines += ["", "Runs: `ce/` and `metric/` (each a full run directory; `zoobj export` rebuilds its weights).", ""]
     report = out / "report.md"
     tmp = out / ".report.md.tmp"
@@ -72,6 +72,15 @@ def compare(task: str, ce_lr: float | None = None, output: str | None = None, re
                                           for k, v in arms.items()})
     _plot(arms, metric, out / "compare.png")
     return report
+
+
+def _eps(result: dict) -> str:
+    """The eps an arm ran with (from its config.json: --eps auto chooses it per arm)."""
+    config = Path(result.get("run_dir", "")) / tj.CONFIG
+    if "run_dir" not in result or not config.exists():
+        return "-"
+    saved = tj.read_json(config)
+    return f"{saved['eps']:g}" + (" (auto)" if "eps_calibration" in saved else "")
 
 
 def _plot(arms: dict, metric: str, path: Path) -> None:
