@@ -62,7 +62,7 @@ def test_picks_the_smallest_grid_value_with_at_most_a_quarter_tied_and_leaves_th
     assert counted[0] > 2  # the smallest value ties too often: the choice is not the trivial one
     assert len(cal.tested) <= math.ceil(math.log2(len(grid) + 1))  # bisection
     for row in cal.tested:
-        assert row["ties"] == counted[grid.index(row["eps"])]
+        assert row["ties"] + row["saturated"] == counted[grid.index(row["eps"])]
 
 
 def test_a_loss_no_perturbation_changes_gives_no_eps_and_says_what_it_tried():
@@ -79,8 +79,25 @@ def test_non_finite_losses_count_against_a_value():
     assert calibrate_eps([w], [loss] * 8, [1e-3, 1e-2]).eps == 1e-3
     cal = calibrate_eps([w], [loss] * 8, [1e-3, 1.0, 10.0])  # bisection starts at 1.0: all nan, so look lower
     assert cal.eps == 1e-3
-    assert cal.tested == [{"eps": 1.0, "ties": 0, "nonfinite": 8}, {"eps": 1e-3, "ties": 0, "nonfinite": 0}]
+    assert cal.tested == [{"eps": 1.0, "ties": 0, "saturated": 0, "nonfinite": 8},
+                          {"eps": 1e-3, "ties": 0, "saturated": 0, "nonfinite": 0}]
     assert calibrate_eps([w], [loss] * 8, [1.0, 10.0]).eps is None
+
+
+def test_ties_away_from_the_unperturbed_loss_mean_too_large():
+    """A bounded metric saturates: two garbled answers both score 0, l+ == l- again, but
+    not at the unperturbed value. Such a tie sends the search lower, not higher."""
+    w = torch.zeros(8)
+
+    def loss():
+        if float(w.abs().max()) > 1:  # garbled on both sides alike
+            return 1.0
+        return float(w[0] > 0.01)  # flips once the shift is large enough
+
+    cal = calibrate_eps([w], [loss] * 8, [1e-3, 0.1, 10.0, 100.0, 1000.0])
+    assert cal.tested[0] == {"eps": 10.0, "ties": 0, "saturated": 8, "nonfinite": 0}
+    assert cal.eps == 0.1
+    assert calibrate_eps([w], [loss] * 8, [10.0, 100.0]).eps is None
 
 
 def test_a_closure_that_raises_leaves_the_weights_exact():
@@ -90,7 +107,7 @@ def test_a_closure_that_raises_leaves_the_weights_exact():
 
     def boom():
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 8 + 3:  # after the 8 unperturbed losses: mid-probe, weights shifted
             raise KeyboardInterrupt
         return model()
 

@@ -7,8 +7,11 @@ probes seeded directions, each on its own batch (one closure per direction), at 
 values of an ascending grid, and returns the smallest value at which at most
 ``max_tie_fraction`` of the directions are unusable (tied, or a loss that is not
 finite). The grid is searched by bisection, on the premise that larger perturbations
-flip more predictions (and that a value whose losses are mostly not finite is too
-large), so a grid of 5 values costs at most 3 probe rounds.
+flip more predictions, so a grid of 5 values costs at most 3 probe rounds (and one
+unperturbed evaluation per closure). A value is too large, and the search goes lower,
+when most of its unusable probes are not finite or tie *away* from the unperturbed
+loss (saturated: F1 is 0 on both sides once both answers are garbled); a tie at the
+unperturbed loss means too small.
 
 The weights are exactly what they were when it returns, or when a closure raises:
 with ``model`` the perturbation is built by forward hooks and never written
@@ -70,7 +73,7 @@ class Calibration:
                 "grid": self.grid, "tested": self.tested}
 
     def usable(self, row: dict) -> bool:
-        return row["ties"] + row["nonfinite"] <= self.max_tie_fraction * self.probes
+        return row["ties"] + row["saturated"] + row["nonfinite"] <= self.max_tie_fraction * self.probes
 
 
 def calibrate_eps(params: Sequence[torch.Tensor], closures: Sequence[Callable[[], float]], grid: Sequence[float], *,
@@ -88,18 +91,19 @@ def calibrate_eps(params: Sequence[torch.Tensor], closures: Sequence[Callable[[]
     if not closures:
         raise ValueError("calibrate_eps needs at least one closure (one probe direction each)")
     cal = Calibration(None, len(closures), max_tie_fraction, grid)
+    base = [float(c()) for c in closures]  # each probe batch's loss at the unperturbed weights
     lo, hi, best = 0, len(grid), None  # the answer's index lies in [lo, hi), if anywhere
     while lo < hi:
         mid = (lo + hi) // 2
         try:
-            row = _probe_round(list(params), closures, grid[mid], seed, model, kernel_for(noise))
+            row = _probe_round(list(params), closures, base, grid[mid], seed, model, kernel_for(noise))
         except NotReachable:  # a tensor no module's forward owns: write the shifts, copy back
             model = None
-            row = _probe_round(list(params), closures, grid[mid], seed, model, kernel_for(noise))
+            row = _probe_round(list(params), closures, base, grid[mid], seed, model, kernel_for(noise))
         cal.tested.append(row)
         if cal.usable(row):
             best, hi = mid, mid
-        elif row["nonfinite"] > row["ties"]:  # too far: the loss breaks down; look lower
+        elif row["saturated"] + row["nonfinite"] > row["ties"]:  # too far: the loss breaks down; look lower
             hi = mid
         else:  # too close: look higher
             lo = mid + 1
@@ -107,12 +111,14 @@ def calibrate_eps(params: Sequence[torch.Tensor], closures: Sequence[Callable[[]
     return cal
 
 
-def _probe_round(params: list, closures, eps: float, seed: int, model, kernel) -> dict:
-    """l+ and l- of each probe direction at scale ``eps``: how many tie, how many are not finite."""
+def _probe_round(params: list, closures, base: list[float], eps: float, seed: int, model, kernel) -> dict:
+    """l+ and l- of each probe direction at scale ``eps``: how many tie at the unperturbed
+    loss (too small to flip anything), how many tie away from it (saturated: both sides
+    broken alike, as F1 is 0 for two garbled answers), how many are not finite."""
     trained = list(enumerate(params))
     held = None if model is not None else [p.detach().to("cpu", copy=True) for p in params]
     perturb = Forward(trained, eps, kernel, model) if model is not None else InPlace(trained, eps, kernel)
-    ties = nonfinite = 0
+    ties = saturated = nonfinite = 0
     try:
         for j, closure in enumerate(closures):
             s = step_seed(seed, CALIBRATION_STEP, j)
@@ -124,8 +130,10 @@ def _probe_round(params: list, closures, eps: float, seed: int, model, kernel) -
             perturb.shift(s, +1.0)
             if not (math.isfinite(lp) and math.isfinite(lm)):
                 nonfinite += 1
-            elif lp == lm:
+            elif lp == lm == base[j]:
                 ties += 1
+            elif lp == lm:
+                saturated += 1
     finally:
         if held is None:
             perturb.restore(0)  # the hooks' temporaries dropped; nothing was written
@@ -134,4 +142,4 @@ def _probe_round(params: list, closures, eps: float, seed: int, model, kernel) -
             with atomic(), torch.no_grad():
                 for p, h in zip(params, held):
                     p.copy_(h.to(p.device))
-    return {"eps": eps, "ties": ties, "nonfinite": nonfinite}
+    return {"eps": eps, "ties": ties, "saturated": saturated, "nonfinite": nonfinite}

@@ -323,15 +323,16 @@ def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, task, train_ro
                                  f"{', '.join(f'{e:g}' for e in grid)} ..."})
     cal = calibrate_eps(params, [lambda b=b: objective(b) for b in batches], grid, seed=cfg.seed, model=model,
                         max_tie_fraction=MAX_TIE_FRACTION)
-    tested = ", ".join(f"{row['eps']:g}: {row['ties'] + row['nonfinite']} of {PROBES}" for row in cal.tested)
+    tested = ", ".join(f"{row['eps']:g}: {row['ties']} tied, {row['saturated']} saturated, {row['nonfinite']} "
+                       "not finite" for row in cal.tested)
     if cal.eps is None:
         what = "its cross-entropy" if cfg.objective == "ce" else f"{cfg.metric} on a batch of {cfg.batch_size}"
         raise ConfigError(f"--eps auto: no eps from {grid[0]:g} to {grid[-1]:g} changed {what} along at least 3 in "
-                          f"4 of {PROBES} probe directions (tied or not finite, by eps: {tested}); levers that "
+                          f"4 of {PROBES} probe directions (by eps: {tested}); levers that "
                           "remain: a larger --batch-size, --smooth T (classification tasks), a metric with finer "
                           "steps, or --eps N")
     cfg.eps = cal.eps
-    report("status", {"message": f"--eps auto: eps {cal.eps:g} (probes tied or not finite, by eps: {tested})"})
+    report("status", {"message": f"--eps auto: eps {cal.eps:g} (of {PROBES} probes, by eps: {tested})"})
     return cal.as_dict()
 
 
