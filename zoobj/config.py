@@ -231,12 +231,13 @@ def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
     trajectory: resuming a finished run with ``--keep best`` re-does only its final
     evaluation), any other flag must agree."""
     cfg = load_run_config(run_dir)
+    calibrated = "eps_calibration" in tj.read_json(Path(run_dir) / tj.CONFIG)
     for key, value in overrides.items():
         if value is None or key in ("output", "steps", "keep", "save_model"):  # save_model is per invocation, not saved
             continue
         if key == "eps":  # the command line gives it as text
             value = _eps_value(value)
-            if value == AUTO and "eps_calibration" in tj.read_json(Path(run_dir) / tj.CONFIG):
+            if value == AUTO and calibrated:
                 continue  # the run was made with --eps auto: its calibrated eps stands
         if getattr(cfg, key) != value:
             raise ConfigError(f"--{key.replace('_', '-')} {value!r} contradicts the run's {getattr(cfg, key)!r} "
