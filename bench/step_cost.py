@@ -6,6 +6,9 @@ one run, interleaved round by round so that machine noise hits every arm alike:
 
 - two inference forwards (the unit: a MeZO step cannot do with less),
 - a zoobj step (``zoobj.MeZO``: counter-based noise, three fused passes),
+- one noise pass alone (``p <- p + b*z`` over every parameter), reported in ns per
+  element: the part of a step that depends on the CPU's vector unit (the hash works
+  in int32 lanes, so AVX2 vectorises it as AVX-512 does),
 - a zoobj step with ``perturb="forward"`` (the exact scheme for bf16/fp16: the
   perturbed weights are built per module during the forward; run here in fp32 to
   show its cost),
@@ -96,8 +99,17 @@ def timing(shape):
     opt.step(forward)
     exact_step()
     reference_step(params, forward, 0, 1e-7, 1e-3)
-    two_fwd, zo, fw, ref = [], [], [], []
+    from zoobj.noise import _axpz_param, _kernel
+
+    def noise_pass(r):
+        sign = 1.0 if r % 2 == 0 else -1.0  # alternate, so the weights wander no further than one pass
+        for i, p in enumerate(params):
+            _axpz_param(p, 12345, i, 1.0, sign * 1e-3, _kernel)
+
+    noise_pass(1)
+    two_fwd, zo, fw, ref, npass = [], [], [], [], []
     arms = [
+        (npass, noise_pass),
         (two_fwd, lambda r: (forward(), forward())),
         (zo, lambda r: opt.step(forward)),
         (fw, lambda r: exact_step()),
@@ -105,7 +117,7 @@ def timing(shape):
     ]
     for r in range(shape["rounds"]):
         # the order turns each round, so no arm always runs first or last
-        for times, fn in arms[r % 4 :] + arms[: r % 4]:
+        for times, fn in arms[r % len(arms) :] + arms[: r % len(arms)]:
             t = time.perf_counter()
             fn(r)
             times.append(time.perf_counter() - t)
@@ -120,8 +132,21 @@ def timing(shape):
         "forward_step_s": statistics.median(fw),
         "reference_step_s": statistics.median(ref),
         "noise_backend": opt.noise_backend,
+        "noise_ns_per_element": statistics.median(npass) * 1e9 / sum(p.numel() for p in params),
         "threads": torch.get_num_threads(),
     }
+
+
+def cpu_label() -> str:
+    """The CPU's model name and its widest vector extension (the noise pass depends on it)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown CPU"
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "unknown CPU")
+    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+    vec = "AVX-512" if "avx512f" in flags else "AVX2 (no AVX-512)" if "avx2" in flags else "no AVX2"
+    return f"{name}, {vec}"
 
 
 def peak(mode, shape):
@@ -184,6 +209,7 @@ def main() -> None:
     label = "quick" if args.quick else "OPT-125m"
     print(f"shape {label}: {t['params_millions']:.1f}M parameters, batch {shape['batch']} x {shape['seq']}, fp32, "
           f"{t['threads']} threads, noise {t['noise_backend']}, median of {shape['rounds']} rounds (ratios per round)")
+    print(f"CPU: {cpu_label()}; one noise pass: {t['noise_ns_per_element']:.2f} ns per element")
     print(f"{'':24} {'time':>10} {'/ 2 fwd':>8} {'peak RSS':>11} {'/ infer':>8}")
     for r in rows:
         print(f"{r[0]:24} {r[1]:>10} {r[2]:>8} {r[3]:>11} {r[4]:>8}")
@@ -194,6 +220,8 @@ def main() -> None:
         "peak_rss_over_inference": round(rss["mezo"] / rss["inference"], 4),
         "forward_perturb_peak_rss_over_inference": round(rss["mezo-forward"] / rss["inference"], 4),
         "adamw_peak_rss_over_inference": round(rss["adamw"] / rss["inference"], 4),
+        "noise_ns_per_element": round(t["noise_ns_per_element"], 3),
+        "cpu": cpu_label(),
     }))
 
 

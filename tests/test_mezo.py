@@ -121,6 +121,45 @@ def test_noise_is_standard_normal_and_varies_by_seed_and_index():
     assert abs(float((z * other_index).mean())) < 0.01
 
 
+def _hash32_int64(x):  # the noise hash as it was first written: int64 lanes, masked to 32 bits
+    for _ in range(2):
+        x = x ^ (x >> 16)
+        x = (x * 0x45D9F3B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_int32_noise_hash_gives_the_bits_of_the_int64_hash():
+    import zoobj.noise as zn
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2**32, (200_000,), dtype=torch.int64, generator=g)
+    x[:4] = torch.tensor([0, 2**31 - 1, 2**31, 2**32 - 1])
+    as_int32 = torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+    assert torch.equal(zn._hash32(as_int32).to(torch.int64) & 0xFFFFFFFF, _hash32_int64(x))
+    assert zn.NOISE_VERSION in zn.NOISE_VERSIONS
+
+
+def test_noise_is_the_int64_formula_up_to_the_top_of_a_span():
+    import math
+
+    import zoobj.noise as zn
+
+    seed, index, offset, n = 2**32 - 3, 5, 2**31 - 3000, 3000  # indices up to the last of a span
+    k1, k2 = zn._param_key(seed, index, 0)
+    i = torch.arange(n, dtype=torch.int64) + offset
+    u = _hash32_int64(i ^ k1)
+    v = _hash32_int64(u ^ k2)
+    u1 = ((u >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+    u2 = (v >> 8).to(torch.float32) * (2.0**-24)
+    want = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    got = torch.zeros(n)
+    zn._chunk_axpz(got, seed, index, offset, 1.0, zn._eager_kernel)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    compiled = torch.zeros(n)
+    zn._chunk_axpz(compiled, seed, index, offset, 1.0, zn._kernel)
+    torch.testing.assert_close(compiled, want, rtol=1e-5, atol=1e-6)
+
+
 def test_step_seed_is_pure():
     assert step_seed(3, 10, 1) == step_seed(3, 10, 1)
     assert len({step_seed(0, t) for t in range(1000)}) == 1000

@@ -125,10 +125,23 @@ def test_rebuild_refuses_a_compiled_run_where_compile_is_unavailable(model_dir, 
             resume=True)
 
 
+def test_a_run_made_with_an_unknown_noise_version_is_refused(model_dir, tmp_path):
+    out = tmp_path / "future"
+    run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=1, keep="last", eval_every=0)))
+    config = json.loads((out / tj.CONFIG).read_text())
+    (out / tj.CONFIG).write_text(json.dumps({**config, "noise_version": 99}))
+    with pytest.raises(ConfigError, match="noise function version 99, which this zoobj does not have"):
+        export.rebuild(out)
+    with pytest.raises(ConfigError, match="noise function version 99"):
+        run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=2, keep="last", eval_every=0)),
+            resume=True)
+
+
 def test_a_new_run_records_where_its_noise_ran(model_dir, tmp_path):
     out = tmp_path / "run"
     run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=1, keep="last", eval_every=0)))
     config = json.loads((out / tj.CONFIG).read_text())
     assert config["noise_device"] == "cpu" and config["noise_backend"] in ("compiled", "eager")
+    assert config["noise_version"] == 1
     assert set(dataclasses.asdict(TrainConfig(task="sst2"))) - set(config) <= {
         "output", "save_model", "zero_shot", "device", "device_map"}

@@ -33,25 +33,25 @@ def tiny_tokenizer():
     return tok
 
 
-def tiny_gemma(vocab_size: int, seed: int = 0, sliding_window: int = 16):
+def tiny_gemma(vocab_size: int, seed: int = 0, sliding_window: int = 16, layers: int = 2):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=sliding_window,
-        max_position_embeddings=512, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=512, layer_types=["sliding_attention", "full_attention"] * (layers // 2),
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     return Gemma3ForCausalLM(cfg).eval()
 
 
-def tiny_llama(vocab_size: int, seed: int = 0):
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )

@@ -19,8 +19,8 @@ def _steps(r: dict) -> str:
 
 # The settings both arms share, as zoobj train takes them (zoobj.config), and the
 # comparison's own defaults where they differ: no dev evaluations (both arms would pay for them).
-SETTINGS = ("metric", "model", "steps", "batch_size", "lr", "eps", "n", "shaping", "peft", "seed", "eval_limit", "eval_every",
-            "dev_limit", "keep", "train_max_new_tokens")
+SETTINGS = ("metric", "model", "steps", "batch_size", "lr", "eps", "n", "shaping", "peft", "layers", "shared", "seed",
+            "eval_limit", "eval_every", "dev_limit", "keep", "train_max_new_tokens")
 DEFAULTS = {"eval_every": 0}
 
 

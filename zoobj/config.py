@@ -72,6 +72,11 @@ class TrainConfig:
                            "so --lr is a step length per unit of noise, whatever the metric's jumps).")
     rule: str = setting("sgd", "Update rule: sgd, momentum or adam.")
     peft: str = setting("none", "Which parameters train: none (full parameters), lora or prefix.")
+    layers: str | None = setting(None, "Train only these decoder blocks: top:K (the last K) or A-B (0-based, "
+                                 "inclusive); full parameters add the final norm.", shown="all")
+    shared: bool = setting(True, "Compute the frozen blocks below the lowest trained one once per step and reuse "
+                           "them in every probe (falls back to the plain path, with a log line, where it cannot).",
+                           flag="--shared/--no-shared")
     seed: int = setting(0, "Seed of noise and batches.")
     weight_decay: float = 0.0
     train_embeddings: bool = setting(False, "Perturb the token embeddings too.",

@@ -69,6 +69,19 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def _prefill(model, shared, key, **inputs):
+    """The prompt forward (last position's logits, the cache): through ``shared`` (a
+    ``zoobj.shared.SharedPrefix``) when it can serve these inputs, else the plain model."""
+    if shared is not None and shared.disabled is None:
+        from zoobj.shared import _Unsupported
+
+        try:
+            return shared.forward(key, **inputs)
+        except _Unsupported as exc:
+            shared.disable(str(exc))
+    return model(**inputs, use_cache=True, logits_to_keep=1)
+
+
 def _batches(n: int, size: int):
     for start in range(0, n, size):
         yield range(start, min(n, start + size))
@@ -77,13 +90,15 @@ def _batches(n: int, size: int):
 @torch.inference_mode()
 def score_candidates(
     model, tok, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
-    length_normalize: bool = True, batch_size: int = 16,
+    length_normalize: bool = True, batch_size: int = 16, shared=None,
 ) -> list[list[float]]:
     """Log-likelihood of each candidate string appended to its prompt.
 
     ``candidates[i]`` are the continuations of ``prompts[i]``, each exactly as it is to
     be appended (leading space included where the template wants one). With
     ``length_normalize`` the score is the mean log-probability per candidate token.
+    ``shared`` (``zoobj.shared.SharedPrefix``): the frozen lower blocks over each batch
+    of prompts are computed once and reused while the prompts and those weights stay.
     """
     dev, pad = _device(model), tok.pad_token_id
     prompt_ids = _encode(tok, prompts, special=True)
@@ -94,9 +109,13 @@ def score_candidates(
                 raise ValueError(f"candidate {candidates[i][j]!r} encodes to no tokens")
     scores: list[list[float]] = [[] for _ in prompts]
     kw = _cache_kw(model)
+    if shared is not None:
+        shared.begin(tuple(p) for p in prompt_ids)
     for rows in _batches(len(prompts), batch_size):
         ids, mask = _left_pad([prompt_ids[i] for i in rows], pad, dev)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1)
+        use = shared if shared is not None and shared.fits(ids.shape[1]) else None
+        out = _prefill(model, use, tuple(tuple(prompt_ids[i]) for i in rows),
+                       input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (b, V)
         flat = [(r, j, c) for r, i in enumerate(rows) for j, c in enumerate(cand_ids[i])]
         totals = {(r, j): float(first[r, c[0]]) for r, j, c in flat}
@@ -146,17 +165,18 @@ def _stop_ids(tok) -> set[int]:
     return stops
 
 
-def _merged_prefill(model, prompt_ids: list[list[int]], dev):
+def _merged_prefill(model, prompt_ids: list[list[int]], dev, shared=None):
     """Prefill each prompt alone (no compute spent on padding), then stack the KV caches
     left-padded into one batch for decoding. None where the cache cannot be stacked
-    (no per-layer tensors, or a prompt that a sliding-window layer has already cut)."""
+    (no per-layer tensors, or a prompt that a sliding-window layer has already cut).
+    With ``shared``, each prompt's frozen lower blocks come from its store."""
     from torch.nn.functional import pad as fpad
 
     window = getattr(model.config, "sliding_window", None) or 0
     width = max(len(p) for p in prompt_ids)
     if window and width >= window - 1:
         return None
-    outs = [model(input_ids=torch.tensor([p], device=dev), use_cache=True, logits_to_keep=1) for p in prompt_ids]
+    outs = [_prefill(model, shared, tuple(p), input_ids=torch.tensor([p], device=dev)) for p in prompt_ids]
     caches = [_cache_out(o) for o in outs]
     if not all(hasattr(c, "layers") for c in caches):
         return None
@@ -182,12 +202,14 @@ def _merged_prefill(model, prompt_ids: list[list[int]], dev):
 
 @torch.inference_mode()
 def generate(
-    model, tok, prompts: Sequence[str], max_new_tokens: int = 50, batch_size: int = 16,
+    model, tok, prompts: Sequence[str], max_new_tokens: int = 50, batch_size: int = 16, shared=None,
 ) -> list[str]:
     """Greedy continuations, cut at the first newline (or eos), stripped.
 
     Prompts are prefilled one by one (so no work goes into padding) and decoded
-    together; a row that has stopped leaves the batch.
+    together; a row that has stopped leaves the batch. With ``shared``
+    (``zoobj.shared.SharedPrefix``) each prompt's frozen lower blocks are computed once
+    and reused while the prompts and those weights stay; decoding runs every block.
     """
     dev, pad = _device(model), tok.pad_token_id
     prompt_ids = _encode(tok, prompts, special=True)
@@ -195,15 +217,18 @@ def generate(
     stops = torch.tensor(sorted(_stop_ids(tok)), device=dev)
     results: list[str] = [""] * len(prompts)
     kw = _cache_kw(model)
+    if shared is not None:
+        shared.begin(tuple(p) for p in prompt_ids)
     for rows in _batches(len(order), batch_size):
         idx = [order[i] for i in rows]
-        merged = _merged_prefill(model, [prompt_ids[i] for i in idx], dev)
+        fits = shared is not None and shared.fits(max(len(prompt_ids[i]) for i in idx))
+        merged = _merged_prefill(model, [prompt_ids[i] for i in idx], dev, shared if fits else None)
         if merged is not None:
             logits, cache, mask = merged
         else:  # one padded batch
             ids, mask = _left_pad([prompt_ids[i] for i in idx], pad, dev)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
-                        logits_to_keep=1)
+            out = _prefill(model, shared if fits else None, tuple(tuple(prompt_ids[i]) for i in idx),
+                           input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
             logits, cache = out.logits[:, -1], _cache_out(out)
         new = torch.full((len(idx), max_new_tokens), pad, dtype=torch.long, device=dev)
         active = torch.arange(len(idx), device=dev)  # rows still generating

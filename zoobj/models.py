@@ -240,7 +240,8 @@ def init_prefix_from_tokens(model, ids: list[int]) -> None:
 
 
 def trainable_parameters(model, peft: str = "none", train_embeddings: bool = False, seed: int = 0,
-                         lora_r: int = 8, lora_alpha: int = 16, prefix_tokens: int = 5, tok=None):
+                         lora_r: int = 8, lora_alpha: int = 16, prefix_tokens: int = 5, tok=None,
+                         layers: str | None = None):
     """Choose what MeZO perturbs. Returns ``(model, [(name, tensor), ...])`` in a fixed order.
 
     - ``none``: every weight of the model (full-parameter MeZO), except the token
@@ -251,10 +252,21 @@ def trainable_parameters(model, peft: str = "none", train_embeddings: bool = Fal
     - ``prefix``: prefix tuning from ``peft`` (5 virtual tokens per layer), initialised
       with the model's own keys and values of 5 word tokens drawn with ``seed`` (from the
       tokenizer's plain words when ``tok`` is given).
+
+    ``layers`` (``top:K`` or ``A-B``, see ``zoobj.blocks``) restricts full parameters to
+    those decoder blocks plus the final norm, and LoRA to the q/v projections inside them.
     """
+    from zoobj import blocks
+
+    if layers and peft == "prefix":
+        raise ConfigError("--layers does not apply to --peft prefix (a prefix acts in every layer); "
+                          "use --peft lora or full parameters, or leave --layers out")
     if peft == "none":
+        if layers and train_embeddings:
+            raise ConfigError("--layers with --train-embeddings: the embeddings lie below every block; "
+                              "choose one of the two")
         named = [(n, p) for n, p in model.named_parameters() if train_embeddings or not _is_embedding(n, model)]
-        return model, named
+        return model, blocks.select(model, named, layers) if layers else named
     if peft == "lora":
         try:
             from peft import LoraConfig, get_peft_model
@@ -263,6 +275,10 @@ def trainable_parameters(model, peft: str = "none", train_embeddings: bool = Fal
         targets = [m for m in ("q_proj", "v_proj") if any(n.endswith(m) for n, _ in model.named_modules())]
         if not targets:
             raise ConfigError("--peft lora: this model has no q_proj / v_proj modules to adapt")
+        if layers:  # the full names of the q/v projections inside the chosen blocks
+            prefix, chosen = blocks.resolve(model, layers)
+            targets = [n for n, _ in model.named_modules()
+                       if n.rsplit(".", 1)[-1] in targets and blocks.block_of(n, prefix) in set(chosen)]
         torch.manual_seed(seed)
         model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=targets,
                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))

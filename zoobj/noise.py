@@ -30,10 +30,16 @@ from collections.abc import Callable, Sequence
 import torch
 
 NOISE_BACKENDS = ("auto", "compiled", "eager")
+# The noise function's version, recorded in a run's config.json. 1: Mueller hash of
+# (key, index) twice, Box-Muller on the top 24 bits of each (the int32-lane form here
+# gives the same bits as the int64 form it replaced). A new version must keep the old
+# function for replay or have runs made with it refused.
+NOISE_VERSION = 1
+NOISE_VERSIONS = (1,)
 
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
-_HASH_MUL = 0x45D9F3B  # < 2**31, so a 32-bit value times it stays inside int64
+_HASH_MUL = 0x45D9F3B  # < 2**31: an int32 literal
 _TWO_PI = 2.0 * math.pi
 _EAGER_CHUNK = 1 << 20  # elements per chunk on the eager path
 _MAX_SPAN = 1 << 31  # element indices are hashed as 32-bit counters: re-key past this
@@ -72,21 +78,29 @@ def _param_key(seed: int, index: int, span: int) -> tuple[int, int]:
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
-    # Thomas Mueller's 32-bit integer hash, in int64 so that nothing overflows.
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL) & _M32
-    x = x ^ (x >> 16)
-    x = (x * _HASH_MUL) & _M32
-    return x ^ (x >> 16)
+    # Thomas Mueller's 32-bit integer hash in int32 lanes: the multiply wraps modulo
+    # 2**32 and the shifts are made logical by masking, so the bits are those of the
+    # unsigned hash. (int32, not int64: AVX2 has a 32-bit vector multiply but no 64-bit
+    # one, and the int64 form ran scalar there, ~4x slower per element.)
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _HASH_MUL
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _HASH_MUL
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _key(k: int, device) -> torch.Tensor:
+    """A 32-bit key (or offset) as an int32 tensor holding the same bits."""
+    return torch.tensor(k - (1 << 32) if k >= 1 << 31 else k, dtype=torch.int32, device=device)
 
 
 def _axpz(flat: torch.Tensor, k1, k2, offset, a, b) -> None:
     """``flat <- a * flat + b * z[offset : offset + len(flat)]``, in place, computed in fp32."""
-    i = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) + offset
+    i = torch.arange(flat.numel(), device=flat.device, dtype=torch.int32) + offset  # < 2**31
     u = _hash32(i ^ k1)
     v = _hash32(u ^ k2)
-    u1 = ((u >> 8).to(torch.float32) + 0.5) * (2.0**-24)  # (0, 1): log is finite
-    u2 = (v >> 8).to(torch.float32) * (2.0**-24)
+    u1 = (((u >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (2.0**-24)  # (0, 1): log is finite
+    u2 = ((v >> 8) & 0xFFFFFF).to(torch.float32) * (2.0**-24)
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
     flat.copy_((flat.to(torch.float32) * a + z * b).to(flat.dtype))
 
@@ -114,7 +128,7 @@ class _Kernel:
                         torch._dynamo.config.recompile_limit = 32
                     fn = torch.compile(_axpz, dynamic=True)
                     probe = torch.zeros(8, device=device_type)
-                    t = torch.zeros((), dtype=torch.int64, device=device_type)
+                    t = _key(0, device_type)
                     fn(probe, t, t, t, torch.ones((), device=device_type), torch.ones((), device=device_type))
                     self._compiled[device_type] = fn
                 except Exception as exc:  # no C++ compiler / triton, unsupported platform, ...
@@ -136,9 +150,9 @@ class _Kernel:
         compiled = self._get_compiled(dev.type)
         for span, start in enumerate(range(0, flat.numel(), _MAX_SPAN)):
             part = flat[start : start + _MAX_SPAN]
-            k1, k2 = (torch.tensor(k, dtype=torch.int64, device=dev) for k in _param_key(seed, index, span))
+            k1, k2 = (_key(k, dev) for k in _param_key(seed, index, span))
             if compiled is not None:
-                compiled(part, k1, k2, torch.zeros((), dtype=torch.int64, device=dev), fa, fb)
+                compiled(part, k1, k2, _key(0, dev), fa, fb)
                 continue
             for off in range(0, part.numel(), _EAGER_CHUNK):
                 _axpz(part[off : off + _EAGER_CHUNK], k1, k2, off, fa, fb)
@@ -182,10 +196,10 @@ def _chunk_axpz(buf: torch.Tensor, seed: int, index: int, offset: int, b: float,
         _chunk_axpz(buf[cut:], seed, index, offset + cut, b, kernel)
         return
     dev = buf.device
-    k1, k2 = (torch.tensor(k, dtype=torch.int64, device=dev) for k in _param_key(seed, index, span))
+    k1, k2 = (_key(k, dev) for k in _param_key(seed, index, span))
     one = torch.ones((), dtype=torch.float32, device=dev)
     fb = torch.tensor(b, dtype=torch.float32, device=dev)
-    off = torch.tensor(local, dtype=torch.int64, device=dev)
+    off = _key(local, dev)
     fn = kernel._get_compiled(dev.type) or _axpz
     fn(buf, k1, k2, off, one, fb)
 

@@ -21,21 +21,23 @@ from zoobj.metrics import bootstrap_ci, get_metric
 OBJECTIVES = ("metric", "ce")
 
 
-def predict(model, tok, task, rows: Sequence[dict], batch_size: int = 16, max_new_tokens: int | None = None) -> list:
-    """Predictions for ``rows``: class indices (classification) or answer strings (generation)."""
+def predict(model, tok, task, rows: Sequence[dict], batch_size: int = 16, max_new_tokens: int | None = None,
+            shared=None) -> list:
+    """Predictions for ``rows``: class indices (classification) or answer strings (generation).
+    ``shared``: a ``zoobj.shared.SharedPrefix`` (the frozen lower blocks computed once per batch)."""
     prompts = [task.prompt(r) for r in rows]
     if task.kind == "generation":
         limit = max_new_tokens or getattr(task, "max_new_tokens", 50)
-        return inference.generate(model, tok, prompts, max_new_tokens=limit, batch_size=batch_size)
+        return inference.generate(model, tok, prompts, max_new_tokens=limit, batch_size=batch_size, shared=shared)
     scores = inference.score_candidates(
         model, tok, prompts, [task.choices(r) for r in rows],
-        length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size,
+        length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size, shared=shared,
     )
     return [int(np.argmax(s)) for s in scores]
 
 
 def expected_metric(model, tok, task, metric, rows: Sequence[dict], temperature: float,
-                    batch_size: int = 16) -> tuple[float, int]:
+                    batch_size: int = 16, shared=None) -> tuple[float, int]:
     """``(sum over rows of E[metric], rows counted)`` with the prediction drawn from
     ``softmax(candidate scores / temperature)`` -- a smoothed metric for classification.
 
@@ -51,7 +53,8 @@ def expected_metric(model, tok, task, metric, rows: Sequence[dict], temperature:
         return 0.0, 0
     prompts = [task.prompt(r) for r in rows]
     scores = inference.score_candidates(model, tok, prompts, [task.choices(r) for r in rows],
-                                        length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size)
+                                        length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size,
+                                        shared=shared)
     refs = [task.reference(r) for r in rows]
     widest = max(len(s) for s in scores)
     value = np.zeros((len(rows), widest))
@@ -75,7 +78,7 @@ def expected_metric(model, tok, task, metric, rows: Sequence[dict], temperature:
 
 def metric_objective(model, tok, task, metric: str | Callable, batch_size: int = 16,
                      max_new_tokens: int | None = None, world=None,
-                     smooth: float = 0.0) -> Callable[[Sequence[dict]], float]:
+                     smooth: float = 0.0, shared=None) -> Callable[[Sequence[dict]], float]:
     """``batch -> -metric(predictions(batch), references(batch))``.
 
     With a ``world`` (data-parallel), each rank predicts its shard, the predictions are
@@ -84,6 +87,9 @@ def metric_objective(model, tok, task, metric: str | Callable, batch_size: int =
 
     ``smooth > 0`` (classification): ``-E[metric]`` with predictions drawn from
     ``softmax(scores / smooth)`` (see ``expected_metric``).
+
+    ``shared`` (``zoobj.shared.SharedPrefix``): every call on the same batch reuses the
+    frozen lower blocks' work (the probes of one step).
     """
     fn = get_metric(metric) if isinstance(metric, str) else metric
     if smooth:
@@ -94,7 +100,7 @@ def metric_objective(model, tok, task, metric: str | Callable, batch_size: int =
 
         def smoothed(rows: Sequence[dict]) -> float:
             mine = rows if world is None else world.shard(rows)
-            total, counted = expected_metric(model, tok, task, fn, mine, smooth, batch_size)
+            total, counted = expected_metric(model, tok, task, fn, mine, smooth, batch_size, shared=shared)
             if world is not None:
                 total, counted = world.all_reduce_sum([total, counted])
             return -total / counted if counted else float("nan")
@@ -107,8 +113,10 @@ def metric_objective(model, tok, task, metric: str | Callable, batch_size: int =
 
     def loss(rows: Sequence[dict]) -> float:
         if world is None:
-            return value(rows, predict(model, tok, task, rows, batch_size=batch_size, max_new_tokens=max_new_tokens))
-        mine = predict(model, tok, task, world.shard(rows), batch_size=batch_size, max_new_tokens=max_new_tokens)
+            return value(rows, predict(model, tok, task, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                       shared=shared))
+        mine = predict(model, tok, task, world.shard(rows), batch_size=batch_size, max_new_tokens=max_new_tokens,
+                       shared=shared)
         preds = world.gather_predictions(mine, len(rows), strings=task.kind == "generation")
         result, failure = None, None
         if world.is_main:
@@ -144,6 +152,7 @@ def make_objective(kind: str, model, tok, task, metric, **kw) -> Callable[[Seque
     if kind == "ce":
         kw.pop("max_new_tokens", None)
         kw.pop("smooth", None)
+        kw.pop("shared", None)
         return ce_objective(model, tok, task, **kw)
     from zoobj.errors import ConfigError
 

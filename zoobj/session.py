@@ -15,6 +15,7 @@ import torch
 from zoobj.config import TrainConfig
 from zoobj.errors import ConfigError
 from zoobj.mezo import MeZO
+from zoobj.noise import NOISE_VERSIONS
 
 
 @dataclass
@@ -66,7 +67,8 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict |
 
     if model is None:
         model, tok = load_model(cfg.model, dtype=cfg.dtype, device=_device(cfg, world), device_map=cfg.device_map)
-    model, named = trainable_parameters(model, cfg.peft, cfg.train_embeddings, seed=cfg.seed, tok=tok)
+    model, named = trainable_parameters(model, cfg.peft, cfg.train_embeddings, seed=cfg.seed, tok=tok,
+                                        layers=cfg.layers)
     params = [p for _, p in named]
     if calibrate is not None:
         calibrate(model, tok, params)
@@ -90,6 +92,11 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict |
 
 def _recorded_noise(recorded: dict | None, params: list, run_dir) -> str:
     """The noise kernel a run's trajectory must be replayed with ("auto" for a new run)."""
+    version = (recorded or {}).get("noise_version", 1)  # runs made before the key existed: version 1
+    if version not in NOISE_VERSIONS:
+        raise ConfigError(f"run {run_dir} was made with noise function version {version}, which this zoobj "
+                          f"does not have (it has {', '.join(map(str, NOISE_VERSIONS))}); replay it with the "
+                          "zoobj version that made it (config.json: zoobj_version)")
     if not recorded or recorded.get("noise_backend") not in ("compiled", "eager"):
         return "auto"
     backend, device = recorded["noise_backend"], recorded.get("noise_device")

@@ -34,9 +34,11 @@ import torch
 
 import zoobj
 from zoobj import trajectory as tj
+from zoobj.blocks import trained_blocks
 from zoobj.config import AUTO, PAPER_DEFAULTS, TrainConfig, check_same_run, recorded_settings
 from zoobj.errors import ConfigError
 from zoobj.export import save_model_dir
+from zoobj.noise import NOISE_VERSION
 from zoobj.objective import evaluate, make_objective
 from zoobj.plots import plot_curve
 from zoobj.session import Session, prepare, weights_hash
@@ -239,8 +241,10 @@ def _create_run_dir(r: RunState, base_hash: str) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     tj.write_json(out / tj.CONFIG, {
         **recorded_settings(cfg), "zoobj_version": zoobj.__version__, "base_weights_sha256": base_hash,
+        "noise_version": NOISE_VERSION,
         "noise_backend": session.optimizer.noise_backend, "noise_device": session.params[0].device.type,
         "trainable_parameters": sum(p.numel() for p in session.params), "data_note": r.note,
+        "trained_blocks": trained_blocks(session.model, session.params),
         "world_size": r.world.size if r.world else 1,
         **({"eps_calibration": r.calibration} if r.calibration else {}),
     })
@@ -277,11 +281,31 @@ def _replay(r: RunState, saved: dict, records: list[dict]) -> None:
         tj.write_json(r.out / tj.CONFIG, {**saved, "steps": cfg.steps, "keep": cfg.keep})
 
 
+def _trained_set(r: RunState) -> str:
+    """One line: how many parameters train, and in which decoder blocks."""
+    count = sum(p.numel() for p in r.session.params)
+    where = trained_blocks(r.session.model, r.session.params)
+    span = "" if not where else f" in blocks {where[0]}-{where[-1]}" if where == list(range(where[0], where[-1] + 1)) \
+        else f" in blocks {', '.join(map(str, where))}"
+    return f"training {count:,} parameters ({r.cfg.peft if r.cfg.peft != 'none' else 'full'}){span}"
+
+
 def begin(r: RunState) -> tuple[Callable[[list], float], dict | None]:
     """The objective the steps minimise; the zero-shot evaluation (a new run's, or a
     resumed run's from its log); the "start" event."""
     cfg, world = r.cfg, r.world
-    objective = _objective(cfg, r.session.model, r.session.tok, r.task, world)
+    objective = _objective(cfg, r.session.model, r.session.tok, r.task, world, params=r.session.params)
+    r.report("status", {"message": _trained_set(r)})
+    if objective.shared_note:
+        r.log.append({"event": "shared", "on": objective.shared is not None, "message": objective.shared_note})
+        r.report("status", {"message": objective.shared_note})
+    if objective.shared is not None:
+        def disabled(why: str) -> None:  # the shared path met something it cannot serve: plain from here on
+            message = f"shared lower blocks off from here on ({why}): every probe runs the whole model"
+            r.log.append({"event": "shared", "on": False, "message": message})
+            r.report("status", {"message": message})
+
+        objective.shared.on_disable = disabled
     if r.note:
         r.log.append({"event": "note", "message": r.note})
     if r.calibration:
@@ -300,12 +324,24 @@ def begin(r: RunState) -> tuple[Callable[[list], float], dict | None]:
     return objective, zero
 
 
-def _objective(cfg: TrainConfig, model, tok, task, world) -> Callable[[list], float]:
-    """The loss of a batch of rows: what each probe of a step (and of --eps auto) evaluates."""
+def _objective(cfg: TrainConfig, model, tok, task, world, params: list | None = None) -> Callable[[list], float]:
+    """The loss of a batch of rows: what each probe of a step (and of --eps auto) evaluates.
+    With ``cfg.shared`` and the trained ``params``, the metric objective computes the
+    frozen blocks below the lowest trained one once per batch (``zoobj.shared``); the
+    returned function's ``shared_note`` says whether and how (None: not asked for)."""
+    from zoobj.shared import SharedPrefix
+
     data_world = world if world is not None and cfg.parallel == "data" else None
-    return make_objective(cfg.objective, model, tok, task, cfg.metric, batch_size=cfg.batch_size, world=data_world,
-                          **({"max_new_tokens": cfg.train_max_new_tokens, "smooth": cfg.smooth}
-                             if cfg.objective == "metric" else {}))
+    shared, note = None, None
+    if cfg.shared and params is not None and cfg.objective == "metric":
+        shared, why = SharedPrefix.build(model, params)
+        note = why if shared is not None or not why else \
+            f"shared lower blocks off ({why}): every probe runs the whole model"
+    fn = make_objective(cfg.objective, model, tok, task, cfg.metric, batch_size=cfg.batch_size, world=data_world,
+                        **({"max_new_tokens": cfg.train_max_new_tokens, "smooth": cfg.smooth, "shared": shared}
+                           if cfg.objective == "metric" else {}))
+    fn.shared, fn.shared_note = shared, note
+    return fn
 
 
 def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, task, train_rows: list, world, report) -> dict:
@@ -315,7 +351,7 @@ def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, task, train_ro
     written. A metric that no grid value un-ties is one ConfigError naming the levers left."""
     from zoobj.calibrate import MAX_TIE_FRACTION, PROBES, calibrate_eps, eps_grid
 
-    objective = _objective(cfg, model, tok, task, world)
+    objective = _objective(cfg, model, tok, task, world, params=params)
     batches = [[train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(train_rows))]
                for step in range(PROBES)]
     grid = eps_grid(PAPER_DEFAULTS[cfg.peft][1])

@@ -1,0 +1,187 @@
+"""Compute once per step what a step's perturbations cannot change.
+
+Within a MeZO step only the trained tensors move. When they all sit in decoder blocks
+``cut`` and above (``--layers top:K``, LoRA on the upper blocks), the embeddings and
+blocks ``0 .. cut-1`` compute the same thing over a prompt for every one of the 2N
+probes: their output hidden states and their keys and values. ``SharedPrefix`` keeps
+those, per prompt (generation) or per padded batch (scoring), and a probe runs only
+blocks ``cut ..`` over the prompt, then decodes with a cache assembled from the shared
+lower layers and its own upper ones.
+
+How, without touching model code: a probe's forward is the model's own forward with
+blocks ``0 .. cut-2`` passing their input through and block ``cut-1`` returning the
+stored hidden states (the instance's ``forward`` is swapped for the call, then put
+back); the lower pass is the model's forward with blocks ``cut ..`` passing through,
+block ``cut-1``'s output caught by a hook. Masks, positions and rotary embeddings are
+the model's own. Where this cannot work the caller is told why (``SharedPrefix.build``
+returns the reason) and runs the plain path:
+
+- a trained tensor below every block (embeddings, a prefix: ``blocks.lowest_trained_block``);
+- no block list found, or blocks that do not return a plain tensor (older transformers);
+- a model spread over devices (accelerate's hooks own each block's ``forward``);
+- per batch: a prompt longer than a sliding-window layer keeps (its cache is cut).
+
+The store is invalidated when the batch's prompts change and when any tensor below the
+cut has been written in place since (its version counter moved), so a stale cache is
+never used.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from zoobj import blocks as _blocks
+
+
+def _pass_through(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+@contextmanager
+def _swapped(modules: list[torch.nn.Module], forwards: list):
+    """Give each module an instance ``forward`` for the duration, then restore what it had."""
+    saved = [m.__dict__.get("forward") for m in modules]
+    try:
+        for m, f in zip(modules, forwards):
+            m.forward = f
+        yield
+    finally:
+        for m, f in zip(modules, saved):
+            if f is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = f
+
+
+class _Output:
+    """What a plain forward returns and the inference code reads: logits and the cache."""
+
+    def __init__(self, logits, cache):
+        self.logits, self.cache = logits, cache
+
+    def __contains__(self, key):
+        return key == "cache"
+
+    def get(self, key, default=None):
+        return self.cache if key == "cache" else default
+
+
+class SharedPrefix:
+    """The frozen lower blocks' hidden states and keys/values for the current batch."""
+
+    def __init__(self, model, cut: int, prefix: str, block_list: torch.nn.ModuleList,
+                 params: list[torch.Tensor]) -> None:
+        self.model, self.cut, self.prefix, self.blocks = model, cut, prefix, block_list
+        self.window = getattr(_blocks._config(model), "sliding_window", None) or 0
+        trained = {id(p) for p in params}
+        # what the stored states depend on: the lower blocks, and the untrained tensors
+        # outside the blocks (embeddings; a frozen final norm or head is harmless here)
+        self._below = [p for n, p in model.named_parameters() if id(p) not in trained
+                       and ((b := _blocks.block_of(n, prefix)) is None or b < cut)]
+        self._store: dict = {}
+        self._batch: frozenset | None = None
+        self._version: int | None = None
+        self.hits = self.misses = 0
+        self.disabled: str | None = None  # why the plain path runs from now on
+        self.on_disable = None  # called once with that reason (the training loop logs it)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def build(cls, model, params: list[torch.Tensor]) -> tuple[SharedPrefix | None, str]:
+        """``(SharedPrefix, description)``, ``(None, why the plain path runs)``, or ``(None, "")``
+        where block 0 trains (nothing lies below it)."""
+        found = _blocks.find_blocks(model)
+        if found is None:
+            return None, "no decoder block list found in this model"
+        devices = set(getattr(model, "hf_device_map", {}) .values()) if hasattr(model, "hf_device_map") else set()
+        if len(devices) > 1:
+            return None, "the model is spread over several devices"
+        cut = _blocks.lowest_trained_block(model, params)
+        if cut is None:
+            return None, "a trained tensor acts below every block (embeddings or a prefix)"
+        if cut == 0:  # nothing below the trained blocks: not a fallback, there is nothing to share
+            return None, ""
+        prefix, block_list = found
+        return cls(model, cut, prefix, block_list, params), f"blocks 0-{cut - 1} computed once per step, {len(block_list) - cut} per probe"
+
+    # ------------------------------------------------------------------ the store
+
+    def _fingerprint(self) -> int:
+        return sum(p._version for p in self._below)
+
+    def begin(self, keys) -> None:
+        """A prediction call over these prompts starts: drop what belongs to another batch
+        or to weights that have changed since it was stored."""
+        batch, version = frozenset(keys), self._fingerprint()
+        if batch != self._batch or version != self._version:
+            self._store.clear()
+            self._batch, self._version = batch, version
+
+    def fits(self, width: int) -> bool:
+        """Whether a prompt this long keeps every key in a sliding-window layer's cache."""
+        return not self.window or width < self.window - 1
+
+    def disable(self, why: str) -> None:
+        if self.disabled is None:
+            self.disabled = why
+            self._store.clear()
+            if self.on_disable is not None:
+                self.on_disable(why)
+
+    # ------------------------------------------------------------------ the two passes
+
+    def _lower(self, key, **inputs):
+        """Blocks below the cut over these inputs: (hidden states after block cut-1, [(k, v)] per lower layer)."""
+        entry = self._store.get(key)
+        if entry is not None:
+            self.hits += 1
+            return entry
+        self.misses += 1
+        caught = {}
+
+        def catch(_module, _args, output):
+            caught["h"] = output
+
+        upper = list(self.blocks)[self.cut:]
+        handle = self.blocks[self.cut - 1].register_forward_hook(catch)
+        try:
+            with _swapped(upper, [_pass_through] * len(upper)):
+                out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        finally:
+            handle.remove()
+        h = caught.get("h")
+        if not isinstance(h, torch.Tensor):
+            raise _Unsupported("its decoder blocks return a tuple, not a tensor (an older transformers)")
+        cache = _cache_of(out)
+        kv = [(cache.layers[i].keys, cache.layers[i].values) for i in range(self.cut)]
+        self._store[key] = entry = (h, kv)
+        return entry
+
+    def forward(self, key, **inputs):
+        """The model's output for ``inputs`` (logits of the last position, a full cache),
+        computing only the blocks from the cut up; ``key`` names the inputs in the store."""
+        h, kv = self._lower(key, **inputs)
+        lower = list(self.blocks)[: self.cut]
+
+        def inject(hidden_states, *args, **kwargs):
+            return h
+
+        with _swapped(lower, [_pass_through] * (self.cut - 1) + [inject]):
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        cache = _cache_of(out)
+        for i, (k, v) in enumerate(kv):  # the shared lower layers join the probe's own upper ones
+            cache.update(k, v, i)
+        return _Output(out.logits, cache)
+
+
+class _Unsupported(RuntimeError):
+    """The shared path cannot run on this model (the message says why)."""
+
+
+def _cache_of(out):
+    from zoobj.inference import _cache_out
+
+    return _cache_out(out)
