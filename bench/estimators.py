@@ -136,8 +136,9 @@ def plot(task: str, metric: str, base: float, curves: dict, png: Path) -> None:
         plain = n == "n1"
         # flat arms overlap: a small vertical offset per arm keeps each line visible
         ys = [y + (0 if plain else 0.002 * (i - len(curves) / 2)) for y in ys]
+        first_plain = plain and not any(k.startswith("n1-") for k in list(curves)[:i])
         ax.plot(xs, ys, "-" if plain else ":" if n == "n8" else "--", marker="o", ms=3, lw=2.2 if plain else 1.4,
-                color="black" if plain else colours.get(shaping), label=name)
+                color=("black" if first_plain else "gray") if plain else colours.get(shaping), label=name)
     ax.text(0.01, 0.01, "populations drawn offset by up to +-0.008 so overlapping lines stay visible",
             transform=ax.transAxes, fontsize=7, color="gray")
     ax.set_xlabel("training forward passes (closure calls)")
