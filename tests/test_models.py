@@ -49,7 +49,11 @@ def test_missing_path_is_a_model_error(path):
 
 
 def test_hub_id_offline_is_one_line(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub read the variable when it was imported: without this it waits on the network
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="network") as info:
         load_model("nobody-here/no-such-model")
     assert "\n" not in str(info.value)
