@@ -96,7 +96,7 @@ class SharedPrefix:
         found = _blocks.find_blocks(model)
         if found is None:
             return None, "no decoder block list found in this model"
-        devices = set(getattr(model, "hf_device_map", {}) .values()) if hasattr(model, "hf_device_map") else set()
+        devices = set((getattr(model, "hf_device_map", None) or {}).values())
         if len(devices) > 1:
             return None, "the model is spread over several devices"
         cut = _blocks.lowest_trained_block(model, params)
