@@ -69,6 +69,13 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def _keeps_whole_prompt(model, width: int) -> bool:
+    """Whether a prompt this long keeps every key in a sliding-window layer's cache (a cut
+    cache can be neither stacked with others nor shared)."""
+    window = getattr(model.config, "sliding_window", None) or 0
+    return not window or width < window - 1
+
+
 def _prefill(model, shared, key, **inputs):
     """The prompt forward (last position's logits, the cache): through ``shared`` (a
     ``zoobj.shared.SharedPrefix``) when it can serve these inputs, else the plain model."""
@@ -113,7 +120,7 @@ def score_candidates(
         shared.begin(tuple(p) for p in prompt_ids)
     for rows in _batches(len(prompts), batch_size):
         ids, mask = _left_pad([prompt_ids[i] for i in rows], pad, dev)
-        use = shared if shared is not None and shared.fits(ids.shape[1]) else None
+        use = shared if _keeps_whole_prompt(model, ids.shape[1]) else None
         out = _prefill(model, use, tuple(tuple(prompt_ids[i]) for i in rows),
                        input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (b, V)
@@ -172,9 +179,8 @@ def _merged_prefill(model, prompt_ids: list[list[int]], dev, shared=None):
     With ``shared``, each prompt's frozen lower blocks come from its store."""
     from torch.nn.functional import pad as fpad
 
-    window = getattr(model.config, "sliding_window", None) or 0
     width = max(len(p) for p in prompt_ids)
-    if window and width >= window - 1:
+    if not _keeps_whole_prompt(model, width):
         return None
     outs = [_prefill(model, shared, tuple(p), input_ids=torch.tensor([p], device=dev)) for p in prompt_ids]
     caches = [_cache_out(o) for o in outs]
@@ -221,8 +227,8 @@ def generate(
         shared.begin(tuple(p) for p in prompt_ids)
     for rows in _batches(len(order), batch_size):
         idx = [order[i] for i in rows]
-        fits = shared is not None and shared.fits(max(len(prompt_ids[i]) for i in idx))
-        merged = _merged_prefill(model, [prompt_ids[i] for i in idx], dev, shared if fits else None)
+        fits = _keeps_whole_prompt(model, max(len(prompt_ids[i]) for i in idx))
+        merged = _merged_prefill(model, [prompt_ids[i] for i in idx], dev, shared)
         if merged is not None:
             logits, cache, mask = merged
         else:  # one padded batch

@@ -55,26 +55,12 @@ def _swapped(modules: list[torch.nn.Module], forwards: list):
                 m.forward = f
 
 
-class _Output:
-    """What a plain forward returns and the inference code reads: logits and the cache."""
-
-    def __init__(self, logits, cache):
-        self.logits, self.cache = logits, cache
-
-    def __contains__(self, key):
-        return key == "cache"
-
-    def get(self, key, default=None):
-        return self.cache if key == "cache" else default
-
-
 class SharedPrefix:
     """The frozen lower blocks' hidden states and keys/values for the current batch."""
 
     def __init__(self, model, cut: int, prefix: str, block_list: torch.nn.ModuleList,
                  params: list[torch.Tensor]) -> None:
         self.model, self.cut, self.prefix, self.blocks = model, cut, prefix, block_list
-        self.window = getattr(_blocks._config(model), "sliding_window", None) or 0
         trained = {id(p) for p in params}
         # what the stored states depend on: the lower blocks, and the untrained tensors
         # outside the blocks (embeddings; a frozen final norm or head is harmless here)
@@ -119,10 +105,6 @@ class SharedPrefix:
         if batch != self._batch or version != self._version:
             self._store.clear()
             self._batch, self._version = batch, version
-
-    def fits(self, width: int) -> bool:
-        """Whether a prompt this long keeps every key in a sliding-window layer's cache."""
-        return not self.window or width < self.window - 1
 
     def disable(self, why: str) -> None:
         if self.disabled is None:
@@ -172,9 +154,9 @@ class SharedPrefix:
         with _swapped(lower, [_pass_through] * (self.cut - 1) + [inject]):
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         cache = _cache_of(out)
-        for i, (k, v) in enumerate(kv):  # the shared lower layers join the probe's own upper ones
+        for i, (k, v) in enumerate(kv):  # the shared lower layers join the probe's own upper ones (in place)
             cache.update(k, v, i)
-        return _Output(out.logits, cache)
+        return out
 
 
 class _Unsupported(RuntimeError):
