@@ -13,6 +13,10 @@ each at N = 1 and N = 16 directions, by the plain path and by the shared path
 trained set; a ratio is ``seconds per step / (2N x unit)``: 1.0 is what the plain path
 must cost, less is what sharing saves.
 
+The shared path also decodes from the store where a probe's tokens so far match ones
+already decoded this step (``SharedPrefix.decode``); the share of decoding steps that
+did is printed.
+
 Agreement: for one N = 16 step per task, every probe is evaluated by both paths on the
 same perturbed weights; the predictions are compared row by row (a scoring mismatch
 whose two best candidates lie within 1e-4 is a float-rounding tie, counted apart) and
@@ -146,7 +150,8 @@ def measure(kind: str, args) -> dict:
             peaks[name] = max(peaks.get(name, 0.0), peak_mib())
             print(f"  {kind} round {r}: {name} {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
     unit = statistics.median(times["unit"])
-    out = {"unit_s": unit, "trained_parameters": sum(p.numel() for p in params), "cut": shared.cut,
+    decoded = shared.decode_hits + shared.decode_misses
+    out = {"decode_hit_rate": shared.decode_hits / decoded if decoded else None, "unit_s": unit, "trained_parameters": sum(p.numel() for p in params), "cut": shared.cut,
            "prompt_tokens": statistics.mean(len(tok(task.prompt(r))["input_ids"]) for r in rows)}
     for n in sorted({1, args.n}):
         for path in ("plain", "shared"):
@@ -177,6 +182,8 @@ def main() -> None:
         for k in sorted({1, n}):
             print(f"{label + f', N={k}':34} {r['unit_s']:7.2f} {r[f'plain_n{k}_ratio']:7.3f} "
                   f"{r[f'shared_n{k}_ratio']:7.3f} {r[f'shared_n{k}_peak_over_plain_n1']:15.3f}")
+    if "gen" in results and results["gen"]["decode_hit_rate"] is not None:
+        print(f"decoding steps that ran the upper blocks only (shared arms): {results['gen']['decode_hit_rate']:.1%}")
     rows = sum(r["agreement"]["rows"] for r in results.values())
     same = sum(r["agreement"]["same"] for r in results.values())
     ties = sum(r["agreement"]["ties"] for r in results.values())

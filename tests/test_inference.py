@@ -51,6 +51,42 @@ def test_single_token_candidates_need_one_forward(model, tok):
     assert len(calls) == 1
 
 
+def test_relative_scores_cost_only_the_candidates_rows_of_the_head(model, tok):
+    cands = [[" great", " red", " blue"]] * 3  # single tokens in the tiny vocabulary
+    assert all(len(tok(c, add_special_tokens=False)["input_ids"]) == 1 for c in cands[0])
+    keys = set(model.state_dict())
+    full = inference.score_candidates(model, tok, PROMPTS, cands, batch_size=8)
+    inference.score_candidates(model, tok, PROMPTS, cands, batch_size=8, relative=True)  # the head is checked once
+    widths = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: widths.append(out.shape[-1]))
+    try:
+        rel = inference.score_candidates(model, tok, PROMPTS, cands, batch_size=8, relative=True)
+    finally:
+        handle.remove()
+    assert widths == [3]  # three vocabulary rows, not the vocabulary
+    for f, r in zip(full, rel):  # the same scores up to one constant per row
+        shift = [a - b for a, b in zip(r, f)]
+        assert max(shift) - min(shift) < 1e-4
+        assert max(range(3), key=r.__getitem__) == max(range(3), key=f.__getitem__)
+    assert set(model.state_dict()) == keys  # nothing was attached to the model
+    mixed = [[" Denmark and Norway", " one"]] * 3  # several tokens: the plain log-softmax
+    assert inference.score_candidates(model, tok, PROMPTS, mixed, relative=True) == inference.score_candidates(
+        model, tok, PROMPTS, mixed)
+
+
+def test_a_model_that_changes_its_logits_after_the_head_keeps_its_head(tok):
+    model = tiny_gemma(len(tok), sliding_window=512)
+    model.config.final_logit_softcapping = 0.5  # logits = 0.5 tanh(head / 0.5): not the head's output
+    assert inference._exact_head(model, tok(PROMPTS[0])["input_ids"]) is None
+    cands = [[" great", " red"]] * 3
+    full = inference.score_candidates(model, tok, PROMPTS, cands)
+    assert inference.score_candidates(model, tok, PROMPTS, cands, relative=True) == full
+    prompts = PROMPTS + ["red blue"]
+    assert inference.generate(model, tok, prompts, max_new_tokens=6) == [naive_generate(model, tok, p, 6) for p in prompts]
+    plain = tiny_gemma(len(tok), sliding_window=512)
+    assert inference._exact_head(plain, tok(PROMPTS[0])["input_ids"]) is plain.get_output_embeddings()
+
+
 def naive_generate(model, tok, prompt, max_new):
     ids = tok(prompt)["input_ids"]
     stops = inference._stop_ids(tok)

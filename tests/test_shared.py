@@ -165,6 +165,29 @@ def test_greedy_answers_identical_under_perturbations(tok):
             for p, s in zip(params, saved):
                 p.copy_(s)
     assert shared.misses == len(prompts) and shared.hits == 2 * len(prompts)
+    assert shared.decode_misses >= 2  # the first generation decoded every step in full (two batches)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "llama"])
+def test_decoding_reuses_the_lower_blocks_of_the_same_token_path(tok, arch):
+    from zoobj.inference import generate
+
+    task, batch = rows("squad", 4)
+    prompts = [task.prompt(r) for r in batch]
+    model, params = model_and_params(tok, "lora", "top:1", arch)
+    shared = SharedPrefix.build(model, params)[0]
+    plain = generate(model, tok, prompts, max_new_tokens=6, batch_size=4)
+    first = generate(model, tok, prompts, max_new_tokens=6, batch_size=4, shared=shared)
+    computed = shared.decode_misses
+    assert first == plain and computed >= 1 and shared.decode_hits == 0
+    again = generate(model, tok, prompts, max_new_tokens=6, batch_size=4, shared=shared)  # the same paths
+    assert again == plain and shared.decode_misses == computed and shared.decode_hits == computed
+    with torch.no_grad():  # a perturbation large enough to change the answers: new paths, computed in full
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(11)))
+    moved_plain = generate(model, tok, prompts, max_new_tokens=6, batch_size=4)
+    moved = generate(model, tok, prompts, max_new_tokens=6, batch_size=4, shared=shared)
+    assert moved == moved_plain != plain and shared.decode_misses > computed
 
 
 def test_the_store_follows_the_batch_and_the_lower_weights(tok):
@@ -177,7 +200,9 @@ def test_the_store_follows_the_batch_and_the_lower_weights(tok):
     objective(batch)
     assert (shared.misses, shared.hits) == (2, 2)
     objective(other)  # a new batch: its own entries, the old ones dropped
-    assert shared.misses == 4 and len(shared._store) == 2
+    # prefill entries are keyed by the prompt's ids, decoding ones by (prompt ids, tokens so far)
+    stored = {k if isinstance(k[0], int) else k[0] for k in shared._store}
+    assert shared.misses == 4 and stored == {tuple(tok(task.prompt(r))["input_ids"]) for r in other}
     lower = model.get_base_model().model.layers[0].mlp.up_proj.weight
     with torch.no_grad():
         lower.mul_(3.0)  # a weight below the cut written in place: the store must not be used

@@ -10,6 +10,8 @@ choices here".
 - ``parse_layers("top:4", 18)`` -> ``[14, 15, 16, 17]``; ``"12-17"`` -> blocks 12 to 17.
 - ``select(model, named, layers)`` keeps the trained tensors inside those blocks, plus
   the final norm where one sits beside the blocks (full-parameter training).
+- ``swapped_forwards(modules, forwards)``: give modules another ``forward`` for a call
+  (``pass_through`` skips a block), without touching model code.
 - ``lowest_trained_block(model, params)``: the cut below which nothing a step perturbs
   can change the computation (``zoobj.shared``), or ``None`` when a trained tensor
   lies outside the blocks and below them (embeddings, a prefix).
@@ -21,6 +23,7 @@ choices here".
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch
 
@@ -147,3 +150,25 @@ def lowest_trained_block(model, params: list[torch.Tensor]) -> int | None:
         else:
             return None
     return lowest
+
+
+def pass_through(hidden_states, *args, **kwargs):
+    """A block (or head) that returns its input unchanged."""
+    return hidden_states
+
+
+@contextmanager
+def swapped_forwards(modules: list[torch.nn.Module], forwards: list):
+    """Give each module an instance ``forward`` for the duration, then restore what it had
+    (its hooks still run: a perturbation hook sees the call as usual)."""
+    saved = [m.__dict__.get("forward") for m in modules]
+    try:
+        for m, f in zip(modules, forwards):
+            m.forward = f
+        yield
+    finally:
+        for m, f in zip(modules, saved):
+            if f is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = f

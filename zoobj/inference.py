@@ -3,9 +3,14 @@
 - ``score_candidates``: log-likelihood of each candidate continuation. The prompts are
   encoded once (left padding, KV cache, logits for the last position only); when every
   candidate is a single token that one forward is all; otherwise the cache is repeated
-  per candidate and only the candidate tokens run through the model.
+  per candidate and only the candidate tokens run through the model. A caller that
+  compares candidates only with one another (argmax, a softmax over them) asks for
+  ``relative`` scores: single-token candidates then cost their own rows of the output
+  head, not the vocabulary's (262k rows in Gemma 3: half of a short prompt's forward).
 - ``generate``: greedy decoding in batches with the KV cache, prompts sorted by length
-  to waste little on padding, each row stopping at a newline or eos.
+  to waste little on padding, each row stopping at a newline or eos; the prompts are
+  prefilled one by one and their last hidden states go through the output head together
+  (one read of the head's weights instead of one per prompt).
 - ``target_nll``: mean negative log-likelihood of target tokens after their prompts,
   with logits computed only where targets are.
 
@@ -17,8 +22,11 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
+
+from zoobj.blocks import pass_through, swapped_forwards
 
 # peft's prefix tuning hands the model its prefix as past_key_values while the decoding
 # below passes the cache (already holding that prefix) as ``cache``; transformers 5 warns
@@ -76,17 +84,63 @@ def _keeps_whole_prompt(model, width: int) -> bool:
     return not window or width < window - 1
 
 
-def _prefill(model, shared, key, **inputs):
+def _exact_head(model, input_ids: list[int]):
+    """The output head, where the model's logits are exactly the head's output (checked
+    once per model, on one real prompt); None where the model changes them afterwards
+    (a soft cap, a scale) or has no head to call. Only then may the head be skipped
+    inside the forward and applied outside it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    known = model.__dict__.get("_zoobj_exact_head")  # a bool: a module stored here would become a submodule
+    if known is not None:
+        return head if known else None
+    ok = False
+    if isinstance(head, torch.nn.Linear):
+        inputs = {"input_ids": torch.tensor([input_ids], device=_device(model)), "use_cache": False, "logits_to_keep": 1}
+        ref = model(**inputs).logits[:, -1]
+        with swapped_forwards([head], [pass_through]):
+            h = model(**inputs).logits[:, -1]
+        ok = h.shape[-1] == head.in_features and torch.allclose(head(h), ref, rtol=1e-4, atol=1e-4)
+    model.__dict__["_zoobj_exact_head"] = bool(ok)
+    return head if ok else None
+
+
+def _restricted(head: torch.nn.Linear, ids: torch.Tensor):
+    """A forward for ``head`` that computes only the vocabulary rows ``ids`` (read at call
+    time, so a perturbation hook on the head is seen)."""
+    def forward(x):
+        bias = head.bias[ids] if head.bias is not None else None
+        return torch.nn.functional.linear(x, head.weight[ids], bias)
+    return forward
+
+
+def _prefill(model, shared, key, head_forward=None, **inputs):
     """The prompt forward (last position's logits, the cache): through ``shared`` (a
-    ``zoobj.shared.SharedPrefix``) when it can serve these inputs, else the plain model."""
+    ``zoobj.shared.SharedPrefix``) when it can serve these inputs, else the plain model.
+    ``head_forward``: ``(head, forward)`` to run in place of the output head's (its
+    output is then what ``logits`` holds)."""
+    swap = swapped_forwards([head_forward[0]], [head_forward[1]]) if head_forward else nullcontext()
+    with swap:
+        if shared is not None and shared.disabled is None:
+            from zoobj.shared import _Unsupported
+
+            try:
+                return shared.forward(key, **inputs)
+            except _Unsupported as exc:
+                shared.disable(str(exc))
+        return model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+def _decode_step(model, shared, keys, **inputs):
+    """One decoding step: through ``shared`` (see ``SharedPrefix.decode``) when given and
+    still enabled, else the plain model."""
     if shared is not None and shared.disabled is None:
         from zoobj.shared import _Unsupported
 
         try:
-            return shared.forward(key, **inputs)
+            return shared.decode(keys, **inputs)
         except _Unsupported as exc:
             shared.disable(str(exc))
-    return model(**inputs, use_cache=True, logits_to_keep=1)
+    return model(**inputs, use_cache=True)
 
 
 def _batches(n: int, size: int):
@@ -97,13 +151,16 @@ def _batches(n: int, size: int):
 @torch.inference_mode()
 def score_candidates(
     model, tok, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
-    length_normalize: bool = True, batch_size: int = 16, shared=None,
+    length_normalize: bool = True, batch_size: int = 16, shared=None, relative: bool = False,
 ) -> list[list[float]]:
     """Log-likelihood of each candidate string appended to its prompt.
 
     ``candidates[i]`` are the continuations of ``prompts[i]``, each exactly as it is to
     be appended (leading space included where the template wants one). With
     ``length_normalize`` the score is the mean log-probability per candidate token.
+    ``relative``: each row's scores may be off by one constant of that row (enough for
+    an argmax or a softmax over the candidates): where all of a batch's candidates are
+    single tokens, their logits are computed instead of the vocabulary's log-softmax.
     ``shared`` (``zoobj.shared.SharedPrefix``): the frozen lower blocks over each batch
     of prompts are computed once and reused while the prompts and those weights stay.
     """
@@ -118,14 +175,23 @@ def score_candidates(
     kw = _cache_kw(model)
     if shared is not None:
         shared.begin(tuple(p) for p in prompt_ids)
+    head = _exact_head(model, prompt_ids[0]) if relative and prompts else None
     for rows in _batches(len(prompts), batch_size):
         ids, mask = _left_pad([prompt_ids[i] for i in rows], pad, dev)
         use = shared if _keeps_whole_prompt(model, ids.shape[1]) else None
-        out = _prefill(model, use, tuple(tuple(prompt_ids[i]) for i in rows),
-                       input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (b, V)
         flat = [(r, j, c) for r, i in enumerate(rows) for j, c in enumerate(cand_ids[i])]
-        totals = {(r, j): float(first[r, c[0]]) for r, j, c in flat}
+        key = tuple(tuple(prompt_ids[i]) for i in rows)
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask)}
+        if head is not None and all(len(c) == 1 for _, _, c in flat):  # the candidates' rows of the head only
+            vocab = sorted({c[0] for _, _, c in flat})
+            column = {v: k for k, v in enumerate(vocab)}
+            out = _prefill(model, use, key, (head, _restricted(head, torch.tensor(vocab, device=dev))), **inputs)
+            logits = out.logits[:, -1].float()  # (b, len(vocab))
+            totals = {(r, j): float(logits[r, column[c[0]]]) for r, j, c in flat}
+        else:
+            out = _prefill(model, use, key, **inputs)
+            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (b, V)
+            totals = {(r, j): float(first[r, c[0]]) for r, j, c in flat}
         if any(len(c) > 1 for _, _, c in flat):
             # Repeat the prompt cache per candidate and run only the candidate tokens.
             counts = [len(cand_ids[i]) for i in rows]
@@ -182,7 +248,9 @@ def _merged_prefill(model, prompt_ids: list[list[int]], dev, shared=None):
     width = max(len(p) for p in prompt_ids)
     if not _keeps_whole_prompt(model, width):
         return None
-    outs = [_prefill(model, shared, tuple(p), input_ids=torch.tensor([p], device=dev)) for p in prompt_ids]
+    head = _exact_head(model, prompt_ids[0])  # the head runs once, over every prompt's last state
+    swap = (head, pass_through) if head is not None else None
+    outs = [_prefill(model, shared, tuple(p), swap, input_ids=torch.tensor([p], device=dev)) for p in prompt_ids]
     caches = [_cache_out(o) for o in outs]
     if not all(hasattr(c, "layers") for c in caches):
         return None
@@ -202,8 +270,8 @@ def _merged_prefill(model, prompt_ids: list[list[int]], dev, shared=None):
     mask = torch.zeros((len(prompt_ids), width), dtype=torch.long, device=dev)
     for i, p in enumerate(prompt_ids):
         mask[i, width - len(p):] = 1
-    logits = torch.cat([o.logits[:, -1] for o in outs])
-    return logits, merged, mask
+    last = torch.cat([o.logits[:, -1] for o in outs])
+    return (head(last) if head is not None else last), merged, mask
 
 
 @torch.inference_mode()
@@ -239,6 +307,10 @@ def generate(
         new = torch.full((len(idx), max_new_tokens), pad, dtype=torch.long, device=dev)
         active = torch.arange(len(idx), device=dev)  # rows still generating
         last = mask.sum(-1) - 1
+        # decoding shares the lower blocks only where the prompt did and the cache stays whole
+        window = getattr(model.config, "sliding_window", None) or 0
+        dec = shared if fits and (not window or mask.shape[1] + max_new_tokens < window - 1) else None
+        paths = [(tuple(prompt_ids[i]), ()) for i in idx]  # each row's prompt and tokens so far
         for t in range(max_new_tokens):
             nxt = logits.argmax(-1)
             new[active, t] = nxt
@@ -251,8 +323,13 @@ def generate(
                 active, nxt, mask, last = active[keep], nxt[keep], mask[keep], last[keep]
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], dim=1)
             last = last + 1
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
-                        use_cache=True, **{kw: cache})
+            step = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": last[:, None], kw: cache}
+            if dec is not None:
+                for a, token in zip(active.tolist(), nxt.tolist()):
+                    paths[a] = (paths[a][0], paths[a][1] + (token,))
+                out = _decode_step(model, dec, [paths[a] for a in active.tolist()], **step)
+            else:
+                out = model(**step, use_cache=True)
             logits, cache = out.logits[:, -1], _cache_out(out)
         for r, i in enumerate(idx):
             text = tok.decode(new[r].tolist(), skip_special_tokens=True)

@@ -32,6 +32,7 @@ def predict(model, tok, task, rows: Sequence[dict], batch_size: int = 16, max_ne
     scores = inference.score_candidates(
         model, tok, prompts, [task.choices(r) for r in rows],
         length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size, shared=shared,
+        relative=True,
     )
     return [int(np.argmax(s)) for s in scores]
 
@@ -54,7 +55,7 @@ def expected_metric(model, tok, task, metric, rows: Sequence[dict], temperature:
     prompts = [task.prompt(r) for r in rows]
     scores = inference.score_candidates(model, tok, prompts, [task.choices(r) for r in rows],
                                         length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size,
-                                        shared=shared)
+                                        shared=shared, relative=True)  # a softmax over the candidates
     refs = [task.reference(r) for r in rows]
     widest = max(len(s) for s in scores)
     value = np.zeros((len(rows), widest))

@@ -6,7 +6,10 @@ blocks ``0 .. cut-1`` compute the same thing over a prompt for every one of the 
 probes: their output hidden states and their keys and values. ``SharedPrefix`` keeps
 those, per prompt (generation) or per padded batch (scoring), and a probe runs only
 blocks ``cut ..`` over the prompt, then decodes with a cache assembled from the shared
-lower layers and its own upper ones.
+lower layers and its own upper ones. Decoding shares too: the lower blocks' work on a
+generated token depends only on the tokens before it, and the probes of one step
+mostly generate the same answers, so it is stored per token path (prompt and tokens so
+far) and a decoding step whose every row is stored runs only the upper blocks.
 
 How, without touching model code: a probe's forward is the model's own forward with
 blocks ``0 .. cut-2`` passing their input through and block ``cut-1`` returning the
@@ -28,31 +31,9 @@ never used.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from zoobj import blocks as _blocks
-
-
-def _pass_through(hidden_states, *args, **kwargs):
-    return hidden_states
-
-
-@contextmanager
-def _swapped(modules: list[torch.nn.Module], forwards: list):
-    """Give each module an instance ``forward`` for the duration, then restore what it had."""
-    saved = [m.__dict__.get("forward") for m in modules]
-    try:
-        for m, f in zip(modules, forwards):
-            m.forward = f
-        yield
-    finally:
-        for m, f in zip(modules, saved):
-            if f is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = f
 
 
 class SharedPrefix:
@@ -69,7 +50,8 @@ class SharedPrefix:
         self._store: dict = {}
         self._batch: frozenset | None = None
         self._version: int | None = None
-        self.hits = self.misses = 0
+        self.hits = self.misses = 0  # prompts (or padded batches) found in the store / computed
+        self.decode_hits = self.decode_misses = 0  # decoding steps that ran the upper blocks only / all
         self.disabled: str | None = None  # why the plain path runs from now on
         self.on_disable = None  # called once with that reason (the training loop logs it)
 
@@ -115,6 +97,36 @@ class SharedPrefix:
 
     # ------------------------------------------------------------------ the two passes
 
+    def _catching(self, skip: list, **call):
+        """The model's forward with the modules ``skip`` passing their input through:
+        (its output, the hidden states after block cut-1)."""
+        caught = {}
+        handle = self.blocks[self.cut - 1].register_forward_hook(lambda _m, _a, output: caught.update(h=output))
+        try:
+            with _blocks.swapped_forwards(skip, [_blocks.pass_through] * len(skip)):
+                out = self.model(**call)
+        finally:
+            handle.remove()
+        h = caught.get("h")
+        if not isinstance(h, torch.Tensor):
+            raise _Unsupported("its decoder blocks return a tuple, not a tensor (an older transformers)")
+        return out, h
+
+    def _upper(self, h: torch.Tensor, kv: list, **call):
+        """The model's forward from the cut up, ``h`` standing for block cut-1's output;
+        then the lower layers' keys and values ``kv`` join the output's cache (in place)."""
+        lower = list(self.blocks)[: self.cut]
+
+        def inject(hidden_states, *args, **kwargs):
+            return h
+
+        with _blocks.swapped_forwards(lower, [_blocks.pass_through] * (self.cut - 1) + [inject]):
+            out = self.model(**call)
+        cache = _cache_of(out)
+        for i, (k, v) in enumerate(kv):
+            cache.update(k, v, i)
+        return out
+
     def _lower(self, key, **inputs):
         """Blocks below the cut over these inputs: (hidden states after block cut-1, [(k, v)] per lower layer)."""
         entry = self._store.get(key)
@@ -122,40 +134,43 @@ class SharedPrefix:
             self.hits += 1
             return entry
         self.misses += 1
-        caught = {}
-
-        def catch(_module, _args, output):
-            caught["h"] = output
-
-        upper = list(self.blocks)[self.cut:]
-        handle = self.blocks[self.cut - 1].register_forward_hook(catch)
-        try:
-            with _swapped(upper, [_pass_through] * len(upper)):
-                out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        finally:
-            handle.remove()
-        h = caught.get("h")
-        if not isinstance(h, torch.Tensor):
-            raise _Unsupported("its decoder blocks return a tuple, not a tensor (an older transformers)")
+        skip = list(self.blocks)[self.cut:]  # the upper blocks, and the head (its output is not wanted)
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if isinstance(head, torch.nn.Module):
+            skip.append(head)
+        out, h = self._catching(skip, **inputs, use_cache=True, logits_to_keep=1)
         cache = _cache_of(out)
-        kv = [(cache.layers[i].keys, cache.layers[i].values) for i in range(self.cut)]
-        self._store[key] = entry = (h, kv)
+        self._store[key] = entry = (h, [(cache.layers[i].keys, cache.layers[i].values) for i in range(self.cut)])
         return entry
 
     def forward(self, key, **inputs):
         """The model's output for ``inputs`` (logits of the last position, a full cache),
         computing only the blocks from the cut up; ``key`` names the inputs in the store."""
         h, kv = self._lower(key, **inputs)
-        lower = list(self.blocks)[: self.cut]
+        return self._upper(h, kv, **inputs, use_cache=True, logits_to_keep=1)
 
-        def inject(hidden_states, *args, **kwargs):
-            return h
-
-        with _swapped(lower, [_pass_through] * (self.cut - 1) + [inject]):
-            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+    def decode(self, keys: list, **inputs):
+        """One decoding step of a batch whose rows have the token paths ``keys`` (the
+        prompt and the tokens generated so far, the newest included), with the probe's
+        cache among ``inputs``. Where every row's path is stored, only the blocks from
+        the cut up run and the stored lower keys and values join the cache; otherwise
+        the whole model runs and what its lower blocks made is stored for every row.
+        (Probes of one step mostly generate the same tokens: most steps are hits.)"""
+        entries = [self._store.get(k) for k in keys]
+        if all(e is not None for e in entries):
+            self.decode_hits += 1
+            kv = [(torch.cat([e[1][i][0] for e in entries]), torch.cat([e[1][i][1] for e in entries]))
+                  for i in range(self.cut)]
+            return self._upper(torch.cat([e[0] for e in entries]), kv, **inputs, use_cache=True)
+        self.decode_misses += 1
+        out, h = self._catching([], **inputs, use_cache=True)
         cache = _cache_of(out)
-        for i, (k, v) in enumerate(kv):  # the shared lower layers join the probe's own upper ones (in place)
-            cache.update(k, v, i)
+        # copies of this token's rows: a view would keep the step's whole cache alive
+        layers = [(cache.layers[i].keys[:, :, -1:].clone(), cache.layers[i].values[:, :, -1:].clone())
+                  for i in range(self.cut)]
+        h = h[:, -1:].clone()
+        for r, key in enumerate(keys):
+            self._store[key] = (h[r : r + 1], [(k[r : r + 1], v[r : r + 1]) for k, v in layers])
         return out
 
 
