@@ -49,7 +49,8 @@ def main() -> None:
     rows = []
     for text in args.arm:
         objective, settings = parse_arm(text)
-        name = f"{args.task}-{text.replace(':', '-').replace(',', '-').replace('=', '')}"
+        plain = text.replace(":", "-").replace(",", "-").replace("=", "").replace('"', "")  # no quotes in paths
+        name = f"{args.task}-{plain}"
         out = Path(args.out) / name
         cfg = TrainConfig(task=args.task, metric=args.metric, objective=objective, steps=args.steps,
                           batch_size=args.batch_size, eval_every=args.eval_every, dev_limit=args.dev_limit,

@@ -106,10 +106,10 @@ def test_no_sharing_for_an_unknown_architecture():
 # ----------------------------------------------------------------------------- same numbers
 
 
-def probe_losses(model, tok, params, task, batch, metric, shared, n, steps=2, **kw):
+def probe_losses(model, tok, params, task, batch, metric, shared, n, steps=2, kind="metric", **kw):
     """Every probe's loss and the step records of ``steps`` MeZO steps, from these weights."""
     seen = []
-    objective = make_objective("metric", model, tok, task, metric, batch_size=4, shared=shared, **kw)
+    objective = make_objective(kind, model, tok, task, metric, batch_size=4, shared=shared, **kw)
 
     def closure():
         seen.append(objective(batch))
@@ -127,6 +127,8 @@ def probe_losses(model, tok, params, task, batch, metric, shared, n, steps=2, **
     ("squad", "f1", {"max_new_tokens": 4}, "lora", 3),
     ("squad", "f1", {"max_new_tokens": 4}, "none", 1),
     ("copa", "accuracy", {}, "lora", 3),  # multi-token candidates: the assembled cache feeds a second forward
+    ("squad", "f1", {"kind": "ce"}, "lora", 3),  # cross-entropy: prompt + gold answer, logits on the answer only
+    ("sst2", "accuracy", {"kind": "ce"}, "none", 1),
 ])
 def test_shared_path_gives_the_plain_losses_and_trajectory(tok, task_name, metric, kw, peft, n):
     task, batch = rows(task_name, 2 if task_name == "squad" else 4)

@@ -12,7 +12,8 @@
   prefilled one by one and their last hidden states go through the output head together
   (one read of the head's weights instead of one per prompt).
 - ``target_nll``: mean negative log-likelihood of target tokens after their prompts,
-  with logits computed only where targets are.
+  with logits computed only where targets are (and, with ``shared``, the frozen lower
+  blocks computed once per batch, as for the other two).
 
 Everything runs under ``torch.inference_mode``; no gradients exist anywhere.
 """
@@ -337,9 +338,10 @@ def generate(
     return results
 
 
-def target_nll(model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 16) -> float:
+def target_nll(model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 16,
+               shared=None) -> float:
     """Mean negative log-likelihood per target token of ``targets[i]`` after ``prompts[i]``."""
-    total, count = target_nll_sum(model, tok, prompts, targets, batch_size)
+    total, count = target_nll_sum(model, tok, prompts, targets, batch_size, shared=shared)
     if count == 0:
         raise ValueError("no target tokens to score")
     return total / count
@@ -347,17 +349,32 @@ def target_nll(model, tok, prompts: Sequence[str], targets: Sequence[str], batch
 
 @torch.inference_mode()
 def target_nll_sum(model, tok, prompts: Sequence[str], targets: Sequence[str],
-                   batch_size: int = 16) -> tuple[float, int]:
-    """``(summed NLL, number of target tokens)``: what data-parallel ranks add up."""
+                   batch_size: int = 16, shared=None) -> tuple[float, int]:
+    """``(summed NLL, number of target tokens)``: what data-parallel ranks add up.
+    ``shared`` (``zoobj.shared.SharedPrefix``): the frozen lower blocks over each batch
+    of prompt + target sequences are computed once while they and those weights stay."""
     dev, pad = _device(model), tok.pad_token_id
     total, count = 0.0, 0
+    p_all = _encode(tok, prompts, special=True)
+    t_all = _encode(tok, targets, special=False)
+    if shared is not None:
+        shared.begin(tuple(p + t) for p, t in zip(p_all, t_all))
     for rows in _batches(len(prompts), batch_size):
-        p_ids = _encode(tok, [prompts[i] for i in rows], special=True)
-        t_ids = _encode(tok, [targets[i] for i in rows], special=False)
+        p_ids, t_ids = [p_all[i] for i in rows], [t_all[i] for i in rows]
         seqs = [p + t for p, t in zip(p_ids, t_ids)]
         ids, mask = _left_pad(seqs, pad, dev)
         keep = max(len(t) for t in t_ids) + 1  # left padding: every target ends at the last position
-        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=keep)
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask)}
+        out = None
+        if shared is not None and shared.disabled is None and _keeps_whole_prompt(model, ids.shape[1]):
+            from zoobj.shared import _Unsupported
+
+            try:
+                out = shared.forward(tuple(tuple(s) for s in seqs), logits_to_keep=keep, **inputs)
+            except _Unsupported as exc:
+                shared.disable(str(exc))
+        if out is None:
+            out = model(**inputs, logits_to_keep=keep)
         logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # position k predicts token k+1
         for r, t in enumerate(t_ids):
             if not t:

@@ -130,14 +130,15 @@ def metric_objective(model, tok, task, metric: str | Callable, batch_size: int =
     return loss
 
 
-def ce_objective(model, tok, task, batch_size: int = 16, world=None) -> Callable[[Sequence[dict]], float]:
+def ce_objective(model, tok, task, batch_size: int = 16, world=None, shared=None) -> Callable[[Sequence[dict]], float]:
     """``batch -> mean NLL of the gold continuation tokens`` (over every target token of
-    the batch; data-parallel ranks all-reduce the sum and the count)."""
+    the batch; data-parallel ranks all-reduce the sum and the count). ``shared``: as for
+    the metric objective."""
 
     def loss(rows: Sequence[dict]) -> float:
         mine = rows if world is None else world.shard(rows)
         total, count = inference.target_nll_sum(model, tok, [task.prompt(r) for r in mine],
-                                                [task.target(r) for r in mine], batch_size=batch_size)
+                                                [task.target(r) for r in mine], batch_size=batch_size, shared=shared)
         if world is not None:
             total, count = world.all_reduce_sum([total, count])
         if count == 0:
@@ -153,7 +154,6 @@ def make_objective(kind: str, model, tok, task, metric, **kw) -> Callable[[Seque
     if kind == "ce":
         kw.pop("max_new_tokens", None)
         kw.pop("smooth", None)
-        kw.pop("shared", None)
         return ce_objective(model, tok, task, **kw)
     from zoobj.errors import ConfigError
 

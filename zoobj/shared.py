@@ -143,11 +143,12 @@ class SharedPrefix:
         self._store[key] = entry = (h, [(cache.layers[i].keys, cache.layers[i].values) for i in range(self.cut)])
         return entry
 
-    def forward(self, key, **inputs):
-        """The model's output for ``inputs`` (logits of the last position, a full cache),
-        computing only the blocks from the cut up; ``key`` names the inputs in the store."""
+    def forward(self, key, logits_to_keep: int = 1, **inputs):
+        """The model's output for ``inputs`` (logits of the last ``logits_to_keep``
+        positions, a full cache), computing only the blocks from the cut up; ``key``
+        names the inputs in the store."""
         h, kv = self._lower(key, **inputs)
-        return self._upper(h, kv, **inputs, use_cache=True, logits_to_keep=1)
+        return self._upper(h, kv, **inputs, use_cache=True, logits_to_keep=logits_to_keep)
 
     def decode(self, keys: list, **inputs):
         """One decoding step of a batch whose rows have the token paths ``keys`` (the

@@ -326,20 +326,20 @@ def begin(r: RunState) -> tuple[Callable[[list], float], dict | None]:
 
 def _objective(cfg: TrainConfig, model, tok, task, world, params: list | None = None) -> Callable[[list], float]:
     """The loss of a batch of rows: what each probe of a step (and of --eps auto) evaluates.
-    With ``cfg.shared`` and the trained ``params``, the metric objective computes the
-    frozen blocks below the lowest trained one once per batch (``zoobj.shared``); the
+    With ``cfg.shared`` and the trained ``params``, the objective (metric or ce) computes
+    the frozen blocks below the lowest trained one once per batch (``zoobj.shared``); the
     returned function's ``shared_note`` says whether and how (None: not asked for)."""
     from zoobj.shared import SharedPrefix
 
     data_world = world if world is not None and cfg.parallel == "data" else None
     shared, note = None, None
-    if cfg.shared and params is not None and cfg.objective == "metric":
+    if cfg.shared and params is not None:
         shared, why = SharedPrefix.build(model, params)
         note = why if shared is not None or not why else \
             f"shared lower blocks off ({why}): every probe runs the whole model"
     fn = make_objective(cfg.objective, model, tok, task, cfg.metric, batch_size=cfg.batch_size, world=data_world,
-                        **({"max_new_tokens": cfg.train_max_new_tokens, "smooth": cfg.smooth, "shared": shared}
-                           if cfg.objective == "metric" else {}))
+                        shared=shared, **({"max_new_tokens": cfg.train_max_new_tokens, "smooth": cfg.smooth}
+                                          if cfg.objective == "metric" else {}))
     fn.shared, fn.shared_note = shared, note
     return fn
 
