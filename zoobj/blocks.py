@@ -136,7 +136,7 @@ def lowest_trained_block(model, params: list[torch.Tensor]) -> int | None:
     prefix = found[0]
     ids = {id(p) for p in params}
     norm = set(final_norm_names(model, prefix))
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     emb = model.get_input_embeddings()
     lowest = len(found[1])
     for name, p in model.named_parameters():
@@ -150,6 +150,11 @@ def lowest_trained_block(model, params: list[torch.Tensor]) -> int | None:
         else:
             return None
     return lowest
+
+
+def output_head(model):
+    """The module that turns final hidden states into logits (``get_output_embeddings``), or None."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
 
 def pass_through(hidden_states, *args, **kwargs):

@@ -27,7 +27,7 @@ from contextlib import nullcontext
 
 import torch
 
-from zoobj.blocks import pass_through, swapped_forwards
+from zoobj.blocks import output_head, pass_through, swapped_forwards
 
 # peft's prefix tuning hands the model its prefix as past_key_values while the decoding
 # below passes the cache (already holding that prefix) as ``cache``; transformers 5 warns
@@ -90,7 +90,7 @@ def _exact_head(model, input_ids: list[int]):
     once per model, on one real prompt); None where the model changes them afterwards
     (a soft cap, a scale) or has no head to call. Only then may the head be skipped
     inside the forward and applied outside it."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     known = model.__dict__.get("_zoobj_exact_head")  # a bool: a module stored here would become a submodule
     if known is not None:
         return head if known else None
@@ -114,34 +114,28 @@ def _restricted(head: torch.nn.Linear, ids: torch.Tensor):
     return forward
 
 
-def _prefill(model, shared, key, head_forward=None, **inputs):
-    """The prompt forward (last position's logits, the cache): through ``shared`` (a
-    ``zoobj.shared.SharedPrefix``) when it can serve these inputs, else the plain model.
-    ``head_forward``: ``(head, forward)`` to run in place of the output head's (its
-    output is then what ``logits`` holds)."""
-    swap = swapped_forwards([head_forward[0]], [head_forward[1]]) if head_forward else nullcontext()
-    with swap:
-        if shared is not None and shared.disabled is None:
-            from zoobj.shared import _Unsupported
-
-            try:
-                return shared.forward(key, **inputs)
-            except _Unsupported as exc:
-                shared.disable(str(exc))
-        return model(**inputs, use_cache=True, logits_to_keep=1)
-
-
-def _decode_step(model, shared, keys, **inputs):
-    """One decoding step: through ``shared`` (see ``SharedPrefix.decode``) when given and
-    still enabled, else the plain model."""
+def _through_shared(shared, via_shared, plain):
+    """``via_shared()`` when ``shared`` (a ``zoobj.shared.SharedPrefix``) is given and
+    still enabled; where it cannot serve the model, it is disabled (once, with its
+    reason) and ``plain()`` runs, as it does without one."""
     if shared is not None and shared.disabled is None:
         from zoobj.shared import _Unsupported
 
         try:
-            return shared.decode(keys, **inputs)
+            return via_shared()
         except _Unsupported as exc:
             shared.disable(str(exc))
-    return model(**inputs, use_cache=True)
+    return plain()
+
+
+def _prefill(model, shared, key, head_forward=None, **inputs):
+    """The prompt forward (last position's logits, the cache), through ``shared`` where it
+    can serve these inputs. ``head_forward``: ``(head, forward)`` to run in place of the
+    output head's (its output is then what ``logits`` holds)."""
+    swap = swapped_forwards([head_forward[0]], [head_forward[1]]) if head_forward else nullcontext()
+    with swap:
+        return _through_shared(shared, lambda: shared.forward(key, **inputs),
+                               lambda: model(**inputs, use_cache=True, logits_to_keep=1))
 
 
 def _batches(n: int, size: int):
@@ -309,8 +303,7 @@ def generate(
         active = torch.arange(len(idx), device=dev)  # rows still generating
         last = mask.sum(-1) - 1
         # decoding shares the lower blocks only where the prompt did and the cache stays whole
-        window = getattr(model.config, "sliding_window", None) or 0
-        dec = shared if fits and (not window or mask.shape[1] + max_new_tokens < window - 1) else None
+        dec = shared if fits and _keeps_whole_prompt(model, mask.shape[1] + max_new_tokens) else None
         paths = [(tuple(prompt_ids[i]), ()) for i in idx]  # each row's prompt and tokens so far
         for t in range(max_new_tokens):
             nxt = logits.argmax(-1)
@@ -328,7 +321,8 @@ def generate(
             if dec is not None:
                 for a, token in zip(active.tolist(), nxt.tolist()):
                     paths[a] = (paths[a][0], paths[a][1] + (token,))
-                out = _decode_step(model, dec, [paths[a] for a in active.tolist()], **step)
+                keys = [paths[a] for a in active.tolist()]
+                out = _through_shared(dec, lambda: dec.decode(keys, **step), lambda: model(**step, use_cache=True))
             else:
                 out = model(**step, use_cache=True)
             logits, cache = out.logits[:, -1], _cache_out(out)
@@ -365,16 +359,9 @@ def target_nll_sum(model, tok, prompts: Sequence[str], targets: Sequence[str],
         ids, mask = _left_pad(seqs, pad, dev)
         keep = max(len(t) for t in t_ids) + 1  # left padding: every target ends at the last position
         inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask)}
-        out = None
-        if shared is not None and shared.disabled is None and _keeps_whole_prompt(model, ids.shape[1]):
-            from zoobj.shared import _Unsupported
-
-            try:
-                out = shared.forward(tuple(tuple(s) for s in seqs), logits_to_keep=keep, **inputs)
-            except _Unsupported as exc:
-                shared.disable(str(exc))
-        if out is None:
-            out = model(**inputs, logits_to_keep=keep)
+        use = shared if _keeps_whole_prompt(model, ids.shape[1]) else None
+        out = _through_shared(use, lambda: shared.forward(tuple(tuple(s) for s in seqs), logits_to_keep=keep, **inputs),
+                              lambda: model(**inputs, logits_to_keep=keep))
         logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # position k predicts token k+1
         for r, t in enumerate(t_ids):
             if not t:

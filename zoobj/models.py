@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from zoobj.blocks import output_head
 from zoobj.errors import ConfigError, ModelError
 
 log = logging.getLogger("zoobj")
@@ -196,7 +197,7 @@ def load_model(
 
 def _is_embedding(name: str, model) -> bool:
     emb = model.get_input_embeddings()
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = output_head(model)
     param = dict(model.named_parameters()).get(name)
     return param is not None and any(m is not None and param is m.weight for m in (emb, out))
 

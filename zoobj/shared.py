@@ -135,7 +135,7 @@ class SharedPrefix:
             return entry
         self.misses += 1
         skip = list(self.blocks)[self.cut:]  # the upper blocks, and the head (its output is not wanted)
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        head = _blocks.output_head(self.model)
         if isinstance(head, torch.nn.Module):
             skip.append(head)
         out, h = self._catching(skip, **inputs, use_cache=True, logits_to_keep=1)
