@@ -145,9 +145,80 @@ def test_smoothing_is_refused_where_it_cannot_apply(tok):
     with pytest.raises(ConfigError, match="mean over examples"):
         metric_objective(model, tok, Toy(), "macro_f1", smooth=1.0)(ROWS)
 
-    @dataclass(frozen=True)
-    class Gen(Toy):
-        kind: str = "generation"
+    squad, rows = squad_rows(2)
+    with pytest.raises(ConfigError, match="mean over examples"):
+        metric_objective(model, tok, squad, "macro_f1", smooth=1.0, max_new_tokens=2)(rows)
 
-    with pytest.raises(ConfigError, match="classification tasks"):
-        metric_objective(model, tok, Gen(), "f1", smooth=1.0)
+
+# ----------------------------------------------------------------------------- --smooth for generation
+
+
+def squad_rows(n):
+    from zoobj.tasks import get_task
+
+    task = get_task("squad")
+    return task, task.load("train")[:n]
+
+
+def squad_model(tok, seed=0):
+    return tiny_gemma(len(tok), seed=seed, sliding_window=4096)  # SQuAD prompts are long in a 400-token vocabulary
+
+
+def test_smoothed_generation_weighs_the_greedy_answer_against_the_references(tok):
+    from zoobj.metrics import squad_f1
+
+    task, rows = squad_rows(4)
+    model = squad_model(tok)
+    objective = metric_objective(model, tok, task, "f1", smooth=1.0, max_new_tokens=3)
+    answers = objective.prepare(rows)
+    greedy = predict(model, tok, task, rows, max_new_tokens=3)
+    for i, row in enumerate(rows):
+        refs = task.reference(row)
+        mine = answers.texts[i][: answers.count[i]]
+        assert mine[0] == greedy[i].strip() and set(mine[1:]) <= set(refs)
+        assert answers.value[i, 0] == pytest.approx(squad_f1(greedy[i], refs))
+        assert all(v == 1.0 for v in answers.value[i, 1: answers.count[i]])
+        assert all(c.startswith(" ") and c.endswith(task.stop) for c in answers.continuations[i])
+    loss = objective(rows)
+    hard = metric_objective(model, tok, task, "f1", max_new_tokens=3)(rows)
+    assert -1.0 <= loss <= hard <= 0.0  # the references score 1, so the expectation is above the greedy F1
+    assert loss < hard  # the references get some probability
+
+
+def test_smoothed_generation_keeps_its_answer_set_through_the_probes(tok):
+    """The probes of a step score the answer set prepared before them, whatever they do to
+    the greedy answers; the next step's prepare takes the new ones."""
+    task, rows = squad_rows(3)
+    model = squad_model(tok, seed=1)
+    objective = metric_objective(model, tok, task, "f1", smooth=1.0, max_new_tokens=3)
+    before = objective.prepare(rows)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    moved = predict(model, tok, task, rows, max_new_tokens=3)
+    assert moved != [t[0] for t in before.texts]  # the perturbation changed some greedy answer
+    objective(rows)
+    assert [t[0] for t in objective.prepare(rows).texts] == [m.strip() or t[0] for m, t in zip(moved, before.texts)]
+
+
+def test_smoothing_a_generation_metric_removes_its_ties_and_improves_it(tok):
+    """Small steps on a generation metric: F1 of the greedy answers ties on every one, its
+    expectation over the answer set on none, and falls under MeZO."""
+    task, rows = squad_rows(4)
+    ties, start, end = {}, None, None
+    for smooth in (0.0, 1.0):
+        model = squad_model(tok, seed=2)
+        objective = metric_objective(model, tok, task, "f1", smooth=smooth, max_new_tokens=3)
+        opt = MeZO(model.parameters(), lr=1e-3, eps=1e-3, seed=0)
+        if smooth:
+            start = objective(rows)
+        for _ in range(15):
+            if smooth:
+                objective.prepare(rows)
+            opt.step(lambda: objective(rows))
+        ties[smooth] = sum(r["ties"] for r in opt.trajectory)
+        if smooth:
+            objective.prepare(rows)
+            end = objective(rows)
+    assert ties[0.0] == 15 and ties[1.0] == 0
+    assert end < start - 0.02

@@ -117,6 +117,8 @@ def probe_losses(model, tok, params, task, batch, metric, shared, n, steps=2, ki
 
     opt = MeZO(params, lr=0.05, eps=0.05, seed=1, n=n, shaping="rank" if n > 1 else "none")
     for _ in range(steps):
+        if hasattr(objective, "prepare"):  # as the training loop does
+            objective.prepare(batch)
         opt.step(closure)
     return seen, opt.trajectory
 
@@ -126,6 +128,7 @@ def probe_losses(model, tok, params, task, batch, metric, shared, n, steps=2, ki
     ("sst2", "accuracy", {"smooth": 0.5}, "lora", 1),  # scores, not only the argmax, must agree
     ("squad", "f1", {"max_new_tokens": 4}, "lora", 3),
     ("squad", "f1", {"max_new_tokens": 4}, "none", 1),
+    ("squad", "f1", {"max_new_tokens": 4, "smooth": 1.0}, "lora", 3),  # greedy answers, then multi-token scores
     ("copa", "accuracy", {}, "lora", 3),  # multi-token candidates: the assembled cache feeds a second forward
     ("squad", "f1", {"kind": "ce"}, "lora", 3),  # cross-entropy: prompt + gold answer, logits on the answer only
     ("sst2", "accuracy", {"kind": "ce"}, "none", 1),

@@ -89,8 +89,9 @@ class TrainConfig:
     eval_batch_size: int = 32
     train_max_new_tokens: int | None = setting(None, "Generation length during training (evaluation keeps the task's).",
                                                shown=f"the task's, at most {TRAIN_MAX_NEW_TOKENS}")
-    smooth: float = setting(0.0, "Classification: optimise the metric's expectation under softmax(candidate "
-                                 "scores / T) instead of the hard metric (fewer l+ == l- ties); 0 = off.")
+    smooth: float = setting(0.0, "Optimise the metric's expectation under softmax(candidate scores / T) "
+                                 "instead of the hard metric (fewer l+ == l- ties): the classes, or for generation "
+                                 "the greedy answer before the step and the references; 0 = off.")
     data: str | None = setting(None, "'hub' or a folder of <split>.jsonl files.", shown="shipped data")
     dtype: str = setting("float32", "float32, bf16 or fp16.")
     perturb: str | None = setting(None, "inplace (the paper's) or forward (exact in any dtype).",
@@ -129,9 +130,9 @@ class TrainConfig:
             raise ConfigError(f"--batch-size must be at least 1, got {c.batch_size}")
         task = get_task(c.task)
         c.metric = c.metric or task.metric
-        if c.smooth and (c.objective != "metric" or task.kind != "classification"):
-            raise ConfigError(f"--smooth applies to the metric objective of classification tasks; "
-                              f"{task.name} is {task.kind}, objective {c.objective}")
+        if c.smooth and c.objective != "metric":
+            raise ConfigError(f"--smooth applies to the metric objective, not {c.objective}: drop --smooth "
+                              f"or use --objective metric")
         if c.train_max_new_tokens is None and task.kind == "generation":
             # shorter generations while training (answers are short; evaluation keeps the task's length)
             c.train_max_new_tokens = min(getattr(task, "max_new_tokens", 50), TRAIN_MAX_NEW_TOKENS)

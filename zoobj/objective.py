@@ -93,12 +93,9 @@ def metric_objective(model, tok, task, metric: str | Callable, batch_size: int =
     frozen lower blocks' work (the probes of one step).
     """
     fn = get_metric(metric) if isinstance(metric, str) else metric
+    if smooth and task.kind == "generation":
+        return _smoothed_generation(model, tok, task, fn, batch_size, max_new_tokens, world, smooth, shared)
     if smooth:
-        from zoobj.errors import ConfigError
-
-        if task.kind != "classification":
-            raise ConfigError(f"--smooth applies to classification tasks; {task.name} is {task.kind}")
-
         def smoothed(rows: Sequence[dict]) -> float:
             mine = rows if world is None else world.shard(rows)
             total, counted = expected_metric(model, tok, task, fn, mine, smooth, batch_size, shared=shared)
@@ -127,6 +124,95 @@ def metric_objective(model, tok, task, metric: str | Callable, batch_size: int =
                 failure = exc
         return world.broadcast_loss(result, failure)  # rank 0's failure is raised on every rank
 
+    return loss
+
+
+class AnswerSet:
+    """The candidate answers of one batch for the smoothed generation objective: each
+    row's greedy answer from the weights as they were before the step's first probe
+    (``prepare``), then its reference answers; with the metric of each against the
+    references, computed once per batch (no perturbation can change them)."""
+
+    def __init__(self, task, metric, rows: Sequence[dict], greedy: list[str]):
+        from zoobj.errors import ConfigError
+        from zoobj.metrics import per_example_scores
+
+        self.key = _rows_key(task, rows)
+        prompts, refs = [task.prompt(r) for r in rows], [task.reference(r) for r in rows]
+        texts: list[list[str]] = []
+        for g, ref in zip(greedy, refs):
+            seen, mine = set(), []
+            for a in [g, *(ref if isinstance(ref, (list, tuple)) else [ref])]:
+                a = a.strip() if isinstance(a, str) else a
+                if isinstance(a, str) and a and a not in seen:
+                    seen.add(a)
+                    mine.append(a)
+            texts.append(mine or [g])
+        self.count = [len(t) for t in texts]  # distinct candidates of each row
+        widest = max(self.count)
+        # every row of a scoring batch needs as many candidates: pad with copies of the
+        # row's first, which the softmax below never sees
+        self.texts = [t + [t[0]] * (widest - len(t)) for t in texts]
+        stop = getattr(task, "stop", "")
+        self.continuations = [[" " + a + stop for a in t] for t in self.texts]
+        self.value = np.full((len(rows), widest), np.nan)
+        for c in range(widest):
+            per = per_example_scores(metric, [t[c] for t in self.texts], refs, prompts=prompts, rows=list(rows))
+            if per is None:
+                raise ConfigError(f"--smooth needs a metric that is a mean over examples; "
+                                  f"{getattr(metric, '__name__', metric)!r} is not")
+            self.value[:, c] = [np.nan if v is None else v for v in per]
+
+
+def _rows_key(task, rows: Sequence[dict]) -> tuple:
+    return tuple(task.prompt(r) for r in rows)
+
+
+def _smoothed_generation(model, tok, task, metric, batch_size, max_new_tokens, world, temperature, shared):
+    """``--smooth T`` for generation (minimum-risk training over a small answer set):
+    ``-E[metric]`` with the answer drawn from ``softmax(mean log-probability / T)`` over
+    each row's candidates -- its greedy answer before the step, and its references.
+
+    Greedy answers change only where a perturbation flips an argmax, so a hard metric
+    of them mostly ties; the probability of each candidate answer moves with every
+    perturbation. The candidates and their metric values are fixed for the batch
+    (``loss.prepare(rows)``, called by the training loop before each step, with the
+    weights unperturbed; a batch nobody prepared takes the greedy answers of the first
+    call's weights), so
+    each probe only scores a few short continuations of prompts whose lower blocks are
+    shared."""
+    held: dict = {}
+
+    def prepare(rows: Sequence[dict]) -> AnswerSet:
+        """The answer set of ``rows`` from the weights as they are now (once per step)."""
+        mine = rows if world is None else world.shard(rows)
+        greedy = predict(model, tok, task, mine, batch_size=batch_size, max_new_tokens=max_new_tokens, shared=shared)
+        held["set"] = AnswerSet(task, metric, mine, greedy)
+        return held["set"]
+
+    def loss(rows: Sequence[dict]) -> float:
+        mine = rows if world is None else world.shard(rows)
+        answers = held.get("set")
+        if answers is None or answers.key != _rows_key(task, mine):
+            answers = prepare(rows)
+        total, counted = 0.0, 0
+        if mine:
+            scores = inference.score_candidates(model, tok, [task.prompt(r) for r in mine], answers.continuations,
+                                                length_normalize=True, batch_size=batch_size, shared=shared)
+            for i, s in enumerate(scores):
+                k = answers.count[i]
+                v = answers.value[i, :k]
+                if np.isnan(v).any():
+                    continue
+                z = np.asarray(s[:k], dtype=np.float64) / temperature
+                p = np.exp(z - z.max())
+                total += float(p @ v / p.sum())
+                counted += 1
+        if world is not None:
+            total, counted = world.all_reduce_sum([total, counted])
+        return -total / counted if counted else float("nan")
+
+    loss.prepare = prepare
     return loss
 
 

@@ -80,6 +80,8 @@ def train_loop(r: RunState, objective: Callable[[list], float]) -> None:
         batch = [r.train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(r.train_rows))]
         # perturb, evaluate l+ and l-, update (the engine restores the weights on any exception)
         t0, sent = time.time(), world.bytes if world else 0
+        if hasattr(objective, "prepare"):  # what the step's probes share, from the unperturbed weights
+            objective.prepare(batch)
         loss = opt.step(lambda: objective(batch))
         # log: the trajectory line is the checkpoint; timings go to the log
         r.traj.append(opt.trajectory[-1])
@@ -365,7 +367,7 @@ def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, task, train_ro
         what = "its cross-entropy" if cfg.objective == "ce" else f"{cfg.metric} on a batch of {cfg.batch_size}"
         raise ConfigError(f"--eps auto: no eps from {grid[0]:g} to {grid[-1]:g} changed {what} along at least 3 in "
                           f"4 of {PROBES} probe directions (by eps: {tested}); levers that "
-                          "remain: a larger --batch-size, --smooth T (classification tasks), a metric with finer "
+                          "remain: a larger --batch-size, --smooth T, a metric with finer "
                           "steps, or --eps N")
     cfg.eps = cal.eps
     report("status", {"message": f"--eps auto: eps {cal.eps:g} (of {PROBES} probes, by eps: {tested})"})
