@@ -177,6 +177,7 @@ def test_keep_best_evaluates_saves_and_exports_the_best_dev_step(model_dir, tmp_
     top = max(dev, key=lambda r: (r["value"], -r["step"]))  # the first of the best
     assert final["kept_steps"] == top["step"] + 1 and final["best_dev"] == top["value"] and final["steps"] == 6
     assert final["kept_steps"] < 6  # this seed's dev curve peaks early: the kept weights are not the last ones
+    assert len(dev) == 6 and all(r["seconds"] > 0 for r in dev) and 0 < final["eval_seconds"] <= final["wall_seconds"]
     assert f"kept step {final['kept_steps']}" in capsys.readouterr().out
 
     from transformers import AutoModelForCausalLM

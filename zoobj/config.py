@@ -90,8 +90,8 @@ class TrainConfig:
     train_max_new_tokens: int | None = setting(None, "Generation length during training (evaluation keeps the task's).",
                                                shown=f"the task's, at most {TRAIN_MAX_NEW_TOKENS}")
     smooth: float = setting(0.0, "Optimise the metric's expectation under softmax(candidate scores / T) "
-                                 "instead of the hard metric (fewer l+ == l- ties): the classes, or for generation "
-                                 "the greedy answer before the step and the references; 0 = off.")
+                                 "instead of the hard metric (fewer l+ == l- ties): over the classes for classification, "
+                                 "over the greedy answer before the step and the references for generation; 0 = off.")
     data: str | None = setting(None, "'hub' or a folder of <split>.jsonl files.", shown="shipped data")
     dtype: str = setting("float32", "float32, bf16 or fp16.")
     perturb: str | None = setting(None, "inplace (the paper's) or forward (exact in any dtype).",

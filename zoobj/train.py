@@ -382,9 +382,11 @@ def dev_due(r: RunState, step: int) -> bool:
 def dev_evaluation(r: RunState, step: int) -> None:
     """The dev evaluation after step ``step`` (0-based): logged, and offered to --keep best."""
     cfg, world = r.cfg, r.world
+    t0 = time.time()
     dev = _evaluate(r.session, r.task, cfg.metric, r.dev_rows, world, batch_size=cfg.eval_batch_size, n_resamples=200)
     if dev is not None:
-        r.log.append({"event": "dev", "step": step, "value": dev["value"], "ci95": dev["ci95"]})
+        r.log.append({"event": "dev", "step": step, "value": dev["value"], "ci95": dev["ci95"],
+                      "seconds": round(time.time() - t0, 2)})
         r.report("dev", {"step": step, "value": dev["value"]})
     if cfg.keep == "best":
         value = dev["value"] if dev is not None else None
@@ -416,6 +418,7 @@ def finalise(r: RunState, zero: dict | None) -> tuple[dict | None, list | None]:
         kept = best.steps
         r.report("status", {"message": f"keeping step {kept} (best dev {cfg.metric} {best.value:.4f})"})
     r.report("status", {"message": f"final evaluation on {len(r.eval_rows)} {r.task.eval_split} examples ..."})
+    t0 = time.time()
     final = _evaluate(r.session, r.task, cfg.metric, r.eval_rows, r.world, keep_predictions=True,
                       batch_size=cfg.eval_batch_size)
     if not r.main:
@@ -428,7 +431,7 @@ def finalise(r: RunState, zero: dict | None) -> tuple[dict | None, list | None]:
     result = {**final, "zero_shot": zero["value"] if zero else None,
               "zero_shot_ci95": zero["ci95"] if zero else None, "steps": len(records),
               "tie_rate": ties, "kept_steps": kept, "best_dev": best.value,
-              "wall_seconds": round(wall, 1), "peak_rss_mib": round(peak_mib),
+              "wall_seconds": round(wall, 1), "eval_seconds": round(time.time() - t0, 4), "peak_rss_mib": round(peak_mib),
               "run_dir": str(r.out)}
     if r.world is not None:
         result["world_size"] = r.world.size
