@@ -178,9 +178,9 @@ def _smoothed_generation(model, tok, task, metric, batch_size, max_new_tokens, w
     perturbation. The candidates and their metric values are fixed for the batch
     (``loss.prepare(rows)``, called by the training loop before each step, with the
     weights unperturbed; a batch nobody prepared takes the greedy answers of the first
-    call's weights), so
-    each probe only scores a few short continuations of prompts whose lower blocks are
-    shared."""
+    call's weights), so each probe only scores a few short continuations of prompts
+    whose lower blocks are shared. An empty greedy answer is left out of the set (it
+    has no tokens to score), so its row weighs only the references."""
     held: dict = {}
 
     def prepare(rows: Sequence[dict]) -> AnswerSet:
