@@ -47,9 +47,6 @@ def expected_metric(model, tok, task, metric, rows: Sequence[dict], temperature:
     softmax over the candidates moves with every perturbation, and it tends to the
     metric itself as ``temperature -> 0``. Needs a metric that is a mean over examples.
     """
-    from zoobj.errors import ConfigError
-    from zoobj.metrics import per_example_scores
-
     if not rows:
         return 0.0, 0
     prompts = [task.prompt(r) for r in rows]
@@ -58,21 +55,41 @@ def expected_metric(model, tok, task, metric, rows: Sequence[dict], temperature:
                                         shared=shared, relative=True)  # a softmax over the candidates
     refs = [task.reference(r) for r in rows]
     widest = max(len(s) for s in scores)
-    value = np.zeros((len(rows), widest))
-    for c in range(widest):  # the metric of answering candidate c, for every row
-        per = per_example_scores(metric, [c] * len(rows), refs, prompts=prompts, rows=list(rows))
+    value = candidate_values(metric, [[c] * len(rows) for c in range(widest)], refs, prompts, rows)
+    return expectation(scores, value, temperature)
+
+
+def candidate_values(metric, columns: Sequence[list], refs: Sequence, prompts: Sequence[str],
+                     rows: Sequence[dict]) -> np.ndarray:
+    """``value[i, c]``: the metric of answering ``columns[c][i]`` for row ``i`` (NaN: not
+    applicable). Refuses a metric that is not a mean over examples."""
+    from zoobj.errors import ConfigError
+    from zoobj.metrics import per_example_scores
+
+    value = np.full((len(rows), len(columns)), np.nan)
+    for c, answers in enumerate(columns):
+        per = per_example_scores(metric, answers, refs, prompts=prompts, rows=list(rows))
         if per is None:
-            raise ConfigError(f"--smooth needs a metric that is a mean over examples; {getattr(metric, '__name__', metric)!r} is not")
+            raise ConfigError(f"--smooth needs a metric that is a mean over examples; "
+                              f"{getattr(metric, '__name__', metric)!r} is not")
         value[:, c] = [np.nan if v is None else v for v in per]
+    return value
+
+
+def expectation(scores: Sequence[Sequence[float]], value: np.ndarray, temperature: float,
+                counts: Sequence[int] | None = None) -> tuple[float, int]:
+    """``(sum over rows of E[value] under softmax(scores / temperature), rows counted)``
+    over each row's first ``counts[i]`` candidates (all by default); a row with a NaN
+    value ("not applicable") is left out."""
     total, counted = 0.0, 0
     for i, s in enumerate(scores):
-        z = np.asarray(s, dtype=np.float64) / temperature
-        p = np.exp(z - z.max())
-        p /= p.sum()
-        v = value[i, : len(s)]
-        if np.isnan(v).any():  # "not applicable" for this example
+        k = len(s) if counts is None else counts[i]
+        v = value[i, :k]
+        if np.isnan(v).any():
             continue
-        total += float(p @ v)
+        z = np.asarray(s[:k], dtype=np.float64) / temperature
+        p = np.exp(z - z.max())
+        total += float(p @ v / p.sum())
         counted += 1
     return total, counted
 
@@ -134,9 +151,6 @@ class AnswerSet:
     references, computed once per batch (no perturbation can change them)."""
 
     def __init__(self, task, metric, rows: Sequence[dict], greedy: list[str]):
-        from zoobj.errors import ConfigError
-        from zoobj.metrics import per_example_scores
-
         self.key = _rows_key(task, rows)
         prompts, refs = [task.prompt(r) for r in rows], [task.reference(r) for r in rows]
         texts: list[list[str]] = []
@@ -155,13 +169,7 @@ class AnswerSet:
         self.texts = [t + [t[0]] * (widest - len(t)) for t in texts]
         stop = getattr(task, "stop", "")
         self.continuations = [[" " + a + stop for a in t] for t in self.texts]
-        self.value = np.full((len(rows), widest), np.nan)
-        for c in range(widest):
-            per = per_example_scores(metric, [t[c] for t in self.texts], refs, prompts=prompts, rows=list(rows))
-            if per is None:
-                raise ConfigError(f"--smooth needs a metric that is a mean over examples; "
-                                  f"{getattr(metric, '__name__', metric)!r} is not")
-            self.value[:, c] = [np.nan if v is None else v for v in per]
+        self.value = candidate_values(metric, [[t[c] for t in self.texts] for c in range(widest)], refs, prompts, rows)
 
 
 def _rows_key(task, rows: Sequence[dict]) -> tuple:
@@ -199,15 +207,7 @@ def _smoothed_generation(model, tok, task, metric, batch_size, max_new_tokens, w
         if mine:
             scores = inference.score_candidates(model, tok, [task.prompt(r) for r in mine], answers.continuations,
                                                 length_normalize=True, batch_size=batch_size, shared=shared)
-            for i, s in enumerate(scores):
-                k = answers.count[i]
-                v = answers.value[i, :k]
-                if np.isnan(v).any():
-                    continue
-                z = np.asarray(s[:k], dtype=np.float64) / temperature
-                p = np.exp(z - z.max())
-                total += float(p @ v / p.sum())
-                counted += 1
+            total, counted = expectation(scores, answers.value, temperature, answers.count)
         if world is not None:
             total, counted = world.all_reduce_sum([total, counted])
         return -total / counted if counted else float("nan")
