@@ -246,19 +246,22 @@ def test_help_shows_the_defaults_and_choices_of_train_config():
     from zoobj.objective import OBJECTIVES
 
     shown = _help("train")
-    assert "[default: 20]" in shown["--steps"] and TrainConfig.steps == 20
+    from zoobj.config import DEFAULTS
+
+    assert "[default: 20, or the task's recipe]" in shown["--steps"] and DEFAULTS["steps"] == 20
     for f in cli_fields():  # every setting with a value of its own shows that value
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-")).split("/")[0]
         assert flag in shown, flag
         if f.default not in (None, dataclasses.MISSING) and not isinstance(f.default, bool):
             assert f"[default: {f.default}]" in shown[flag], (flag, shown[flag])
     assert "[default: freeze-embeddings]" in shown["--train-embeddings"]
-    assert "[default: the paper's for the parameter set: 1e-06 (none), 0.0001 (lora), 0.01 (prefix)]" in shown["--lr"]
+    assert ("[default: the paper's for the parameter set: 1e-06 (none), 0.0001 (lora), 0.01 (prefix); "
+            "zoobj's 0.2 (template)]") in shown["--lr"]
     for flag, choices in {"--peft": PEFT, "--rule": RULES, "--keep": KEEP, "--parallel": PARALLEL,
                           "--objective": OBJECTIVES, "--perturb": PERTURB}.items():
         assert all(re.search(rf"\b{c}\b", shown[flag]) for c in choices), (flag, choices, shown[flag])
     compared = _help("compare")  # the same settings, with the comparison's own default where it has one
-    assert "[default: 20]" in compared["--steps"] and "[default: 0]" in compared["--eval-every"]
+    assert "[default: 20, or the task's recipe]" in compared["--steps"] and "[default: 0]" in compared["--eval-every"]
     assert "[default: --lr]" in compared["--ce-lr"] and "[required]" in compared["--task"]
 
 
@@ -269,18 +272,18 @@ def test_a_default_changed_in_train_config_is_the_one_help_shows(monkeypatch):
     from zoobj.cli import _with_options, setting_options
     from zoobj.config import TrainConfig
 
-    monkeypatch.setattr(TrainConfig.__dataclass_fields__["steps"], "default", 50)
+    monkeypatch.setattr(TrainConfig.__dataclass_fields__["eval_every"], "default", 50)
     app = typer.Typer()
 
     @app.command()
-    @_with_options(*setting_options(("steps", "batch_size")))
+    @_with_options(*setting_options(("eval_every", "eval_limit")))
     def command(**flags):
         typer.echo(json.dumps(flags))
 
     out = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}).output
-    assert "[default: 50]" in out and "[default: 8]" in out
-    given = CliRunner().invoke(app, ["--steps", "3"])
-    assert json.loads(given.output) == {"steps": 3, "batch_size": None}  # a flag left out stays None (resume)
+    assert "[default: 50]" in out and "[default: 100]" in out
+    given = CliRunner().invoke(app, ["--eval-every", "3"])
+    assert json.loads(given.output) == {"eval_every": 3, "eval_limit": None}  # a flag left out stays None (resume)
 
 
 def test_compare_gives_both_arms_the_shared_settings_and_its_own_defaults(tmp_path, monkeypatch, capsys):
@@ -300,6 +303,7 @@ def test_compare_gives_both_arms_the_shared_settings_and_its_own_defaults(tmp_pa
     monkeypatch.setattr(compare, "_plot", lambda *a: None)
     assert cli("compare", "--task", "sst2", "--steps", "3", "--lr", "1e-3", "--ce-lr", "1e-2", "--output", tmp_path) == 0
     shared = dict(task="sst2", metric="accuracy", steps=3, eval_every=0, zero_shot=False)  # compare: no dev evaluations
-    assert arms == [TrainConfig(objective="ce", lr=1e-2, output=str(tmp_path / "ce"), **shared),
-                    TrainConfig(objective="metric", lr=1e-3, output=str(tmp_path / "metric"), **shared)]
+    # both arms get the settings resolved once (the task's recipe and the defaults filled in)
+    assert arms == [TrainConfig(objective="ce", lr=1e-2, output=str(tmp_path / "ce"), **shared).resolved(),
+                    TrainConfig(objective="metric", lr=1e-3, output=str(tmp_path / "metric"), **shared).resolved()]
     assert "3 steps, batch 8, seed 0, parameters: none" in (tmp_path / "report.md").read_text()

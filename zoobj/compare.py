@@ -36,6 +36,7 @@ def compare(task: str, ce_lr: float | None = None, output: str | None = None, re
     from zoobj.tasks import get_task
 
     base = TrainConfig(task=task, zero_shot=False, **{**DEFAULTS, **{k: v for k, v in settings.items() if v is not None}})
+    base = dataclasses.replace(base.resolved(), output=None)  # the task's recipe and the defaults, for both arms
     t = get_task(task)
     metric = base.metric = base.metric or t.metric
     out = Path(output or Path("runs") / f"compare-{t.name}-{metric}-{datetime.now():%Y%m%d-%H%M%S}")

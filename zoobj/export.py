@@ -56,7 +56,18 @@ def save_model_dir(session: Session, target: str | Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        merged_for_saving(session.model).save_pretrained(tmp)
+        from zoobj import template
+
+        tail = template.find(session.model)
+        if tail is not None:  # the base model as it is, and the trained tail beside it
+            session.model.set_input_embeddings(tail.base)
+            try:
+                session.model.save_pretrained(tmp)
+            finally:
+                session.model.set_input_embeddings(tail)
+            template.save(session.model, tmp)
+        else:
+            merged_for_saving(session.model).save_pretrained(tmp)
         session.tok.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)

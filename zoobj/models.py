@@ -174,6 +174,10 @@ def load_model(
             tok = AutoTokenizer.from_pretrained(str(source), **kw)
             placed = {"device_map": device_map} if device_map else {}
             model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch_dtype, **placed, **kw)
+            if isinstance(source, Path):  # an exported --peft template run: its trained tail
+                from zoobj import template
+
+                model = template.load_into(model, source)
     except ModelError:
         raise
     except (OSError, ValueError) as exc:
@@ -242,7 +246,7 @@ def init_prefix_from_tokens(model, ids: list[int]) -> None:
 
 def trainable_parameters(model, peft: str = "none", train_embeddings: bool = False, seed: int = 0,
                          lora_r: int = 8, lora_alpha: int = 16, prefix_tokens: int = 5, tok=None,
-                         layers: str | None = None):
+                         layers: str | None = None, template_tail: list[int] | None = None):
     """Choose what MeZO perturbs. Returns ``(model, [(name, tensor), ...])`` in a fixed order.
 
     - ``none``: every weight of the model (full-parameter MeZO), except the token
@@ -254,13 +258,17 @@ def trainable_parameters(model, peft: str = "none", train_embeddings: bool = Fal
       with the model's own keys and values of 5 word tokens drawn with ``seed`` (from the
       tokenizer's plain words when ``tok`` is given).
 
+    - ``template``: one trained input vector for each token of ``template_tail``, the
+      tokens every prompt of the task ends with (``zoobj.template``); the base weights
+      stay frozen.
+
     ``layers`` (``top:K`` or ``A-B``, see ``zoobj.blocks``) restricts full parameters to
     those decoder blocks plus the final norm, and LoRA to the q/v projections inside them.
     """
     from zoobj import blocks
 
-    if layers and peft == "prefix":
-        raise ConfigError("--layers does not apply to --peft prefix (a prefix acts in every layer); "
+    if layers and peft in ("prefix", "template"):
+        raise ConfigError(f"--layers does not apply to --peft {peft} (it acts below every layer); "
                           "use --peft lora or full parameters, or leave --layers out")
     if peft == "none":
         if layers and train_embeddings:
@@ -301,14 +309,24 @@ def trainable_parameters(model, peft: str = "none", train_embeddings: bool = Fal
         named = [(n, p) for n, p in model.named_parameters() if "prompt_encoder" in n]
         model.eval()
         return model, named
-    raise ConfigError(f"unknown --peft {peft!r}; choose one of none, lora, prefix")
+    if peft == "template":
+        from zoobj import template
+
+        if template_tail is None:
+            raise ConfigError("--peft template needs the task's closing tokens (zoobj.template.template_tail)")
+        model, named = template.attach(model, template_tail)
+        model.eval()
+        return model, named
+    raise ConfigError(f"unknown --peft {peft!r}; choose one of none, lora, prefix, template")
 
 
 def merged_for_saving(model):
     """A plain transformers model: LoRA adapters merged into the weights (a copy).
 
     A prefix-tuned model cannot be merged: it is saved as a peft adapter folder
-    (load it with ``peft.AutoPeftModelForCausalLM``)."""
+    (load it with ``peft.AutoPeftModelForCausalLM``). A trained template tail is not a
+    weight of the base model either: ``save_model_dir`` writes the base model and the
+    tail beside it (``zoobj.template.save``; ``load_model`` attaches it)."""
     from_peft = getattr(model, "peft_config", None)
     if from_peft and any(getattr(c, "peft_type", "") == "PREFIX_TUNING" or str(getattr(c, "peft_type", "")).endswith("PREFIX_TUNING")
                          for c in from_peft.values()):

@@ -68,7 +68,7 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict |
     if model is None:
         model, tok = load_model(cfg.model, dtype=cfg.dtype, device=_device(cfg, world), device_map=cfg.device_map)
     model, named = trainable_parameters(model, cfg.peft, cfg.train_embeddings, seed=cfg.seed, tok=tok,
-                                        layers=cfg.layers)
+                                        layers=cfg.layers, template_tail=_template_tail(cfg, tok))
     params = [p for _, p in named]
     if calibrate is not None:
         calibrate(model, tok, params)
@@ -88,6 +88,17 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict |
                           "eager kernel differs in the last float32 bits, so replaying with it would not give "
                           "the run's weights: use a machine where torch.compile works (a C++ compiler for CPU)") from exc
     return Session(model, tok, params, opt)
+
+
+def _template_tail(cfg: TrainConfig, tok) -> list[int] | None:
+    """``--peft template``: the tokens every prompt of the task ends with (from its training rows)."""
+    if cfg.peft != "template":
+        return None
+    from zoobj.tasks import get_task
+    from zoobj.template import template_tail
+
+    task = get_task(cfg.task)
+    return template_tail(task, tok, task.load("train", cfg.data))
 
 
 def _recorded_noise(recorded: dict | None, params: list, run_dir) -> str:

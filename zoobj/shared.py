@@ -36,7 +36,38 @@ import torch
 from zoobj import blocks as _blocks
 
 
-class SharedPrefix:
+class _Store:
+    """What both stores share: a per-batch store of computed states, dropped when the
+    batch's prompts change or any tensor in ``self._watched`` has been written in place
+    since (its version counter moved); and the switch to the plain path."""
+
+    _watched: list
+    _store: dict
+    _batch: frozenset | None
+    _version: int | None
+    disabled: str | None
+    on_disable: object
+
+    def _fingerprint(self) -> int:
+        return sum(p._version for p in self._watched)
+
+    def begin(self, keys) -> None:
+        """A prediction call over these prompts starts: drop what belongs to another batch
+        or to weights that have changed since it was stored."""
+        batch, version = frozenset(keys), self._fingerprint()
+        if batch != self._batch or version != self._version:
+            self._store.clear()
+            self._batch, self._version = batch, version
+
+    def disable(self, why: str) -> None:
+        if self.disabled is None:
+            self.disabled = why
+            self._store.clear()
+            if self.on_disable is not None:
+                self.on_disable(why)
+
+
+class SharedPrefix(_Store):
     """The frozen lower blocks' hidden states and keys/values for the current batch."""
 
     def __init__(self, model, cut: int, prefix: str, block_list: torch.nn.ModuleList,
@@ -45,8 +76,8 @@ class SharedPrefix:
         trained = {id(p) for p in params}
         # what the stored states depend on: the lower blocks, and the untrained tensors
         # outside the blocks (embeddings; a frozen final norm or head is harmless here)
-        self._below = [p for n, p in model.named_parameters() if id(p) not in trained
-                       and ((b := _blocks.block_of(n, prefix)) is None or b < cut)]
+        self._watched = [p for n, p in model.named_parameters() if id(p) not in trained
+                         and ((b := _blocks.block_of(n, prefix)) is None or b < cut)]
         self._store: dict = {}
         self._batch: frozenset | None = None
         self._version: int | None = None
@@ -74,26 +105,6 @@ class SharedPrefix:
             return None, ""
         prefix, block_list = found
         return cls(model, cut, prefix, block_list, params), f"blocks 0-{cut - 1} computed once per step, {len(block_list) - cut} per probe"
-
-    # ------------------------------------------------------------------ the store
-
-    def _fingerprint(self) -> int:
-        return sum(p._version for p in self._below)
-
-    def begin(self, keys) -> None:
-        """A prediction call over these prompts starts: drop what belongs to another batch
-        or to weights that have changed since it was stored."""
-        batch, version = frozenset(keys), self._fingerprint()
-        if batch != self._batch or version != self._version:
-            self._store.clear()
-            self._batch, self._version = batch, version
-
-    def disable(self, why: str) -> None:
-        if self.disabled is None:
-            self.disabled = why
-            self._store.clear()
-            if self.on_disable is not None:
-                self.on_disable(why)
 
     # ------------------------------------------------------------------ the two passes
 
@@ -183,3 +194,116 @@ def _cache_of(out):
     from zoobj.inference import _cache_out
 
     return _cache_out(out)
+
+
+def build(model, params: list[torch.Tensor]):
+    """The store that serves these trained tensors: ``SharedPromptBody`` for a trained
+    template tail (``--peft template``), else ``SharedPrefix``; ``(store or None, note)``."""
+    from zoobj import template
+
+    tail = template.find(model)
+    if tail is not None and len(params) == 1 and params[0] is tail.delta:
+        return SharedPromptBody.build(model, tail)
+    return SharedPrefix.build(model, params)
+
+
+class SharedPromptBody(_Store):
+    """For a trained template tail: each prompt's keys and values *before* the tail,
+    computed once and reused by every probe while the prompts stay.
+
+    Causal attention: a token's keys and values depend only on the tokens up to it, so
+    with only the tail's input vectors trained, the prompt's body (everything before
+    its last occurrence of the tail) is the same for every perturbation. A probe copies
+    the body's cache and runs the tail (and, for a scored target, the target) over it:
+    a few tokens instead of the whole prompt. Rows that do not end with the tail, or
+    whose body holds it too, run whole. Decoding runs the whole model on its one new
+    token, as it always does. Serves the same calls as ``SharedPrefix`` (``begin``,
+    ``forward``, ``decode``), so the prediction functions take either.
+    """
+
+    def __init__(self, model, tail) -> None:
+        self.model, self.tail = model, tail
+        trained = id(tail.delta)
+        self._watched = [p for p in model.parameters() if id(p) != trained]
+        self._store: dict = {}
+        self._batch: frozenset | None = None
+        self._version: int | None = None
+        self.hits = self.misses = 0  # prompt bodies found in the store / computed
+        self.decode_hits = self.decode_misses = 0  # (decoding is never shared here)
+        self.disabled: str | None = None
+        self.on_disable = None
+
+    @classmethod
+    def build(cls, model, tail) -> tuple[SharedPromptBody | None, str]:
+        devices = set((getattr(model, "hf_device_map", None) or {}).values())
+        if len(devices) > 1:
+            return None, "the model is spread over several devices"
+        k = tail.tail.numel()
+        return cls(model, tail), f"prompt bodies computed once per batch, {k} tail tokens and the answer per probe"
+
+    def _body(self, body: tuple):
+        cache = self._store.get(body)
+        if cache is not None:
+            self.hits += 1
+            return cache
+        self.misses += 1
+        dev = self.tail.delta.device
+        out = self.model(input_ids=torch.tensor([body], device=dev), use_cache=True, logits_to_keep=1)
+        self._store[body] = cache = _cache_of(out)
+        return cache
+
+    def _row(self, ids: list[int], keep: int):
+        """One unpadded row: (logits of its last ``keep`` positions or fewer, its cache)."""
+        import copy
+
+        dev = self.tail.delta.device
+        starts = self.tail.matches(torch.tensor([ids])).nonzero()[:, 1].tolist()
+        s = starts[-1] if starts else 0
+        if s == 0 or self.tail.matches(torch.tensor([ids[:s]])).any():  # nothing to share, or the body moves too
+            out = self.model(input_ids=torch.tensor([ids], device=dev), use_cache=True, logits_to_keep=keep)
+            return out.logits, _cache_of(out)
+        cache = copy.deepcopy(self._body(tuple(ids[:s])))
+        rest = torch.tensor([ids[s:]], device=dev)
+        pos = torch.arange(s, len(ids), device=dev)[None]
+        from zoobj.inference import _cache_kw
+
+        out = self.model(input_ids=rest, position_ids=pos, use_cache=True, logits_to_keep=min(keep, rest.shape[1]),
+                         **{_cache_kw(self.model): cache})
+        return out.logits, _cache_of(out)
+
+    def forward(self, key, logits_to_keep: int = 1, input_ids=None, attention_mask=None, position_ids=None, **_):
+        """The model's output over ``input_ids`` (left-padded rows): logits of the last
+        ``logits_to_keep`` positions (zeros where a row's shared body holds them) and a
+        cache of the whole width."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        rows = []
+        for r in range(input_ids.shape[0]):
+            ids = input_ids[r] if attention_mask is None else input_ids[r][attention_mask[r].bool()]
+            rows.append(ids.tolist())
+        results = [self._row(ids, logits_to_keep) for ids in rows]
+        if len(rows) == 1 and attention_mask is None:
+            logits, cache = results[0]
+        else:
+            width = input_ids.shape[1]
+            logits = results[0][0].new_zeros((len(rows), logits_to_keep, results[0][0].shape[-1]))
+            for r, (lg, _) in enumerate(results):
+                logits[r, logits_to_keep - lg.shape[1]:] = lg[0]
+            cache = _stack(self.model, [c for _, c in results], [len(ids) for ids in rows], width)
+        return CausalLMOutputWithPast(logits=logits, **{"cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values": cache})
+
+    def decode(self, keys: list, **inputs):
+        self.decode_misses += 1
+        return self.model(**inputs, use_cache=True)
+
+
+def _stack(model, caches: list, lengths: list[int], width: int):
+    """Row caches (each holding its own length) left-padded into one batch cache."""
+    from torch.nn.functional import pad as fpad
+
+    merged = type(caches[0])(config=model.config)
+    for li in range(len(caches[0].layers)):
+        ks = [fpad(c.layers[li].keys, (0, 0, width - n, 0)) for c, n in zip(caches, lengths)]
+        vs = [fpad(c.layers[li].values, (0, 0, width - n, 0)) for c, n in zip(caches, lengths)]
+        merged.update(torch.cat(ks), torch.cat(vs), li)
+    return merged

@@ -331,12 +331,12 @@ def _objective(cfg: TrainConfig, model, tok, task, world, params: list | None = 
     With ``cfg.shared`` and the trained ``params``, the objective (metric or ce) computes
     the frozen blocks below the lowest trained one once per batch (``zoobj.shared``); the
     returned function's ``shared_note`` says whether and how (None: not asked for)."""
-    from zoobj.shared import SharedPrefix
+    from zoobj import shared as _shared
 
     data_world = world if world is not None and cfg.parallel == "data" else None
     shared, note = None, None
     if cfg.shared and params is not None:
-        shared, why = SharedPrefix.build(model, params)
+        shared, why = _shared.build(model, params)
         note = why if shared is not None or not why else \
             f"shared lower blocks off ({why}): every probe runs the whole model"
     fn = make_objective(cfg.objective, model, tok, task, cfg.metric, batch_size=cfg.batch_size, world=data_world,

@@ -28,6 +28,9 @@ class GenerationTask:
     max_new_tokens: int = 50
     stop: str = "\n"
     description: str = ""
+    # settings that worked for this task, used where a run leaves them unset (zoobj.config):
+    # (name, value) pairs of peft, n, shaping, lr, eps, steps, batch_size
+    recipe: tuple = ()
     kind: ClassVar[str] = "generation"
 
     def prompt(self, row: dict) -> str:

@@ -28,4 +28,8 @@ SQUAD = GenerationTask(
     metric="f1",
     max_new_tokens=50,
     description="SQuAD v1.1 extractive QA as generation; token F1 against all gold answers",
+    # the template tail ("\nAnswer:") with a population of 8 z-scored directions: the README's SQuAD
+    # results; 12 steps keep the no-flag run within 20 minutes on 2 CPU cores
+    recipe=(("peft", "template"), ("n", 8), ("shaping", "zscore"), ("lr", 0.2), ("eps", 0.2),
+            ("steps", 12), ("batch_size", 16)),
 )

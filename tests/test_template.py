@@ -1,0 +1,154 @@
+"""--peft template: the prompt's closing tokens as the trained tensor, and the prompt
+bodies computed once per batch (zoobj.shared.SharedPromptBody)."""
+
+import pytest
+import torch
+
+from tests.tiny import tiny_gemma, tiny_tokenizer
+from zoobj import MeZO, inference
+from zoobj.errors import ConfigError
+from zoobj.models import trainable_parameters
+from zoobj.shared import SharedPromptBody, build
+from zoobj.tasks import get_task
+from zoobj.template import template_tail
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def squad(n=6):
+    task = get_task("squad")
+    return task, task.load("train")[:n]
+
+
+def tuned(tok, scale=0.5):
+    task, rows = squad()
+    model = tiny_gemma(len(tok), seed=3, layers=2, sliding_window=4096)
+    with torch.no_grad():  # init-sized (tied) embeddings give near-uniform logits: nothing could move them
+        model.get_input_embeddings().weight.mul_(30.0)
+    model, named = trainable_parameters(model, "template", tok=tok, template_tail=template_tail(task, tok, rows))
+    with torch.no_grad():
+        named[0][1].add_(scale * torch.randn(named[0][1].shape, generator=torch.Generator().manual_seed(0)))
+    return task, rows, model, named
+
+
+def test_tail_is_the_templates_closing_tokens(tok):
+    task, rows = squad()
+    tail = template_tail(task, tok, rows)
+    assert tok.decode(tail).strip().endswith("Answer:")
+    for row in rows:  # every prompt ends with it
+        assert tok(task.prompt(row), add_special_tokens=False).input_ids[-len(tail):] == tail
+
+
+def test_template_trains_one_small_tensor_and_starts_at_the_base_model(tok):
+    task, rows = squad()
+    base = tiny_gemma(len(tok), seed=3, layers=2, sliding_window=4096)
+    prompts = [task.prompt(r) for r in rows]
+    before = inference.generate(base, tok, prompts, max_new_tokens=6)
+    model, named = trainable_parameters(base, "template", tok=tok, template_tail=template_tail(task, tok, rows))
+    assert len(named) == 1 and named[0][1].shape == (len(template_tail(task, tok, rows)), 32)
+    assert inference.generate(model, tok, prompts, max_new_tokens=6) == before  # delta = 0: the base model
+    with pytest.raises(ConfigError, match="--layers does not apply to --peft template"):
+        trainable_parameters(base, "template", layers="top:1", template_tail=[1])
+
+
+def test_delta_acts_only_where_the_tail_is(tok):
+    task, rows, model, named = tuned(tok)
+    emb, tail = model.get_input_embeddings(), model.get_input_embeddings().tail.tolist()
+    ids = torch.tensor([[5, 6, *tail, 7]])
+    diff = (emb(ids) - emb.base(ids)).abs().sum(-1)[0]
+    assert diff[2:2 + len(tail)].gt(0).all() and diff[:2].eq(0).all() and diff[-1] == 0
+
+
+def test_shared_body_gives_the_plain_answers_scores_and_nll(tok):
+    task, rows, model, named = tuned(tok)
+    prompts = [task.prompt(r) for r in rows]
+    shared, note = build(model, [named[0][1]])
+    assert isinstance(shared, SharedPromptBody) and "prompt bodies" in note
+    plain = inference.generate(model, tok, prompts, max_new_tokens=6, batch_size=4)
+    assert inference.generate(model, tok, prompts, max_new_tokens=6, batch_size=4, shared=shared) == plain
+    targets = [task.target(r) for r in rows]
+    a = inference.target_nll(model, tok, prompts, targets, batch_size=4)
+    b = inference.target_nll(model, tok, prompts, targets, batch_size=4, shared=shared)
+    assert b == pytest.approx(a, rel=1e-4)
+    cands = [[" yes", " no way"]] * len(prompts)
+    sa = inference.score_candidates(model, tok, prompts, cands, batch_size=4)
+    sb = inference.score_candidates(model, tok, prompts, cands, batch_size=4, shared=shared)
+    assert torch.allclose(torch.tensor(sa), torch.tensor(sb), atol=1e-4)
+    misses = shared.misses
+    assert inference.generate(model, tok, prompts, max_new_tokens=6, batch_size=4, shared=shared) == plain
+    assert shared.hits == len(prompts) and shared.misses == misses  # the next probe reuses every body
+    # a probe moves the tail: the shared path follows it
+    with torch.no_grad():
+        named[0][1].mul_(-3.0)
+    moved = inference.target_nll(model, tok, prompts, targets, batch_size=4)
+    assert moved != pytest.approx(a, rel=1e-6)
+    assert inference.target_nll(model, tok, prompts, targets, batch_size=4, shared=shared) == pytest.approx(moved, rel=1e-4)
+
+
+def test_mezo_on_the_tail_lowers_the_target_loss(tok):
+    task, rows, model, named = tuned(tok, scale=0.0)
+    prompts, targets = [task.prompt(r) for r in rows], [" yes"] * len(rows)  # the token right after the tail
+    shared, _ = build(model, [named[0][1]])
+    loss = lambda: inference.target_nll(model, tok, prompts, targets, shared=shared)  # noqa: E731
+    start = loss()
+    opt = MeZO([named[0][1]], lr=0.1, eps=2e-2, seed=0, n=4, shaping="zscore")
+    for _ in range(20):
+        opt.step(loss)
+    assert loss() < start - 0.5
+
+
+SQUAD_RUN = ["--task", "squad", "--metric", "f1", "--peft", "template", "--n", "2", "--shaping", "zscore",
+             "--lr", "0.5", "--eps", "0.5", "--batch-size", "2", "--eval-limit", "4", "--eval-every", "0",
+             "--train-max-new-tokens", "4"]
+
+
+def test_a_template_run_resumes_exports_and_reevaluates_to_its_number(model_dir, tmp_path, capsys):
+    import json
+
+    from tests.test_cli import cli
+    from zoobj import template
+    from zoobj import trajectory as tj
+
+    whole, cut, exported = tmp_path / "whole", tmp_path / "cut", tmp_path / "exported"
+    assert cli("train", *SQUAD_RUN, "--model", model_dir, "--steps", "3", "--output", whole) == 0
+    assert cli("train", *SQUAD_RUN, "--model", model_dir, "--steps", "2", "--output", cut) == 0
+    assert cli("train", "--resume", cut, "--steps", "3") == 0
+    assert (cut / tj.TRAJECTORY).read_text() == (whole / tj.TRAJECTORY).read_text()
+    config = json.loads((whole / tj.CONFIG).read_text())
+    assert config["peft"] == "template"
+    final = json.loads((whole / tj.EVAL).read_text())
+    assert cli("export", whole, "--output", exported) == 0
+    assert (exported / template.FILE).is_file()
+    capsys.readouterr()
+    assert cli("eval", "--task", "squad", "--model", exported, "--limit", "4", "--json") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["value"] == final["value"]
+    assert cli("eval", "--run", whole, "--limit", "4", "--json") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["value"] == final["value"]
+    rows = json.loads((exported / template.FILE).read_text())["delta"]
+    assert any(v != 0 for row in rows for v in row)  # the tail moved
+
+
+def test_a_task_whose_prompt_ends_with_the_row_has_no_tail(tok):
+    from zoobj.tasks.generation import GenerationTask
+    from zoobj.tasks.sources import shipped
+
+    bare = GenerationTask(name="bare", template=lambda row: row["question"], source=shipped("squad"))
+    with pytest.raises(ConfigError, match="end with the row's own text"):
+        template_tail(bare, tok, [{"question": "Who?", "answers": ["a"]}, {"question": "Where is it", "answers": ["b"]}])
+
+
+def test_squad_runs_take_the_tasks_recipe_unless_told_otherwise():
+    from zoobj.config import TrainConfig
+
+    got = lambda **kw: TrainConfig(task="squad", **kw).resolved()  # noqa: E731
+    plain = got()
+    assert (plain.peft, plain.n, plain.shaping, plain.lr, plain.eps, plain.steps, plain.batch_size) == (
+        "template", 8, "zscore", 0.2, 0.2, 12, 16)
+    assert got(steps=5, lr=0.1).steps == 5 and got(steps=5, lr=0.1).lr == 0.1 and got(steps=5).n == 8
+    lora = got(peft="lora")  # another parameter set: none of the recipe, the paper's lr/eps for it
+    assert (lora.n, lora.shaping, lora.lr, lora.eps, lora.steps, lora.batch_size) == (1, "none", 1e-4, 1e-2, 20, 8)
+    sst2 = TrainConfig(task="sst2").resolved()  # no recipe
+    assert (sst2.peft, sst2.n, sst2.shaping, sst2.lr, sst2.steps, sst2.batch_size) == ("none", 1, "none", 1e-6, 20, 8)

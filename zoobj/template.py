@@ -1,0 +1,150 @@
+"""``--peft template``: train the input vectors of the prompt's closing words.
+
+A prompt such as SQuAD's ``Title: ...\\nContext: ...\\nQuestion: ...\\nAnswer:`` ends
+with a few tokens that every prompt of the task shares and that no row writes: the
+template's tail (``\\n``, ``Answer``, ``:`` for SQuAD). They sit right where the model
+decides *what kind of answer* comes next, so their input vectors are a small, strong
+handle on the answer's form (Gemma-3-270M: 3 tokens, 1,920 numbers). This is prompt
+tuning (Lester et al. 2021) with two choices made for zeroth-order training:
+
+- the soft tokens start as the template's own, so step 0 is exactly the zero-shot
+  model, and a population of perturbations searches thousands of dimensions, not
+  millions;
+- they sit at the *end* of the prompt, not the start: everything before them is the
+  same for every perturbation (causal attention), so a probe runs only the tail and
+  the answer over keys and values computed once (``zoobj.shared.SharedPromptBody``).
+
+The trained tensor ``delta`` (one row per tail token) is added to the embeddings
+wherever the tail's token sequence occurs in the input, which in a prompt is its end;
+generated tokens and the row's text are untouched, and so is the output head.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from zoobj.errors import ConfigError, ModelError
+
+SENTINEL = "x"  # stands for every text field when the template is rendered alone
+SAMPLE = 16  # training rows whose prompts must all end with the tail
+FILE = "zoobj_template.json"  # what an exported template-tuned model adds to its folder
+
+
+class TemplateTail(torch.nn.Module):
+    """The model's input embedding, plus a trained row added at each tail token."""
+
+    def __init__(self, base: torch.nn.Module, tail: list[int]) -> None:
+        super().__init__()
+        if not tail:
+            raise ConfigError("--peft template: the template has no closing tokens of its own to train")
+        self.base = base
+        weight = base.weight
+        self.register_buffer("tail", torch.tensor(tail, dtype=torch.long, device=weight.device), persistent=False)
+        self.delta = torch.nn.Parameter(torch.zeros(len(tail), weight.shape[1], dtype=weight.dtype,
+                                                    device=weight.device))
+
+    @property
+    def weight(self) -> torch.nn.Parameter:  # for callers that read the embedding matrix
+        return self.base.weight
+
+    def matches(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(batch, length - k + 1)`` booleans: where the tail's k tokens start."""
+        k = self.tail.numel()
+        if input_ids.shape[-1] < k:
+            return input_ids.new_zeros((input_ids.shape[0], 0), dtype=torch.bool)
+        return (input_ids.unfold(-1, k, 1) == self.tail).all(-1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids)
+        hits = self.matches(input_ids)
+        if not bool(hits.any()):
+            return out
+        k, width = self.tail.numel(), hits.shape[-1]
+        add = torch.zeros_like(out)
+        where = hits.unsqueeze(-1).to(out.dtype)
+        for j in range(k):
+            add[:, j : j + width] += where * self.delta[j].to(out.dtype)
+        return out + add
+
+
+def _blank(value):
+    if isinstance(value, str):
+        return SENTINEL
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return [SENTINEL] * len(value)
+    return value
+
+
+def _common_suffix(seqs: list[list[int]]) -> list[int]:
+    n = 0
+    while all(len(s) > n for s in seqs) and len({s[len(s) - 1 - n] for s in seqs}) == 1:
+        n += 1
+    return seqs[0][len(seqs[0]) - n:] if n else []
+
+
+def template_tail(task, tok, rows: list[dict]) -> list[int]:
+    """The token ids every prompt ends with and no row writes: the longest common suffix
+    of the prompts of ``rows`` (the first ``SAMPLE``) and of the template rendered with
+    every text field set to a placeholder word."""
+    rows = rows[:SAMPLE]
+    if not rows:
+        raise ConfigError(f"--peft template: task {task.name!r} has no training rows to find its template in")
+    try:
+        skeleton = task.prompt({k: _blank(v) for k, v in rows[0].items()})
+    except Exception as exc:  # a template that needs real field values
+        raise ConfigError(f"--peft template: task {task.name!r} cannot render its template with placeholder "
+                          f"fields ({exc}); use --peft lora or prefix") from None
+    seqs = [tok(text, add_special_tokens=False).input_ids for text in [skeleton, *map(task.prompt, rows)]]
+    tail = _common_suffix(seqs)
+    if not tail:
+        raise ConfigError(f"--peft template: the prompts of task {task.name!r} end with the row's own text, not "
+                          "with template words (nothing to train); use --peft lora or prefix")
+    return tail
+
+
+def attach(model, tail: list[int]) -> tuple[object, list[tuple[str, torch.Tensor]]]:
+    """Wrap the input embedding in a ``TemplateTail``; returns the model and its one
+    trained tensor, named."""
+    base = model.get_input_embeddings()
+    if isinstance(base, TemplateTail):
+        raise ConfigError("--peft template: this model already has a trained template")
+    wrapper = TemplateTail(base, tail)
+    model.set_input_embeddings(wrapper)
+    name = next(n for n, p in model.named_parameters() if p is wrapper.delta)
+    return model, [(name, wrapper.delta)]
+
+
+def find(model) -> TemplateTail | None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb if isinstance(emb, TemplateTail) else None
+
+
+def save(model, folder: str | Path) -> None:
+    """Write the trained tail next to an exported model (``FILE``: token ids and rows)."""
+    wrapper = find(model)
+    if wrapper is None:
+        return
+    data = {"tail": wrapper.tail.tolist(), "delta": wrapper.delta.detach().float().cpu().tolist()}
+    (Path(folder) / FILE).write_text(json.dumps(data))
+
+
+def load_into(model, folder: str | Path):
+    """Attach the tail saved in ``folder`` (if any) to ``model``, a model loaded from it."""
+    path = Path(folder) / FILE
+    if not path.is_file():
+        return model
+    try:
+        data = json.loads(path.read_text())
+        tail, rows = [int(i) for i in data["tail"]], data["delta"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path} is not a zoobj template file ({exc}); re-export the run with zoobj export") from None
+    model, named = attach(model, tail)
+    delta = named[0][1]
+    if len(rows) != delta.shape[0] or any(len(r) != delta.shape[1] for r in rows):
+        raise ModelError(f"{path} holds rows of another shape than this model's embeddings; re-export the run")
+    with torch.no_grad():
+        delta.copy_(torch.tensor(rows, dtype=delta.dtype))
+    return model
