@@ -307,3 +307,16 @@ def test_compare_gives_both_arms_the_shared_settings_and_its_own_defaults(tmp_pa
     assert arms == [TrainConfig(objective="ce", lr=1e-2, output=str(tmp_path / "ce"), **shared).resolved(),
                     TrainConfig(objective="metric", lr=1e-3, output=str(tmp_path / "metric"), **shared).resolved()]
     assert "3 steps, batch 8, seed 0, parameters: none" in (tmp_path / "report.md").read_text()
+
+
+def test_ctrl_c_in_a_run_without_output_names_the_default_run_directory(model_dir, tmp_path, monkeypatch, capsys):
+    from zoobj import train
+
+    def interrupted(cfg, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run", interrupted)
+    monkeypatch.chdir(tmp_path)
+    assert cli("train", "--task", "sst2", "--model", model_dir, "--steps", "2") == 130
+    err = capsys.readouterr().err
+    assert "Resume with: zoobj train --resume runs/sst2-accuracy-" in err and "internal error" not in err

@@ -36,8 +36,9 @@ def test_zoobj_train_with_the_default_model_runs_to_its_summary(trained):
     run_dir, proc = trained
     assert "f1: " in proc.stdout and "after 2 steps" in proc.stdout
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["model"] == "gemma-3-270m" and config["peft"] == "none"
-    assert config["trainable_parameters"] > 50_000_000  # the real model, not a tiny one
+    assert config["model"] == "gemma-3-270m" and config["peft"] == "template"  # SQuAD's recipe
+    assert config["n"] == 8 and config["shaping"] == "zscore"
+    assert config["trainable_parameters"] == 3 * 640  # "\nAnswer:" in the real model's width, not a tiny one
     assert len((run_dir / "trajectory.jsonl").read_text().splitlines()) == 2
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["n"] == 3 and 0.0 <= result["value"] <= 1.0 and result["zero_shot"] is not None

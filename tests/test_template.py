@@ -145,10 +145,11 @@ def test_squad_runs_take_the_tasks_recipe_unless_told_otherwise():
 
     got = lambda **kw: TrainConfig(task="squad", **kw).resolved()  # noqa: E731
     plain = got()
-    assert (plain.peft, plain.n, plain.shaping, plain.lr, plain.eps, plain.steps, plain.batch_size) == (
-        "template", 8, "zscore", 0.2, 0.2, 12, 16)
+    assert (plain.peft, plain.n, plain.shaping, plain.lr, plain.eps, plain.steps, plain.batch_size,
+            plain.train_max_new_tokens) == ("template", 8, "zscore", 0.2, 0.2, 12, 16, 16)
     assert got(steps=5, lr=0.1).steps == 5 and got(steps=5, lr=0.1).lr == 0.1 and got(steps=5).n == 8
     lora = got(peft="lora")  # another parameter set: none of the recipe, the paper's lr/eps for it
-    assert (lora.n, lora.shaping, lora.lr, lora.eps, lora.steps, lora.batch_size) == (1, "none", 1e-4, 1e-2, 20, 8)
+    assert (lora.n, lora.shaping, lora.lr, lora.eps, lora.steps, lora.batch_size, lora.train_max_new_tokens) == (
+        1, "none", 1e-4, 1e-2, 20, 8, 24)
     sst2 = TrainConfig(task="sst2").resolved()  # no recipe
     assert (sst2.peft, sst2.n, sst2.shaping, sst2.lr, sst2.steps, sst2.batch_size) == ("none", 1, "none", 1e-6, 20, 8)

@@ -253,7 +253,8 @@ def train_cmd(**flags) -> None:
     else:
         if "task" not in given:
             raise ZoobjError("--task is required (see zoobj list for the tasks)")
-        cfg = TrainConfig(**given, save_model=save_model)
+        # resolved now, so that an interrupted run can name its directory (the default one too)
+        cfg = TrainConfig(**given, save_model=save_model).resolved()
     for key, value in placement.items():
         setattr(cfg, key, value)
     from zoobj import distributed

@@ -162,7 +162,7 @@ class TrainConfig:
 
 # What a setting left unset means where the task has no recipe (or the run leaves it).
 DEFAULTS = {"steps": 20, "batch_size": 8, "n": 1, "shaping": "none", "peft": "none"}
-RECIPE_KEYS = (*DEFAULTS, "lr", "eps")
+RECIPE_KEYS = (*DEFAULTS, "lr", "eps", "train_max_new_tokens")
 
 
 def _fill_defaults(c: TrainConfig, task) -> None:
@@ -207,9 +207,11 @@ def shown_default(f: dataclasses.Field) -> str | None:
     for one resolved later, the side of an on/off pair that is on by default, or None
     (nothing to show: off unless given).
 
-    >>> steps = TrainConfig.__dataclass_fields__["steps"]
-    >>> steps.default, steps.metadata["help"], shown_default(steps)
-    (20, 'Steps in all.', '20')
+    >>> every = TrainConfig.__dataclass_fields__["eval_every"]
+    >>> every.default, every.metadata["help"], shown_default(every)
+    (10, 'Dev evaluation every N steps, 0 = never.', '10')
+    >>> shown_default(TrainConfig.__dataclass_fields__["steps"])
+    "20, or the task's recipe"
     >>> shown_default(TrainConfig.__dataclass_fields__["train_embeddings"])
     'freeze-embeddings'
     """

@@ -31,5 +31,5 @@ SQUAD = GenerationTask(
     # the template tail ("\nAnswer:") with a population of 8 z-scored directions: the README's SQuAD
     # results; 12 steps keep the no-flag run within 20 minutes on 2 CPU cores
     recipe=(("peft", "template"), ("n", 8), ("shaping", "zscore"), ("lr", 0.2), ("eps", 0.2),
-            ("steps", 12), ("batch_size", 16)),
+            ("steps", 12), ("batch_size", 16), ("train_max_new_tokens", 16)),
 )
