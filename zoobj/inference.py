@@ -238,15 +238,28 @@ def _merged_prefill(model, prompt_ids: list[list[int]], dev, shared=None):
     left-padded into one batch for decoding. None where the cache cannot be stacked
     (no per-layer tensors, or a prompt that a sliding-window layer has already cut).
     With ``shared``, each prompt's frozen lower blocks come from its store."""
-    from torch.nn.functional import pad as fpad
-
     width = max(len(p) for p in prompt_ids)
     if not _keeps_whole_prompt(model, width):
         return None
     head = _exact_head(model, prompt_ids[0])  # the head runs once, over every prompt's last state
     swap = (head, pass_through) if head is not None else None
     outs = [_prefill(model, shared, tuple(p), swap, input_ids=torch.tensor([p], device=dev)) for p in prompt_ids]
-    caches = [_cache_out(o) for o in outs]
+    merged = stack_caches(model, [_cache_out(o) for o in outs], [len(p) for p in prompt_ids], width)
+    if merged is None:
+        return None
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long, device=dev)
+    for i, p in enumerate(prompt_ids):
+        mask[i, width - len(p):] = 1
+    last = torch.cat([o.logits[:, -1] for o in outs])
+    return (head(last) if head is not None else last), merged, mask
+
+
+def stack_caches(model, caches: list, lengths: list[int], width: int):
+    """Per-row KV caches (row i holding ``lengths[i]`` positions) left-padded into one
+    batch cache of ``width``; None where they cannot be (no per-layer tensors, a cache
+    class that takes no config, or a row a sliding-window layer has cut)."""
+    from torch.nn.functional import pad as fpad
+
     if not all(hasattr(c, "layers") for c in caches):
         return None
     try:
@@ -255,18 +268,14 @@ def _merged_prefill(model, prompt_ids: list[list[int]], dev, shared=None):
         return None
     for li in range(len(caches[0].layers)):
         ks, vs = [], []
-        for c, p in zip(caches, prompt_ids):
+        for c, n in zip(caches, lengths):
             k, v = c.layers[li].keys, c.layers[li].values
-            if k is None or k.shape[-2] != len(p):
+            if k is None or k.shape[-2] != n:
                 return None
-            ks.append(fpad(k, (0, 0, width - len(p), 0)))
-            vs.append(fpad(v, (0, 0, width - len(p), 0)))
+            ks.append(fpad(k, (0, 0, width - n, 0)))
+            vs.append(fpad(v, (0, 0, width - n, 0)))
         merged.update(torch.cat(ks), torch.cat(vs), li)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long, device=dev)
-    for i, p in enumerate(prompt_ids):
-        mask[i, width - len(p):] = 1
-    last = torch.cat([o.logits[:, -1] for o in outs])
-    return (head(last) if head is not None else last), merged, mask
+    return merged
 
 
 @torch.inference_mode()

@@ -289,21 +289,13 @@ class SharedPromptBody(_Store):
             logits = results[0][0].new_zeros((len(rows), logits_to_keep, results[0][0].shape[-1]))
             for r, (lg, _) in enumerate(results):
                 logits[r, logits_to_keep - lg.shape[1]:] = lg[0]
-            cache = _stack(self.model, [c for _, c in results], [len(ids) for ids in rows], width)
+            from zoobj.inference import stack_caches
+
+            cache = stack_caches(self.model, [c for _, c in results], [len(ids) for ids in rows], width)
+            if cache is None:
+                raise _Unsupported("a row's cache cannot be stacked (a sliding-window layer cut it)")
         return CausalLMOutputWithPast(logits=logits, **{"cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values": cache})
 
     def decode(self, keys: list, **inputs):
         self.decode_misses += 1
         return self.model(**inputs, use_cache=True)
-
-
-def _stack(model, caches: list, lengths: list[int], width: int):
-    """Row caches (each holding its own length) left-padded into one batch cache."""
-    from torch.nn.functional import pad as fpad
-
-    merged = type(caches[0])(config=model.config)
-    for li in range(len(caches[0].layers)):
-        ks = [fpad(c.layers[li].keys, (0, 0, width - n, 0)) for c, n in zip(caches, lengths)]
-        vs = [fpad(c.layers[li].values, (0, 0, width - n, 0)) for c, n in zip(caches, lengths)]
-        merged.update(torch.cat(ks), torch.cat(vs), li)
-    return merged
