@@ -395,3 +395,31 @@ def test_tiny_causal_lm_cross_entropy_falls():
         opt.step(loss)
     assert float(loss()) < start - 0.15
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_probes_together_see_the_points_one_by_one_would_and_leave_the_same_weights():
+    seen = {}
+    for way in ("closure", "probes"):
+        x = torch.linspace(-1.0, 1.0, 7)
+        opt = MeZO([x], lr=0.05, eps=1e-2, seed=3, n=2)
+        got = []
+        closure = lambda: (got.append(x.clone()), float((x ** 2).sum()))[1]  # noqa: E731
+        probes = lambda pts: [(got.append(p[0]), float((p[0] ** 2).sum()))[1] for p in pts]  # noqa: E731
+        for _ in range(3):
+            opt.step(closure, probes=probes if way == "probes" else None)
+        seen[way] = (got, x.clone(), [r["grads"] for r in opt.trajectory])
+    assert len(seen["probes"][0]) == len(seen["closure"][0]) == 12
+    assert all(torch.equal(a, b) for a, b in zip(seen["probes"][0], seen["closure"][0]))
+    assert torch.equal(seen["probes"][1], seen["closure"][1]) and seen["probes"][2] == seen["closure"][2]
+
+
+def test_probes_that_decline_fall_back_and_a_wrong_count_is_named():
+    x = torch.ones(3)
+    opt = MeZO([x], lr=0.1, eps=1e-2, seed=0, n=2)
+    calls = []
+    opt.step(lambda: (calls.append(1), float(x.sum()))[1], probes=lambda pts: None)
+    assert len(calls) == 4  # declined: the closure evaluated all four points
+    before = x.clone()
+    with pytest.raises(ValueError, match="probes returned 3 losses for 4 points"):
+        opt.step(lambda: 0.0, probes=lambda pts: [0.0, 0.0, 0.0])
+    assert torch.equal(x, before) and opt.step_count == 1  # nothing was written, no step recorded

@@ -146,10 +146,82 @@ def test_squad_runs_take_the_tasks_recipe_unless_told_otherwise():
     got = lambda **kw: TrainConfig(task="squad", **kw).resolved()  # noqa: E731
     plain = got()
     assert (plain.peft, plain.n, plain.shaping, plain.lr, plain.eps, plain.steps, plain.batch_size,
-            plain.train_max_new_tokens) == ("template", 8, "zscore", 0.2, 0.2, 12, 16, 16)
+            plain.train_max_new_tokens) == ("template", 8, "zscore", 0.2, 0.2, 20, 16, 16)
     assert got(steps=5, lr=0.1).steps == 5 and got(steps=5, lr=0.1).lr == 0.1 and got(steps=5).n == 8
     lora = got(peft="lora")  # another parameter set: none of the recipe, the paper's lr/eps for it
     assert (lora.n, lora.shaping, lora.lr, lora.eps, lora.steps, lora.batch_size, lora.train_max_new_tokens) == (
         1, "none", 1e-4, 1e-2, 20, 8, 24)
     sst2 = TrainConfig(task="sst2").resolved()  # no recipe
     assert (sst2.peft, sst2.n, sst2.shaping, sst2.lr, sst2.steps, sst2.batch_size) == ("none", 1, "none", 1e-6, 20, 8)
+
+
+def test_probes_together_answer_as_each_point_alone(tok):
+    task, rows, model, named = tuned(tok)
+    delta = named[0][1]
+    prompts = [task.prompt(r) for r in rows]
+    shared, _ = build(model, [delta])
+    gen = torch.Generator().manual_seed(1)
+    points = torch.stack([delta.detach() + 10.0 * torch.randn(delta.shape, generator=gen) for _ in range(3)])
+    alone = []
+    base = delta.detach().clone()
+    for p in points:
+        with torch.no_grad():
+            delta.copy_(p)
+        alone.append(inference.generate(model, tok, prompts, max_new_tokens=6, batch_size=4))
+    with torch.no_grad():
+        delta.copy_(base)
+    assert len({tuple(a) for a in alone}) > 1  # the points answer differently: the test can tell them apart
+    for rows_per_forward in (64, 4):  # every point in one forward; one point per forward
+        assert shared.generate_probes(tok, prompts, points, 6, rows=rows_per_forward) == alone
+    with pytest.raises(ValueError, match="3 deltas for a batch of 1 rows"):
+        with model.get_input_embeddings().per_row(points):
+            model(input_ids=torch.tensor([model.get_input_embeddings().tail.tolist()]))
+
+
+def test_a_step_with_its_probes_together_is_the_step_one_by_one(tok):
+    from zoobj.objective import metric_objective
+
+    task, rows, model, named = tuned(tok)
+    delta = named[0][1]
+    shared, _ = build(model, [delta])
+    fn = metric_objective(model, tok, task, "f1", max_new_tokens=6, shared=shared)
+    assert hasattr(fn, "probes")
+    reward = lambda preds, refs, **_: sum(len(p) for p in preds) / len(preds)  # noqa: E731  (answers differ: ties rare)
+    fn = metric_objective(model, tok, task, reward, max_new_tokens=6, shared=shared)
+    base = delta.detach().clone()
+    records = {}
+    for way in ("one by one", "together"):
+        with torch.no_grad():
+            delta.copy_(base)
+        opt = MeZO([delta], lr=0.05, eps=10.0, seed=0, n=3, shaping="zscore")
+        for _ in range(2):
+            opt.step(lambda: fn(rows), probes=(lambda pts: fn.probes(rows, pts)) if way == "together" else None)
+        records[way] = ([(r["loss_plus"], r["loss_minus"]) for r in opt.trajectory], delta.detach().clone())
+    assert records["together"][0] == records["one by one"][0]
+    assert len({x for r in records["together"][0] for x in r[0] + r[1]}) > 1
+    assert torch.equal(records["together"][1], records["one by one"][1])  # the same weights, bit for bit
+
+
+def test_target_loss_of_the_probes_together_is_each_points_alone(tok):
+    from zoobj.objective import ce_objective
+
+    task, rows, model, named = tuned(tok)
+    delta = named[0][1]
+    prompts, targets = [task.prompt(r) for r in rows], [task.target(r) for r in rows]
+    assert len({len(tok(t).input_ids) for t in targets}) > 1  # targets of several lengths: the padding is tested
+    shared, _ = build(model, [delta])
+    gen = torch.Generator().manual_seed(2)
+    points = torch.stack([delta.detach() + torch.randn(delta.shape, generator=gen) for _ in range(3)])
+    base, alone = delta.detach().clone(), []
+    for p in points:
+        with torch.no_grad():
+            delta.copy_(p)
+        alone.append(inference.target_nll_sum(model, tok, prompts, targets, batch_size=4))
+    with torch.no_grad():
+        delta.copy_(base)
+    assert len({round(a[0], 3) for a in alone}) == 3
+    for rows_per_forward in (64, 4):
+        got = shared.nll_probes(tok, prompts, targets, points, rows=rows_per_forward)
+        assert [c for _, c in got] == [c for _, c in alone]
+        assert [t for t, _ in got] == pytest.approx([t for t, _ in alone], rel=1e-4)
+    assert hasattr(ce_objective(model, tok, task, shared=shared), "probes")

@@ -155,6 +155,17 @@ def _err_console():
     return Console(stderr=True, soft_wrap=True)
 
 
+def _count(n: int) -> str:
+    """Trainable parameters for the run's header line: ``100.3M`` for a model, ``1,920`` for a template tail.
+
+    >>> _count(100_300_000), _count(368_640), _count(1920)
+    ('100.3M', '0.37M', '1,920')
+    """
+    if n >= 10_000_000:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
+
+
 class _Progress:
     """Rich live bar on stderr: step, loss, projected gradient, tie rate, steps/s, ETA."""
 
@@ -178,8 +189,10 @@ class _Progress:
             cfg = info["cfg"]
             self.console.print(f"[bold]zoobj[/] {cfg.task} · objective {cfg.objective}"
                                f"{' (' + cfg.metric + ')' if cfg.objective == 'metric' else ''} · model {cfg.model} · "
-                               f"{info['trainable'] / 1e6:.1f}M trainable ({cfg.peft}) · lr {cfg.lr:g} eps {cfg.eps:g} "
-                               f"· batch {cfg.batch_size} · run dir {cfg.output}")
+                               f"{_count(info['trainable'])} trainable ({cfg.peft}) · lr {cfg.lr:g} eps {cfg.eps:g} "
+                               f"· batch {cfg.batch_size}"
+                               f"{f' · population {cfg.n} ({cfg.shaping})' if (cfg.n or 1) > 1 else ''}"
+                               f" · run dir {cfg.output}")
             if info.get("note"):
                 self.console.print(f"note: {info['note']}")
             if info.get("zero_shot"):

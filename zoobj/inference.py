@@ -278,6 +278,39 @@ def stack_caches(model, caches: list, lengths: list[int], width: int):
     return merged
 
 
+def greedy(model, logits, cache, mask, max_new_tokens: int, stops: torch.Tensor, pad: int, forward=None):
+    """Greedy decoding of a prefilled batch: ``(rows, max_new_tokens)`` token ids (``pad``
+    after a row's stop token). ``logits``: each row's last-position logits; ``cache`` and
+    ``mask``: the batch's cache and attention mask (left-padded). A row that has stopped
+    leaves the batch. ``forward(active, tokens, inputs)``, where given, runs a decoding
+    step in place of the model (``active``: the batch rows still generating)."""
+    dev, kw = logits.device, _cache_kw(model)
+    new = torch.full((logits.shape[0], max_new_tokens), pad, dtype=torch.long, device=dev)
+    active = torch.arange(logits.shape[0], device=dev)  # rows still generating
+    last = mask.sum(-1) - 1
+    for t in range(max_new_tokens):
+        nxt = logits.argmax(-1)
+        new[active, t] = nxt
+        done = torch.isin(nxt, stops)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        if bool(done.any()):  # stopped rows leave the batch
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            active, nxt, mask, last = active[keep], nxt[keep], mask[keep], last[keep]
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], dim=1)
+        last = last + 1
+        step = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": last[:, None], kw: cache}
+        out = forward(active, nxt, step) if forward is not None else model(**step, use_cache=True)
+        logits, cache = out.logits[:, -1], _cache_out(out)
+    return new
+
+
+def answer_text(tok, ids: torch.Tensor) -> str:
+    """A generated row's answer: its text up to the first newline, stripped."""
+    return tok.decode(ids.tolist(), skip_special_tokens=True).split("\n", 1)[0].strip()
+
+
 @torch.inference_mode()
 def generate(
     model, tok, prompts: Sequence[str], max_new_tokens: int = 50, batch_size: int = 16, shared=None,
@@ -294,7 +327,6 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))  # less padding per batch
     stops = torch.tensor(sorted(_stop_ids(tok)), device=dev)
     results: list[str] = [""] * len(prompts)
-    kw = _cache_kw(model)
     if shared is not None:
         shared.begin(tuple(p) for p in prompt_ids)
     for rows in _batches(len(order), batch_size):
@@ -308,36 +340,21 @@ def generate(
             out = _prefill(model, shared if fits else None, tuple(tuple(prompt_ids[i]) for i in idx),
                            input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
             logits, cache = out.logits[:, -1], _cache_out(out)
-        new = torch.full((len(idx), max_new_tokens), pad, dtype=torch.long, device=dev)
-        active = torch.arange(len(idx), device=dev)  # rows still generating
-        last = mask.sum(-1) - 1
         # decoding shares the lower blocks only where the prompt did and the cache stays whole
         dec = shared if fits and _keeps_whole_prompt(model, mask.shape[1] + max_new_tokens) else None
-        paths = [(tuple(prompt_ids[i]), ()) for i in idx]  # each row's prompt and tokens so far
-        for t in range(max_new_tokens):
-            nxt = logits.argmax(-1)
-            new[active, t] = nxt
-            done = torch.isin(nxt, stops)
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            if bool(done.any()):  # stopped rows leave the batch
-                keep = (~done).nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
-                active, nxt, mask, last = active[keep], nxt[keep], mask[keep], last[keep]
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], dim=1)
-            last = last + 1
-            step = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": last[:, None], kw: cache}
-            if dec is not None:
+        forward = None
+        if dec is not None:
+            paths = [(tuple(prompt_ids[i]), ()) for i in idx]  # each row's prompt and tokens so far
+
+            def forward(active, nxt, step):
                 for a, token in zip(active.tolist(), nxt.tolist()):
                     paths[a] = (paths[a][0], paths[a][1] + (token,))
                 keys = [paths[a] for a in active.tolist()]
-                out = _through_shared(dec, lambda: dec.decode(keys, **step), lambda: model(**step, use_cache=True))
-            else:
-                out = model(**step, use_cache=True)
-            logits, cache = out.logits[:, -1], _cache_out(out)
+                return _through_shared(dec, lambda: dec.decode(keys, **step), lambda: model(**step, use_cache=True))
+
+        new = greedy(model, logits, cache, mask, max_new_tokens, stops, pad, forward)
         for r, i in enumerate(idx):
-            text = tok.decode(new[r].tolist(), skip_special_tokens=True)
-            results[i] = text.split("\n", 1)[0].strip()
+            results[i] = answer_text(tok, new[r])
     return results
 
 

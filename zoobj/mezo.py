@@ -336,13 +336,25 @@ class MeZO:
 
     # -- the step ----------------------------------------------------------------
 
-    def step(self, closure: Callable[[], Any]) -> float:
-        """One SPSA step; see the class docstring. Returns the mean of l+ and l-."""
+    def step(self, closure: Callable[[], Any], probes: Callable[[list], Any] | None = None) -> float:
+        """One SPSA step; see the class docstring. Returns the mean of l+ and l-.
+
+        ``probes`` (optional): evaluates the step's 2n points together. It gets, for
+        each direction in turn, the trained tensors at theta + eps z and then at
+        theta - eps z (new tensors, in parameter order; the weights are not written) and
+        returns the 2n losses in that order, or None to have ``closure`` evaluate them
+        one by one as usual. For a small trained set (a template tail) where one batched
+        forward over all the probes is much cheaper than 2n forwards. The points are
+        computed with the same arithmetic as the in-place passes, and those passes are
+        still made after, so the weights and ``replay`` are exactly as without it. Used
+        with in-place perturbation in one process; ignored otherwise."""
         if closure is None:
             raise TypeError("MeZO.step needs a closure that returns the loss")
         t, lr = self.step_count, self.lr_at(self.step_count)
         seeds = [step_seed(self.seed, t, k) for k in range(self.n)]  # n directions from (seed, step)
-        plus, minus = self._probe_all(seeds, closure)  # (l+, l-) each; restores on error
+        together = self._probe_together(seeds, probes) if probes is not None else None
+        # (l+, l-) each; restores on error
+        plus, minus = together if together is not None else self._probe_all(seeds, closure)
         grads, skipped = self._estimate(t, plus, minus)  # projected gradients
         record = {
             "step": t,
@@ -370,6 +382,43 @@ class MeZO:
                 self._perturb.restore(s)  # back to where the step began
                 raise
         self._queries.gather(plus, minus)
+        return plus, minus
+
+    def points(self, seeds: Sequence[int]) -> list[list[torch.Tensor]]:
+        """The trained tensors where ``_probe`` evaluates them, bit for bit, as new tensors:
+        for each seed in turn, after ``+eps z`` and after ``-2 eps z``, then back by ``+eps z``
+        (so a later direction starts from the same rounded point as in place)."""
+        out = []
+        with torch.no_grad():
+            cur = [(i, p.detach().clone()) for i, p in self._params()]
+            for s in seeds:
+                for coef in (1.0, -2.0):
+                    for i, q in cur:
+                        _axpz_param(q, s, i, 1.0, coef * self.eps, self._kernel)
+                    out.append([q.clone() for _, q in cur])
+                for i, q in cur:
+                    _axpz_param(q, s, i, 1.0, self.eps, self._kernel)
+        return out
+
+    def _probe_together(self, seeds: list[int], probes: Callable[[list], Any]) -> tuple[list[float], list[float]] | None:
+        """(l+, l-) for every direction from one call of ``probes`` (see ``step``); None where it
+        does not apply or declines. The weight passes follow, as the probes one by one make them."""
+        if self.perturb != "inplace" or self.shard is not None:
+            return None
+        losses = probes(self.points(seeds))
+        if losses is None:
+            return None
+        losses = list(losses)
+        if len(losses) != 2 * self.n:
+            raise ValueError(f"probes returned {len(losses)} losses for {2 * self.n} points")
+        plus = [_as_float(x, "l+") for x in losses[0::2]]
+        minus = [_as_float(x, "l-") for x in losses[1::2]]
+        for s, lp, lm in zip(seeds, plus, minus):
+            try:
+                self._passes(s, finite=math.isfinite(lp) and math.isfinite(lm))
+            except BaseException:  # an interrupt between two passes
+                self._perturb.restore(s)
+                raise
         return plus, minus
 
     def _probe(self, s: int, closure: Callable[[], Any]) -> tuple[float, float]:

@@ -141,7 +141,41 @@ def metric_objective(model, tok, task, metric: str | Callable, batch_size: int =
                 failure = exc
         return world.broadcast_loss(result, failure)  # rank 0's failure is raised on every rank
 
+    if world is None and task.kind == "generation" and hasattr(shared, "generate_probes"):
+        limit = max_new_tokens or getattr(task, "max_new_tokens", 50)
+
+        def together(rows: Sequence[dict], deltas):
+            answers = shared.generate_probes(tok, [task.prompt(r) for r in rows], deltas, limit)
+            return [value(rows, a) for a in answers]
+
+        loss.probes = _probes_together(shared, together)
     return loss
+
+
+def _probes_together(shared, together):
+    """``probes(rows, points) -> losses`` for ``MeZO.step(..., probes=)``: every probe of a
+    step at once, ``together(rows, deltas)`` given the template tail's points stacked
+    (``SharedPromptBody``: per-row deltas, one batch). It returns None (the probes run one
+    by one) from the first batch the store cannot serve on, and tells ``probes.on_off`` why."""
+    from zoobj.shared import _Unsupported
+
+    state = {"off": None}
+
+    def probes(rows: Sequence[dict], points: list) -> list[float] | None:
+        if state["off"] is not None or shared.disabled is not None:
+            return None
+        import torch
+
+        try:
+            return together(rows, torch.stack([p[0] for p in points]))
+        except _Unsupported as exc:
+            state["off"] = str(exc)
+            if probes.on_off is not None:
+                probes.on_off(str(exc))
+            return None
+
+    probes.on_off = None  # called once with the reason the probes go back to one at a time
+    return probes
 
 
 class AnswerSet:
@@ -231,6 +265,14 @@ def ce_objective(model, tok, task, batch_size: int = 16, world=None, shared=None
             raise ValueError("no target tokens to score")
         return total / count
 
+    if world is None and hasattr(shared, "nll_probes"):
+        def together(rows: Sequence[dict], deltas):
+            sums = shared.nll_probes(tok, [task.prompt(r) for r in rows], [task.target(r) for r in rows], deltas)
+            if any(count == 0 for _, count in sums):
+                raise ValueError("no target tokens to score")
+            return [total / count for total, count in sums]
+
+        loss.probes = _probes_together(shared, together)
     return loss
 
 

@@ -207,6 +207,9 @@ def build(model, params: list[torch.Tensor]):
     return SharedPrefix.build(model, params)
 
 
+PROBE_ROWS = 64  # rows (prompts times probes) per forward when a step's probes run together
+
+
 class SharedPromptBody(_Store):
     """For a trained template tail: each prompt's keys and values *before* the tail,
     computed once and reused by every probe while the prompts stay.
@@ -295,6 +298,109 @@ class SharedPromptBody(_Store):
             if cache is None:
                 raise _Unsupported("a row's cache cannot be stacked (a sliding-window layer cut it)")
         return CausalLMOutputWithPast(logits=logits, **{"cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values": cache})
+
+    def _points(self, ids: list[list[int]], deltas: torch.Tensor, rows: int, longest: int):
+        """For the probes together: per group of points, ``(first point, points, stacked body
+        cache, body mask, body lengths)`` -- each prompt's body cache once per point,
+        left-padded, probe-major (row ``j * len(ids) + i``: prompt ``i`` at point ``first + j``).
+        ``longest``: the most tokens a row will hold. Raises ``_Unsupported`` (see
+        ``generate_probes``)."""
+        from zoobj.inference import _keeps_whole_prompt, stack_caches
+
+        tail = self.tail.tail.tolist()
+        k, dev = len(tail), self.tail.delta.device
+        if k < 2:
+            raise _Unsupported("a one-token tail")
+        for p in ids:
+            if p[-k:] != tail or len(p) == k or bool(self.tail.matches(torch.tensor([p[:-k]])).any()):
+                raise _Unsupported("a prompt that does not end with the tail, or holds it before its end")
+        if not _keeps_whole_prompt(self.model, longest):
+            raise _Unsupported("a prompt and its answer longer than a sliding-window layer keeps")
+        bodies = [self._body(tuple(p[:-k])) for p in ids]
+        starts = [len(p) - k for p in ids]
+        width, per = max(starts), max(1, rows // len(ids))  # points per forward
+        for first in range(0, deltas.shape[0], per):
+            points = min(per, deltas.shape[0] - first)
+            cache = stack_caches(self.model, bodies * points, starts * points, width)
+            if cache is None:
+                raise _Unsupported("a prompt body's cache cannot be stacked")
+            mask = torch.zeros((len(ids) * points, width), dtype=torch.long, device=dev)
+            for r, n in enumerate(starts * points):
+                mask[r, width - n:] = 1
+            yield first, points, cache, mask, starts * points
+
+    def _tails(self, deltas: torch.Tensor, first: int, points: int, prompts: int, cache, mask, starts, new,
+               new_mask, keep: int):
+        """The forward of each row's tail (and ``new`` tokens after it) over its body, the row's
+        point's tail in place of ``delta``: ``(output, attention mask of the whole width)``."""
+        from zoobj.inference import _cache_kw
+
+        dev = self.tail.delta.device
+        full = torch.cat([mask, new_mask], dim=1)
+        pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(new.shape[1], device=dev)[None]
+        with self.tail.per_row(deltas[first : first + points].repeat_interleave(prompts, 0)):
+            out = self.model(input_ids=new, attention_mask=full, position_ids=pos, use_cache=True,
+                             logits_to_keep=keep, **{_cache_kw(self.model): cache})
+        return out, full
+
+    @torch.inference_mode()
+    def generate_probes(self, tok, prompts: list[str], deltas: torch.Tensor, max_new_tokens: int,
+                        rows: int = PROBE_ROWS) -> list[list[str]]:
+        """Greedy answers to ``prompts`` at several points of the tail: ``answers[p][i]``
+        under ``deltas[p]`` (shape ``(points, k, dim)``), the same as moving ``delta`` to
+        each point and calling ``inference.generate``. The probes run together, about
+        ``rows`` rows (prompts times points) per forward: a forward reads the model's
+        weights once for all of them, where one probe at a time reads them once per
+        probe (per prompt, for the tail). Raises ``_Unsupported`` where a prompt does not
+        end with the tail or also holds it before, for a one-token tail (a generated
+        token could be the tail, which the per-row deltas do not follow), and where a
+        cache cannot be stacked."""
+        from zoobj.inference import _encode, _stop_ids, answer_text, greedy
+
+        ids = _encode(tok, prompts, special=True)
+        self.begin(tuple(p) for p in ids)
+        tail, dev = self.tail.tail, self.tail.delta.device
+        stops = torch.tensor(sorted(_stop_ids(tok)), device=dev)
+        answers: list[list[str]] = []
+        for first, points, cache, mask, starts in self._points(ids, deltas, rows, max(map(len, ids)) + max_new_tokens):
+            n = len(mask)
+            out, full = self._tails(deltas, first, points, len(ids), cache, mask, starts, tail[None].expand(n, -1),
+                                    torch.ones((n, len(tail)), dtype=torch.long, device=dev), keep=1)
+            new = greedy(self.model, out.logits[:, -1], _cache_of(out), full, max_new_tokens, stops, tok.pad_token_id)
+            texts = [answer_text(tok, row) for row in new]
+            answers += [texts[j * len(ids) : (j + 1) * len(ids)] for j in range(points)]
+        return answers
+
+    @torch.inference_mode()
+    def nll_probes(self, tok, prompts: list[str], targets: list[str], deltas: torch.Tensor,
+                   rows: int = PROBE_ROWS) -> list[tuple[float, int]]:
+        """``(summed NLL, target tokens)`` of ``targets[i]`` after ``prompts[i]`` at each point
+        of the tail (``deltas[p]``), as ``inference.target_nll_sum`` gives with ``delta`` moved
+        there; the probes run together, as in ``generate_probes``."""
+        from zoobj.inference import _encode
+
+        ids, t_ids = _encode(tok, prompts, special=True), _encode(tok, targets, special=False)
+        self.begin(tuple(p + t) for p, t in zip(ids, t_ids))
+        tail, dev, pad = self.tail.tail.tolist(), self.tail.delta.device, tok.pad_token_id
+        longest = max(len(t) for t in t_ids)
+        new = torch.full((len(ids), len(tail) + longest), pad, dtype=torch.long, device=dev)
+        new_mask = torch.zeros_like(new)
+        for i, t in enumerate(t_ids):  # the tail, then the target; padding after (it sees only itself)
+            new[i, : len(tail) + len(t)] = torch.tensor(tail + t)
+            new_mask[i, : len(tail) + len(t)] = 1
+        sums: list[tuple[float, int]] = []
+        for first, points, cache, mask, starts in self._points(ids, deltas, rows, max(map(len, ids)) + longest):
+            out, _ = self._tails(deltas, first, points, len(ids), cache, mask, starts, new.repeat(points, 1),
+                                 new_mask.repeat(points, 1), keep=new.shape[1])
+            logp = torch.log_softmax(out.logits[:, len(tail) - 1 : -1].float(), dim=-1)  # predicts target token j
+            for j in range(points):
+                total, count = 0.0, 0
+                for i, t in enumerate(t_ids):
+                    if t:
+                        got = logp[j * len(ids) + i, : len(t)].gather(-1, torch.tensor(t, device=dev)[:, None])
+                        total, count = total - float(got.sum()), count + len(t)
+                sums.append((total, count))
+        return sums
 
     def decode(self, keys: list, **inputs):
         self.decode_misses += 1

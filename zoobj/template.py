@@ -21,6 +21,7 @@ generated tokens and the row's text are untouched, and so is the output head.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -45,6 +46,18 @@ class TemplateTail(torch.nn.Module):
         self.register_buffer("tail", torch.tensor(tail, dtype=torch.long, device=weight.device), persistent=False)
         self.delta = torch.nn.Parameter(torch.zeros(len(tail), weight.shape[1], dtype=weight.dtype,
                                                     device=weight.device))
+        self._rows: torch.Tensor | None = None  # per-row deltas while ``per_row`` is open
+
+    @contextlib.contextmanager
+    def per_row(self, deltas: torch.Tensor):
+        """Within: row ``r`` of an input batch gets ``deltas[r]`` (shape ``(rows, k, dim)``)
+        instead of ``delta`` -- several probes' tails in one forward. The batch must have
+        ``len(deltas)`` rows."""
+        self._rows = deltas
+        try:
+            yield
+        finally:
+            self._rows = None
 
     @property
     def weight(self) -> torch.nn.Parameter:  # for callers that read the embedding matrix
@@ -63,10 +76,14 @@ class TemplateTail(torch.nn.Module):
         if not bool(hits.any()):
             return out
         k, width = self.tail.numel(), hits.shape[-1]
+        rows = self._rows
+        if rows is not None and rows.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"per_row: {rows.shape[0]} deltas for a batch of {input_ids.shape[0]} rows")
         add = torch.zeros_like(out)
         where = hits.unsqueeze(-1).to(out.dtype)
         for j in range(k):
-            add[:, j : j + width] += where * self.delta[j].to(out.dtype)
+            row = self.delta[j] if rows is None else rows[:, j, None, :]
+            add[:, j : j + width] += where * row.to(out.dtype)
         return out + add
 
 

@@ -82,7 +82,8 @@ def train_loop(r: RunState, objective: Callable[[list], float]) -> None:
         t0, sent = time.time(), world.bytes if world else 0
         if hasattr(objective, "prepare"):  # what the step's probes share, from the unperturbed weights
             objective.prepare(batch)
-        loss = opt.step(lambda: objective(batch))
+        together = getattr(objective, "probes", None)  # the step's probes in one batched call, where it can
+        loss = opt.step(lambda: objective(batch), probes=(lambda points: together(batch, points)) if together else None)
         # log: the trajectory line is the checkpoint; timings go to the log
         r.traj.append(opt.trajectory[-1])
         entry = _step_entry(step, loss, opt.trajectory[-1], time.time() - t0)
@@ -308,6 +309,13 @@ def begin(r: RunState) -> tuple[Callable[[list], float], dict | None]:
             r.report("status", {"message": message})
 
         objective.shared.on_disable = disabled
+    if hasattr(objective, "probes"):
+        def one_at_a_time(why: str) -> None:
+            message = f"probes evaluated one at a time from here on ({why})"
+            r.log.append({"event": "shared", "on": True, "message": message})
+            r.report("status", {"message": message})
+
+        objective.probes.on_off = one_at_a_time
     if r.note:
         r.log.append({"event": "note", "message": r.note})
     if r.calibration:
@@ -342,6 +350,10 @@ def _objective(cfg: TrainConfig, model, tok, task, world, params: list | None = 
     fn = make_objective(cfg.objective, model, tok, task, cfg.metric, batch_size=cfg.batch_size, world=data_world,
                         shared=shared, **({"max_new_tokens": cfg.train_max_new_tokens, "smooth": cfg.smooth}
                                           if cfg.objective == "metric" else {}))
+    if hasattr(fn, "probes") and note:
+        from zoobj.shared import PROBE_ROWS
+
+        note += f"; a step's {2 * cfg.n} probes run together, {PROBE_ROWS} rows per forward"
     fn.shared, fn.shared_note = shared, note
     return fn
 
