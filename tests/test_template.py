@@ -23,9 +23,9 @@ def squad(n=6):
     return task, task.load("train")[:n]
 
 
-def tuned(tok, scale=0.5):
+def tuned(tok, scale=0.5, window=4096):
     task, rows = squad()
-    model = tiny_gemma(len(tok), seed=3, layers=2, sliding_window=4096)
+    model = tiny_gemma(len(tok), seed=3, layers=2, sliding_window=window)
     with torch.no_grad():  # init-sized (tied) embeddings give near-uniform logits: nothing could move them
         model.get_input_embeddings().weight.mul_(30.0)
     model, named = trainable_parameters(model, "template", tok=tok, template_tail=template_tail(task, tok, rows))
@@ -225,3 +225,30 @@ def test_target_loss_of_the_probes_together_is_each_points_alone(tok):
         assert [c for _, c in got] == [c for _, c in alone]
         assert [t for t, _ in got] == pytest.approx([t for t, _ in alone], rel=1e-4)
     assert hasattr(ce_objective(model, tok, task, shared=shared), "probes")
+
+
+def test_probes_together_run_prompts_longer_than_the_sliding_window_whole(tok):
+    task, rows, _, _ = tuned(tok)
+    prompts, targets = [task.prompt(r) for r in rows], [task.target(r) for r in rows]
+    lengths = sorted(len(tok(p).input_ids) for p in prompts)
+    window = (lengths[1] + lengths[-2]) // 2  # some prompts' bodies are stored, the others' cannot be
+    task, rows, model, named = tuned(tok, window=window)
+    delta = named[0][1]
+    shared, _ = build(model, [delta])
+    fit, long = shared._split(inference._encode(tok, prompts, special=True), 6)
+    assert fit and long
+    gen = torch.Generator().manual_seed(1)
+    points = torch.stack([delta.detach() + 10.0 * torch.randn(delta.shape, generator=gen) for _ in range(3)])
+    base, answers, nll = delta.detach().clone(), [], []
+    for p in points:
+        with torch.no_grad():
+            delta.copy_(p)
+        answers.append(inference.generate(model, tok, prompts, max_new_tokens=6, batch_size=4))
+        nll.append(inference.target_nll_sum(model, tok, prompts, targets, batch_size=4))
+    with torch.no_grad():
+        delta.copy_(base)
+    assert len({a[i] for a in answers for i in long}) > 1  # the long prompts' answers tell the points apart
+    assert shared.generate_probes(tok, prompts, points, 6) == answers
+    got = shared.nll_probes(tok, prompts, targets, points)
+    assert [c for _, c in got] == [c for _, c in nll]
+    assert [t for t, _ in got] == pytest.approx([t for t, _ in nll], rel=1e-4)

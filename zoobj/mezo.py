@@ -400,7 +400,8 @@ class MeZO:
                     _axpz_param(q, s, i, 1.0, self.eps, self._kernel)
         return out
 
-    def _probe_together(self, seeds: list[int], probes: Callable[[list], Any]) -> tuple[list[float], list[float]] | None:
+    def _probe_together(self, seeds: list[int],
+                        probes: Callable[[list], Any]) -> tuple[list[float], list[float]] | None:
         """(l+, l-) for every direction from one call of ``probes`` (see ``step``); None where it
         does not apply or declines. The weight passes follow, as the probes one by one make them."""
         if self.perturb != "inplace" or self.shard is not None:

@@ -299,23 +299,31 @@ class SharedPromptBody(_Store):
                 raise _Unsupported("a row's cache cannot be stacked (a sliding-window layer cut it)")
         return CausalLMOutputWithPast(logits=logits, **{"cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values": cache})
 
-    def _points(self, ids: list[list[int]], deltas: torch.Tensor, rows: int, longest: int):
-        """For the probes together: per group of points, ``(first point, points, stacked body
-        cache, body mask, body lengths)`` -- each prompt's body cache once per point,
-        left-padded, probe-major (row ``j * len(ids) + i``: prompt ``i`` at point ``first + j``).
-        ``longest``: the most tokens a row will hold. Raises ``_Unsupported`` (see
-        ``generate_probes``)."""
-        from zoobj.inference import _keeps_whole_prompt, stack_caches
+    def _split(self, ids: list[list[int]], extra: int) -> tuple[list[int], list[int]]:
+        """For the probes together: ``(prompts that run over their stored bodies, prompts too
+        long for that)``. A prompt whose length plus ``extra`` tokens is more than a
+        sliding-window layer keeps has no body cache to stack: it runs whole, once per
+        point. Raises ``_Unsupported`` for a one-token tail or a prompt that does not end
+        with the tail or holds it before its end (see ``generate_probes``)."""
+        from zoobj.inference import _keeps_whole_prompt
 
         tail = self.tail.tail.tolist()
-        k, dev = len(tail), self.tail.delta.device
+        k = len(tail)
         if k < 2:
             raise _Unsupported("a one-token tail")
         for p in ids:
             if p[-k:] != tail or len(p) == k or bool(self.tail.matches(torch.tensor([p[:-k]])).any()):
                 raise _Unsupported("a prompt that does not end with the tail, or holds it before its end")
-        if not _keeps_whole_prompt(self.model, longest):
-            raise _Unsupported("a prompt and its answer longer than a sliding-window layer keeps")
+        fit = [i for i, p in enumerate(ids) if _keeps_whole_prompt(self.model, len(p) + extra)]
+        return fit, [i for i in range(len(ids)) if i not in set(fit)]
+
+    def _points(self, ids: list[list[int]], deltas: torch.Tensor, rows: int):
+        """Per group of points: ``(first point, points, stacked body cache, body mask, body
+        lengths)`` -- each prompt's stored body cache once per point, left-padded,
+        probe-major (row ``j * len(ids) + i``: prompt ``i`` at point ``first + j``)."""
+        from zoobj.inference import stack_caches
+
+        k, dev = self.tail.tail.numel(), self.tail.delta.device
         bodies = [self._body(tuple(p[:-k])) for p in ids]
         starts = [len(p) - k for p in ids]
         width, per = max(starts), max(1, rows // len(ids))  # points per forward
@@ -328,6 +336,15 @@ class SharedPromptBody(_Store):
             for r, n in enumerate(starts * points):
                 mask[r, width - n:] = 1
             yield first, points, cache, mask, starts * points
+
+    def _whole(self, seq: list[int], deltas: torch.Tensor, keep: int):
+        """A sequence too long for the stored bodies, run whole at every point at once (one
+        row per point, no padding): the model's output and its attention mask."""
+        dev = self.tail.delta.device
+        inputs = torch.tensor([seq], device=dev).expand(deltas.shape[0], -1)
+        with self.tail.per_row(deltas):
+            out = self.model(input_ids=inputs, use_cache=True, logits_to_keep=keep)
+        return out, torch.ones_like(inputs)
 
     def _tails(self, deltas: torch.Tensor, first: int, points: int, prompts: int, cache, mask, starts, new,
                new_mask, keep: int):
@@ -361,14 +378,21 @@ class SharedPromptBody(_Store):
         self.begin(tuple(p) for p in ids)
         tail, dev = self.tail.tail, self.tail.delta.device
         stops = torch.tensor(sorted(_stop_ids(tok)), device=dev)
-        answers: list[list[str]] = []
-        for first, points, cache, mask, starts in self._points(ids, deltas, rows, max(map(len, ids)) + max_new_tokens):
+        fit, long = self._split(ids, max_new_tokens)
+        answers: list[list[str]] = [[""] * len(ids) for _ in range(deltas.shape[0])]
+        some = [ids[i] for i in fit]
+        for first, points, cache, mask, starts in (self._points(some, deltas, rows) if some else ()):
             n = len(mask)
-            out, full = self._tails(deltas, first, points, len(ids), cache, mask, starts, tail[None].expand(n, -1),
+            out, full = self._tails(deltas, first, points, len(some), cache, mask, starts, tail[None].expand(n, -1),
                                     torch.ones((n, len(tail)), dtype=torch.long, device=dev), keep=1)
             new = greedy(self.model, out.logits[:, -1], _cache_of(out), full, max_new_tokens, stops, tok.pad_token_id)
-            texts = [answer_text(tok, row) for row in new]
-            answers += [texts[j * len(ids) : (j + 1) * len(ids)] for j in range(points)]
+            for r, row in enumerate(new):
+                answers[first + r // len(some)][fit[r % len(some)]] = answer_text(tok, row)
+        for i in long:
+            out, mask = self._whole(ids[i], deltas, keep=1)
+            new = greedy(self.model, out.logits[:, -1], _cache_of(out), mask, max_new_tokens, stops, tok.pad_token_id)
+            for j, row in enumerate(new):
+                answers[j][i] = answer_text(tok, row)
         return answers
 
     @torch.inference_mode()
@@ -388,19 +412,30 @@ class SharedPromptBody(_Store):
         for i, t in enumerate(t_ids):  # the tail, then the target; padding after (it sees only itself)
             new[i, : len(tail) + len(t)] = torch.tensor(tail + t)
             new_mask[i, : len(tail) + len(t)] = 1
-        sums: list[tuple[float, int]] = []
-        for first, points, cache, mask, starts in self._points(ids, deltas, rows, max(map(len, ids)) + longest):
-            out, _ = self._tails(deltas, first, points, len(ids), cache, mask, starts, new.repeat(points, 1),
-                                 new_mask.repeat(points, 1), keep=new.shape[1])
-            logp = torch.log_softmax(out.logits[:, len(tail) - 1 : -1].float(), dim=-1)  # predicts target token j
-            for j in range(points):
-                total, count = 0.0, 0
-                for i, t in enumerate(t_ids):
-                    if t:
-                        got = logp[j * len(ids) + i, : len(t)].gather(-1, torch.tensor(t, device=dev)[:, None])
-                        total, count = total - float(got.sum()), count + len(t)
-                sums.append((total, count))
-        return sums
+        fit, long = self._split(ids, longest)
+        totals = [[0.0, 0] for _ in range(deltas.shape[0])]
+
+        def add(point: int, logits: torch.Tensor, t: list[int]) -> None:  # logits[j] predicts t[j]
+            if t:
+                picked = logits.gather(-1, torch.tensor(t, device=dev)[:, None])[:, 0]
+                totals[point][0] -= float((picked - torch.logsumexp(logits, dim=-1)).sum())
+                totals[point][1] += len(t)
+
+        some = [ids[i] for i in fit]
+        for first, points, cache, mask, starts in (self._points(some, deltas, rows) if some else ()):
+            sel = torch.tensor(fit, device=dev)
+            out, _ = self._tails(deltas, first, points, len(some), cache, mask, starts, new[sel].repeat(points, 1),
+                                 new_mask[sel].repeat(points, 1), keep=new.shape[1])
+            logits = out.logits[:, len(tail) - 1 : -1].float()  # position j predicts target token j
+            for r in range(len(logits)):
+                t = t_ids[fit[r % len(some)]]
+                add(first + r // len(some), logits[r, : len(t)], t)
+        for i in long:
+            t = t_ids[i]
+            out, _ = self._whole(ids[i] + t, deltas, keep=len(t) + 1)
+            for j in range(deltas.shape[0]):
+                add(j, out.logits[j, : len(t)].float(), t)
+        return [(total, count) for total, count in totals]
 
     def decode(self, keys: list, **inputs):
         self.decode_misses += 1
