@@ -18,17 +18,22 @@ cost is printed apart); then the same for the cross-entropy objective (the gold
 answers' NLL: ``inference.target_nll_sum`` one point at a time, or
 ``SharedPromptBody.nll_probes``). Ratio = seconds / the one-at-a-time seconds.
 Agreement: the answers of every point, both ways (generation); the largest relative
-difference of the points' NLL sums (CE). Last line: one JSON object.
+difference of the points' NLL sums (CE). Memory: the highest resident set size during
+the call above the one it started at (sampled every 5 ms). Last line: one JSON object.
 
     python bench/template_probes.py                 # about 7 minutes on 2 CPU cores
     python bench/template_probes.py --rows 64 --n 4
+    python bench/template_probes.py --ce-only --start 115 --rows 16 32 64   # a batch with a 45-token answer
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +44,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_cost import cpu_label  # noqa: E402
 
 
+@contextlib.contextmanager
+def rss_growth():
+    """Yields a dict whose ``mib`` is, after the block, the peak resident set size during it
+    minus the one at its start (Linux: /proc/self/statm, sampled every 5 ms)."""
+    page = os.sysconf("SC_PAGE_SIZE") / 2**20
+    with contextlib.suppress(OSError, AttributeError):  # freed memory back to the system first (glibc)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+    def rss() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    out, start, stop = {"mib": 0.0}, rss(), threading.Event()
+    peak = [start]
+
+    def sample() -> None:
+        while not stop.wait(0.005):
+            peak[0] = max(peak[0], rss())
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        t.join()
+        out["mib"] = max(peak[0], rss()) - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gemma-3-270m")
@@ -47,17 +83,22 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--eps", type=float, default=0.2)
     ap.add_argument("--rows", type=int, nargs="+", default=[16, 64, 256], help="rows per forward, together")
+    ap.add_argument("--start", type=int, default=0, help="the batch: training questions start .. start + batch size")
+    ap.add_argument("--ce-only", action="store_true", help="only the cross-entropy part")
+    ap.add_argument("--unbounded", action="store_true",
+                    help="CE together also without the cap on logits per forward (zoobj.shared.PROBE_LOGITS)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
 
     from zoobj import MeZO, inference
+    from zoobj import shared as shared_mod
     from zoobj.models import load_model, trainable_parameters
     from zoobj.shared import build
     from zoobj.tasks import get_task
     from zoobj.template import template_tail
 
     task = get_task("squad")
-    rows = task.load("train")[: args.batch_size]
+    rows = task.load("train")[args.start : args.start + args.batch_size]
     model, tok = load_model(args.model)
     model, named = trainable_parameters(model, "template", tok=tok, template_tail=template_tail(task, tok, rows))
     delta = named[0][1]
@@ -66,57 +107,70 @@ def main() -> None:
     points = MeZO([delta], lr=0.0, eps=args.eps, seed=0, n=args.n).points([11 + k for k in range(args.n)])
     stacked = torch.stack([p[0] for p in points])
 
+    print(f"CPU: {cpu_label()}, {torch.get_num_threads()} threads; {args.model}, template tail "
+          f"({delta.numel():,} numbers); {len(points)} points x {len(prompts)} questions "
+          f"(training {args.start}..{args.start + len(prompts) - 1}), {args.max_new_tokens}-token answers")
     t0 = time.perf_counter()
     inference.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=len(prompts), shared=shared)
-    bodies = time.perf_counter() - t0  # the bodies, and one probe at the base point
+    print(f"bodies + one probe first: {time.perf_counter() - t0:.1f} s")
+    result = {"cpu": cpu_label(), "points": len(points), "questions": len(prompts), "start": args.start}
+    print(f"{'way':<30}{'seconds':>9}{'ratio':>8}{'agreement':>16}{'memory':>12}")
+
+    def line(way: str, sec: float, one: float, agreement: str, mib: float) -> None:
+        print(f"{way:<30}{sec:9.1f}{sec / one:8.3f}{agreement:>16}{f'+{mib:,.0f} MiB':>12}")
 
     base = delta.detach().clone()
-    t0 = time.perf_counter()
-    alone = []
-    for p in points:
-        with torch.no_grad():
-            delta.copy_(p[0])
-        alone.append(inference.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
-                                        batch_size=len(prompts), shared=shared))
-    one = time.perf_counter() - t0
-    with torch.no_grad():
-        delta.copy_(base)
 
-    print(f"CPU: {cpu_label()}, {torch.get_num_threads()} threads; {args.model}, template tail "
-          f"({delta.numel():,} numbers); {len(points)} points x {len(prompts)} questions, "
-          f"{args.max_new_tokens}-token answers; bodies + one probe first: {bodies:.1f} s")
-    print(f"{'way':<22}{'seconds':>9}{'ratio':>8}{'agreement':>16}")
-    print(f"{'one at a time':<22}{one:9.1f}{1.0:8.3f}{'-':>16}")
-    result = {"cpu": cpu_label(), "points": len(points), "questions": len(prompts), "one_at_a_time_s": round(one, 2),
-              "bodies_s": round(bodies, 2)}
-    for r in args.rows:
+    def each_point(fn):  # fn() at every point in turn, the tail written in place; then back
+        out = []
+        for p in points:
+            with torch.no_grad():
+                delta.copy_(p[0])
+            out.append(fn())
+        with torch.no_grad():
+            delta.copy_(base)
+        return out
+
+    if not args.ce_only:
         t0 = time.perf_counter()
-        together = shared.generate_probes(tok, prompts, stacked, args.max_new_tokens, rows=r)
-        sec = time.perf_counter() - t0
-        same = sum(a == b for pa, pb in zip(alone, together) for a, b in zip(pa, pb))
-        print(f"{f'together, {r} rows':<22}{sec:9.1f}{sec / one:8.3f}{f'{same}/{len(points) * len(prompts)}':>16}")
-        result[f"together_{r}_ratio"] = round(sec / one, 3)
-        result[f"together_{r}_agreement"] = same / (len(points) * len(prompts))
+        with rss_growth() as mem:
+            alone = each_point(lambda: inference.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
+                                                          batch_size=len(prompts), shared=shared))
+        one = time.perf_counter() - t0
+        line("one at a time", one, one, "-", mem["mib"])
+        result.update(one_at_a_time_s=round(one, 2), one_at_a_time_mib=round(mem["mib"]))
+        for r in args.rows:
+            t0 = time.perf_counter()
+            with rss_growth() as mem:
+                together = shared.generate_probes(tok, prompts, stacked, args.max_new_tokens, rows=r)
+            sec = time.perf_counter() - t0
+            same = sum(a == b for pa, pb in zip(alone, together) for a, b in zip(pa, pb))
+            line(f"together, {r} rows", sec, one, f"{same}/{len(points) * len(prompts)}", mem["mib"])
+            result[f"together_{r}_ratio"] = round(sec / one, 3)
+            result[f"together_{r}_agreement"] = same / (len(points) * len(prompts))
+            result[f"together_{r}_mib"] = round(mem["mib"])
     targets = [task.target(r) for r in rows]
     t0 = time.perf_counter()
-    nll = []
-    for p in points:
-        with torch.no_grad():
-            delta.copy_(p[0])
-        nll.append(inference.target_nll_sum(model, tok, prompts, targets, batch_size=len(prompts), shared=shared))
+    with rss_growth() as mem:
+        nll = each_point(lambda: inference.target_nll_sum(model, tok, prompts, targets, batch_size=len(prompts),
+                                                           shared=shared))
     one = time.perf_counter() - t0
-    with torch.no_grad():
-        delta.copy_(base)
-    print(f"{'CE, one at a time':<22}{one:9.1f}{1.0:8.3f}{'-':>16}")
-    result["ce_one_at_a_time_s"] = round(one, 2)
+    line("CE, one at a time", one, one, "-", mem["mib"])
+    result.update(ce_one_at_a_time_s=round(one, 2), ce_one_at_a_time_mib=round(mem["mib"]))
+    budgets = {"": shared_mod.PROBE_LOGITS} if not args.unbounded else {"": shared_mod.PROBE_LOGITS, ", no cap": 2**62}
     for r in args.rows:
-        t0 = time.perf_counter()
-        together = shared.nll_probes(tok, prompts, targets, stacked, rows=r)
-        sec = time.perf_counter() - t0
-        worst = max(abs(a[0] - b[0]) / abs(a[0]) for a, b in zip(nll, together))
-        print(f"{f'CE together, {r} rows':<22}{sec:9.1f}{sec / one:8.3f}{f'max rel {worst:.1e}':>16}")
-        result[f"ce_together_{r}_ratio"] = round(sec / one, 3)
-        result[f"ce_together_{r}_max_rel_diff"] = float(f"{worst:.2e}")
+        for label, cap in budgets.items():
+            shared_mod.PROBE_LOGITS = cap
+            t0 = time.perf_counter()
+            with rss_growth() as mem:
+                together = shared.nll_probes(tok, prompts, targets, stacked, rows=r)
+            sec = time.perf_counter() - t0
+            worst = max(abs(a[0] - b[0]) / abs(a[0]) for a, b in zip(nll, together))
+            line(f"CE together, {r} rows{label}", sec, one, f"max rel {worst:.1e}", mem["mib"])
+            key = f"ce_together_{r}{'_nocap' if label else ''}"
+            result.update({f"{key}_ratio": round(sec / one, 3), f"{key}_max_rel_diff": float(f"{worst:.2e}"),
+                           f"{key}_mib": round(mem["mib"])})
+        shared_mod.PROBE_LOGITS = budgets[""]
     print(json.dumps(result))
 
 

@@ -252,3 +252,25 @@ def test_probes_together_run_prompts_longer_than_the_sliding_window_whole(tok):
     got = shared.nll_probes(tok, prompts, targets, points)
     assert [c for _, c in got] == [c for _, c in nll]
     assert [t for t, _ in got] == pytest.approx([t for t, _ in nll], rel=1e-4)
+
+
+def test_scored_probes_keep_a_forwards_logits_within_the_budget(tok, monkeypatch):
+    from zoobj import shared as shared_mod
+
+    task, rows, model, named = tuned(tok)
+    delta = named[0][1]
+    prompts, targets = [task.prompt(r) for r in rows], [task.target(r) for r in rows]
+    shared, _ = build(model, [delta])
+    gen = torch.Generator().manual_seed(4)
+    points = torch.stack([delta.detach() + torch.randn(delta.shape, generator=gen) for _ in range(4)])
+    unbounded = shared.nll_probes(tok, prompts, targets, points, rows=64)
+    seen = []
+    hook = model.register_forward_hook(lambda m, args, kw, out: seen.append(out.logits.numel()), with_kwargs=True)
+    try:
+        positions = shared.tail.tail.numel() + max(len(tok(t, add_special_tokens=False).input_ids) for t in targets)
+        monkeypatch.setattr(shared_mod, "PROBE_LOGITS", 2 * len(prompts) * positions * len(tok))  # two points fit
+        got = shared.nll_probes(tok, prompts, targets, points, rows=64)
+    finally:
+        hook.remove()
+    assert [t for t, _ in got] == pytest.approx([t for t, _ in unbounded], rel=1e-5)
+    assert len(seen) == 2 and max(seen) <= shared_mod.PROBE_LOGITS  # 4 points, two per forward

@@ -208,6 +208,8 @@ def build(model, params: list[torch.Tensor]):
 
 
 PROBE_ROWS = 64  # rows (prompts times probes) per forward when a step's probes run together
+PROBE_LOGITS = 2**27  # at most this many logits per forward of scored probes (512 MiB in fp32; 512 positions
+# at Gemma 3's 262K-token vocabulary): a CE forward returns the logits of every tail and target position
 
 
 class SharedPromptBody(_Store):
@@ -317,16 +319,21 @@ class SharedPromptBody(_Store):
         fit = [i for i, p in enumerate(ids) if _keeps_whole_prompt(self.model, len(p) + extra)]
         return fit, [i for i in range(len(ids)) if i not in set(fit)]
 
-    def _points(self, ids: list[list[int]], deltas: torch.Tensor, rows: int):
+    def _points(self, ids: list[list[int]], deltas: torch.Tensor, rows: int, positions: int = 1):
         """Per group of points: ``(first point, points, stacked body cache, body mask, body
         lengths)`` -- each prompt's stored body cache once per point, left-padded,
-        probe-major (row ``j * len(ids) + i``: prompt ``i`` at point ``first + j``)."""
+        probe-major (row ``j * len(ids) + i``: prompt ``i`` at point ``first + j``). A group
+        has about ``rows`` rows, fewer where its ``positions`` logits per row would pass
+        ``PROBE_LOGITS``; at least one point."""
         from zoobj.inference import stack_caches
 
         k, dev = self.tail.tail.numel(), self.tail.delta.device
         bodies = [self._body(tuple(p[:-k])) for p in ids]
         starts = [len(p) - k for p in ids]
-        width, per = max(starts), max(1, rows // len(ids))  # points per forward
+        head = _blocks.output_head(self.model)
+        vocab = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
+        width = max(starts)
+        per = max(1, min(rows // len(ids), PROBE_LOGITS // (len(ids) * positions * vocab)))  # points per forward
         for first in range(0, deltas.shape[0], per):
             points = min(per, deltas.shape[0] - first)
             cache = stack_caches(self.model, bodies * points, starts * points, width)
@@ -422,7 +429,7 @@ class SharedPromptBody(_Store):
                 totals[point][1] += len(t)
 
         some = [ids[i] for i in fit]
-        for first, points, cache, mask, starts in (self._points(some, deltas, rows) if some else ()):
+        for first, points, cache, mask, starts in (self._points(some, deltas, rows, new.shape[1]) if some else ()):
             sel = torch.tensor(fit, device=dev)
             out, _ = self._tails(deltas, first, points, len(some), cache, mask, starts, new[sel].repeat(points, 1),
                                  new_mask[sel].repeat(points, 1), keep=new.shape[1])
