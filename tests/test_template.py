@@ -227,7 +227,7 @@ def test_target_loss_of_the_probes_together_is_each_points_alone(tok):
     assert hasattr(ce_objective(model, tok, task, shared=shared), "probes")
 
 
-def test_probes_together_run_prompts_longer_than_the_sliding_window_whole(tok):
+def test_probes_together_run_prompts_longer_than_the_sliding_window_whole(tok, monkeypatch):
     task, rows, _, _ = tuned(tok)
     prompts, targets = [task.prompt(r) for r in rows], [task.target(r) for r in rows]
     lengths = sorted(len(tok(p).input_ids) for p in prompts)
@@ -252,6 +252,10 @@ def test_probes_together_run_prompts_longer_than_the_sliding_window_whole(tok):
     got = shared.nll_probes(tok, prompts, targets, points)
     assert [c for _, c in got] == [c for _, c in nll]
     assert [t for t, _ in got] == pytest.approx([t for t, _ in nll], rel=1e-4)
+    from zoobj import shared as shared_mod
+
+    monkeypatch.setattr(shared_mod, "PROBE_LOGITS", 1)  # one point per forward, the whole prompts' too
+    assert [t for t, _ in shared.nll_probes(tok, prompts, targets, points)] == pytest.approx([t for t, _ in got], rel=1e-5)
 
 
 def test_scored_probes_keep_a_forwards_logits_within_the_budget(tok, monkeypatch):

@@ -233,6 +233,11 @@ def _stop_ids(tok) -> set[int]:
     return stops
 
 
+def _stops(tok, dev) -> torch.Tensor:
+    """``_stop_ids`` as a sorted tensor on ``dev``, for ``greedy``."""
+    return torch.tensor(sorted(_stop_ids(tok)), device=dev)
+
+
 def _merged_prefill(model, prompt_ids: list[list[int]], dev, shared=None):
     """Prefill each prompt alone (no compute spent on padding), then stack the KV caches
     left-padded into one batch for decoding. None where the cache cannot be stacked
@@ -325,7 +330,7 @@ def generate(
     dev, pad = _device(model), tok.pad_token_id
     prompt_ids = _encode(tok, prompts, special=True)
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))  # less padding per batch
-    stops = torch.tensor(sorted(_stop_ids(tok)), device=dev)
+    stops = _stops(tok, dev)
     results: list[str] = [""] * len(prompts)
     if shared is not None:
         shared.begin(tuple(p) for p in prompt_ids)

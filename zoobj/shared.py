@@ -319,6 +319,12 @@ class SharedPromptBody(_Store):
         fit = [i for i, p in enumerate(ids) if _keeps_whole_prompt(self.model, len(p) + extra)]
         return fit, [i for i in range(len(ids)) if i not in set(fit)]
 
+    def _fit(self, positions: int) -> int:
+        """How many groups of ``positions`` positions' logits fit in ``PROBE_LOGITS`` (at least 1)."""
+        head = _blocks.output_head(self.model)
+        vocab = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
+        return max(1, PROBE_LOGITS // (positions * vocab))
+
     def _points(self, ids: list[list[int]], deltas: torch.Tensor, rows: int, positions: int = 1):
         """Per group of points: ``(first point, points, stacked body cache, body mask, body
         lengths)`` -- each prompt's stored body cache once per point, left-padded,
@@ -330,10 +336,8 @@ class SharedPromptBody(_Store):
         k, dev = self.tail.tail.numel(), self.tail.delta.device
         bodies = [self._body(tuple(p[:-k])) for p in ids]
         starts = [len(p) - k for p in ids]
-        head = _blocks.output_head(self.model)
-        vocab = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
         width = max(starts)
-        per = max(1, min(rows // len(ids), PROBE_LOGITS // (len(ids) * positions * vocab)))  # points per forward
+        per = max(1, min(rows // len(ids), self._fit(len(ids) * positions)))  # points per forward
         for first in range(0, deltas.shape[0], per):
             points = min(per, deltas.shape[0] - first)
             cache = stack_caches(self.model, bodies * points, starts * points, width)
@@ -379,12 +383,12 @@ class SharedPromptBody(_Store):
         end with the tail or also holds it before, for a one-token tail (a generated
         token could be the tail, which the per-row deltas do not follow), and where a
         cache cannot be stacked."""
-        from zoobj.inference import _encode, _stop_ids, answer_text, greedy
+        from zoobj.inference import _encode, _stops, answer_text, greedy
 
         ids = _encode(tok, prompts, special=True)
         self.begin(tuple(p) for p in ids)
         tail, dev = self.tail.tail, self.tail.delta.device
-        stops = torch.tensor(sorted(_stop_ids(tok)), device=dev)
+        stops = _stops(tok, dev)
         fit, long = self._split(ids, max_new_tokens)
         answers: list[list[str]] = [[""] * len(ids) for _ in range(deltas.shape[0])]
         some = [ids[i] for i in fit]
@@ -439,9 +443,11 @@ class SharedPromptBody(_Store):
                 add(first + r // len(some), logits[r, : len(t)], t)
         for i in long:
             t = t_ids[i]
-            out, _ = self._whole(ids[i] + t, deltas, keep=len(t) + 1)
-            for j in range(deltas.shape[0]):
-                add(j, out.logits[j, : len(t)].float(), t)
+            per = self._fit(len(t) + 1)
+            for first in range(0, deltas.shape[0], per):
+                out, _ = self._whole(ids[i] + t, deltas[first : first + per], keep=len(t) + 1)
+                for j in range(out.logits.shape[0]):
+                    add(first + j, out.logits[j, : len(t)].float(), t)
         return [(total, count) for total, count in totals]
 
     def decode(self, keys: list, **inputs):
