@@ -278,3 +278,26 @@ def test_scored_probes_keep_a_forwards_logits_within_the_budget(tok, monkeypatch
         hook.remove()
     assert [t for t, _ in got] == pytest.approx([t for t, _ in unbounded], rel=1e-5)
     assert len(seen) == 2 and max(seen) <= shared_mod.PROBE_LOGITS  # 4 points, two per forward
+
+
+def test_smoothed_f1_of_the_probes_together_is_each_probe_alone(tok):
+    from zoobj.objective import metric_objective
+
+    task, rows, model, named = tuned(tok)
+    delta = named[0][1]
+    shared, _ = build(model, [delta])
+    fn = metric_objective(model, tok, task, "f1", max_new_tokens=6, shared=shared, smooth=20.0)  # both candidates weigh
+    assert hasattr(fn, "probes") and hasattr(fn, "prepare")
+    fn.prepare(rows)  # the answer set, from the base point (the training loop's order)
+    assert max(fn.prepare(rows).count) > 1  # greedy answers and references: a softmax over several candidates
+    gen = torch.Generator().manual_seed(5)
+    points = [[delta.detach() + 2.0 * torch.randn(delta.shape, generator=gen)] for _ in range(4)]
+    base, alone = delta.detach().clone(), []
+    for p in points:
+        with torch.no_grad():
+            delta.copy_(p[0])
+        alone.append(fn(rows))
+    with torch.no_grad():
+        delta.copy_(base)
+    assert len({round(x, 6) for x in alone}) == 4  # the points score apart
+    assert fn.probes(rows, points) == pytest.approx(alone, rel=1e-5, abs=1e-7)

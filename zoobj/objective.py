@@ -247,6 +247,26 @@ def _smoothed_generation(model, tok, task, metric, batch_size, max_new_tokens, w
         return -total / counted if counted else float("nan")
 
     loss.prepare = prepare
+    if world is None and hasattr(shared, "nll_rows"):
+        def together(rows: Sequence[dict], deltas):  # each row's candidates scored at every point at once
+            answers = held.get("set")
+            if answers is None or answers.key != _rows_key(task, rows):
+                answers = prepare(rows)
+            pairs = [(i, c) for i, n in enumerate(answers.count) for c in range(n)]
+            nll = shared.nll_rows(tok, [task.prompt(rows[i]) for i, _ in pairs],
+                                  [answers.continuations[i][c] for i, c in pairs], deltas)
+            losses = []
+            for point in nll:
+                scores: list[list[float]] = [[] for _ in rows]
+                for (i, c), (total, count) in zip(pairs, point):
+                    if count == 0:
+                        raise ValueError(f"candidate {answers.continuations[i][c]!r} encodes to no tokens")
+                    scores[i].append(-total / count)  # mean log-probability, as score_candidates gives
+                total, counted = expectation(scores, answers.value, temperature, answers.count)
+                losses.append(-total / counted if counted else float("nan"))
+            return losses
+
+        loss.probes = _probes_together(shared, together)
     return loss
 
 

@@ -406,12 +406,20 @@ class SharedPromptBody(_Store):
                 answers[j][i] = answer_text(tok, row)
         return answers
 
-    @torch.inference_mode()
     def nll_probes(self, tok, prompts: list[str], targets: list[str], deltas: torch.Tensor,
                    rows: int = PROBE_ROWS) -> list[tuple[float, int]]:
         """``(summed NLL, target tokens)`` of ``targets[i]`` after ``prompts[i]`` at each point
         of the tail (``deltas[p]``), as ``inference.target_nll_sum`` gives with ``delta`` moved
         there; the probes run together, as in ``generate_probes``."""
+        return [(sum(t for t, _ in point), sum(c for _, c in point))
+                for point in self.nll_rows(tok, prompts, targets, deltas, rows)]
+
+    @torch.inference_mode()
+    def nll_rows(self, tok, prompts: list[str], targets: list[str], deltas: torch.Tensor,
+                 rows: int = PROBE_ROWS) -> list[list[tuple[float, int]]]:
+        """``nll[p][i]``: ``(summed NLL, tokens)`` of ``targets[i]`` after ``prompts[i]`` at the
+        point ``deltas[p]`` of the tail, every point's rows in batched forwards (``nll_probes``
+        sums them; the smoothed generation objective scores candidate answers with them)."""
         from zoobj.inference import _encode
 
         ids, t_ids = _encode(tok, prompts, special=True), _encode(tok, targets, special=False)
@@ -424,13 +432,13 @@ class SharedPromptBody(_Store):
             new[i, : len(tail) + len(t)] = torch.tensor(tail + t)
             new_mask[i, : len(tail) + len(t)] = 1
         fit, long = self._split(ids, longest)
-        totals = [[0.0, 0] for _ in range(deltas.shape[0])]
+        totals = [[(0.0, 0)] * len(ids) for _ in range(deltas.shape[0])]
 
-        def add(point: int, logits: torch.Tensor, t: list[int]) -> None:  # logits[j] predicts t[j]
+        def add(point: int, i: int, logits: torch.Tensor) -> None:  # logits[j] predicts target token j
+            t = t_ids[i]
             if t:
                 picked = logits.gather(-1, torch.tensor(t, device=dev)[:, None])[:, 0]
-                totals[point][0] -= float((picked - torch.logsumexp(logits, dim=-1)).sum())
-                totals[point][1] += len(t)
+                totals[point][i] = (-float((picked - torch.logsumexp(logits, dim=-1)).sum()), len(t))
 
         some = [ids[i] for i in fit]
         for first, points, cache, mask, starts in (self._points(some, deltas, rows, new.shape[1]) if some else ()):
@@ -439,16 +447,16 @@ class SharedPromptBody(_Store):
                                  new_mask[sel].repeat(points, 1), keep=new.shape[1])
             logits = out.logits[:, len(tail) - 1 : -1].float()  # position j predicts target token j
             for r in range(len(logits)):
-                t = t_ids[fit[r % len(some)]]
-                add(first + r // len(some), logits[r, : len(t)], t)
+                i = fit[r % len(some)]
+                add(first + r // len(some), i, logits[r, : len(t_ids[i])])
         for i in long:
             t = t_ids[i]
             per = self._fit(len(t) + 1)
             for first in range(0, deltas.shape[0], per):
                 out, _ = self._whole(ids[i] + t, deltas[first : first + per], keep=len(t) + 1)
                 for j in range(out.logits.shape[0]):
-                    add(first + j, out.logits[j, : len(t)].float(), t)
-        return [(total, count) for total, count in totals]
+                    add(first + j, i, out.logits[j, : len(t)].float())
+        return totals
 
     def decode(self, keys: list, **inputs):
         self.decode_misses += 1
