@@ -300,4 +300,6 @@ def test_smoothed_f1_of_the_probes_together_is_each_probe_alone(tok):
     with torch.no_grad():
         delta.copy_(base)
     assert len({round(x, 6) for x in alone}) == 4  # the points score apart
+    computed = shared.misses
     assert fn.probes(rows, points) == pytest.approx(alone, rel=1e-5, abs=1e-7)
+    assert shared.misses == computed  # the prompt bodies the answers were generated over, reused

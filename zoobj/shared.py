@@ -423,7 +423,7 @@ class SharedPromptBody(_Store):
         from zoobj.inference import _encode
 
         ids, t_ids = _encode(tok, prompts, special=True), _encode(tok, targets, special=False)
-        self.begin(tuple(p + t) for p, t in zip(ids, t_ids))
+        self.begin(tuple(p) for p in ids)  # the bodies depend on the prompts only: a generate over them keeps the store
         tail, dev, pad = self.tail.tail.tolist(), self.tail.delta.device, tok.pad_token_id
         longest = max(len(t) for t in t_ids)
         new = torch.full((len(ids), len(tail) + longest), pad, dtype=torch.long, device=dev)
