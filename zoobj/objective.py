@@ -232,11 +232,15 @@ def _smoothed_generation(model, tok, task, metric, batch_size, max_new_tokens, w
         held["set"] = AnswerSet(task, metric, mine, greedy)
         return held["set"]
 
+    def answers_of(rows: Sequence[dict]) -> AnswerSet:
+        """The answer set held for ``rows`` (this rank's share), or one prepared now if it is another batch's."""
+        answers = held.get("set")
+        mine = rows if world is None else world.shard(rows)
+        return answers if answers is not None and answers.key == _rows_key(task, mine) else prepare(rows)
+
     def loss(rows: Sequence[dict]) -> float:
         mine = rows if world is None else world.shard(rows)
-        answers = held.get("set")
-        if answers is None or answers.key != _rows_key(task, mine):
-            answers = prepare(rows)
+        answers = answers_of(rows)
         total, counted = 0.0, 0
         if mine:
             scores = inference.score_candidates(model, tok, [task.prompt(r) for r in mine], answers.continuations,
@@ -249,12 +253,10 @@ def _smoothed_generation(model, tok, task, metric, batch_size, max_new_tokens, w
     loss.prepare = prepare
     if world is None and hasattr(shared, "nll_rows"):
         def together(rows: Sequence[dict], deltas):  # each row's candidates scored at every point at once
-            answers = held.get("set")
-            if answers is None or answers.key != _rows_key(task, rows):
-                answers = prepare(rows)
+            answers, prompts = answers_of(rows), [task.prompt(r) for r in rows]
             pairs = [(i, c) for i, n in enumerate(answers.count) for c in range(n)]
-            nll = shared.nll_rows(tok, [task.prompt(rows[i]) for i, _ in pairs],
-                                  [answers.continuations[i][c] for i, c in pairs], deltas)
+            nll = shared.nll_rows(tok, [prompts[i] for i, _ in pairs], [answers.continuations[i][c] for i, c in pairs],
+                                  deltas)
             losses = []
             for point in nll:
                 scores: list[list[float]] = [[] for _ in rows]
