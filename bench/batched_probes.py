@@ -47,9 +47,10 @@ def main() -> None:
     args = ap.parse_args()
     warnings.simplefilter("ignore")
 
-    from zoobj import inference
-    from zoobj.inference import _cache_out, _left_pad, _positions
-    from zoobj.models import load_model, trainable_parameters
+    from zoobj.model import inference, kv
+    from zoobj.model.kv import cache_out as _cache_out, left_pad as _left_pad, positions as _positions
+    from zoobj.model.loading import load_model
+    from zoobj.model.params import trainable_parameters
     from zoobj.tasks import get_task
 
     model, tok = load_model(args.model)
@@ -61,7 +62,7 @@ def main() -> None:
     questions = [squad.prompt(r) for r in squad.load("train")[:16]]
     sentences = sst2.load("train")[:16]
     q_ids = [tok(q)["input_ids"] for q in questions]
-    kw = inference._cache_kw(model)
+    kw = kv.cache_kw(model)
 
     @torch.inference_mode()
     def prefill(k: int) -> None:

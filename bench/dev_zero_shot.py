@@ -17,8 +17,9 @@ import time
 
 
 def main() -> None:
-    from zoobj.models import load_model, trainable_parameters
-    from zoobj.objective import evaluate, predict
+    from zoobj.model.loading import load_model
+    from zoobj.model.params import trainable_parameters
+    from zoobj.run.objective import evaluate, predict
     from zoobj.tasks import get_task, train_dev
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 48

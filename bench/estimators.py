@@ -63,14 +63,14 @@ def arm_name(n: int, shaping: str, lr: float) -> str:
 
 def base_and_eps(task_name: str, seed: int, cache: Path) -> tuple[float, float]:
     """The base model's dev metric (0 forward passes) and the eps ``--eps auto`` chooses
-    for the task's LoRA set and batch (``zoobj.train.calibrate_run_eps``), once per task and seed."""
+    for the task's LoRA set and batch (``zoobj.run.train.calibrate_run_eps``), once per task and seed."""
     if cache.exists():
         saved = json.loads(cache.read_text())
         return saved["value"], saved["eps_calibration"]["eps"]
-    from zoobj.objective import evaluate
-    from zoobj.session import prepare
+    from zoobj.run.objective import evaluate
+    from zoobj.run.session import prepare
     from zoobj.tasks import get_task, train_dev
-    from zoobj.train import TrainConfig, calibrate_run_eps
+    from zoobj.run.train import TrainConfig, calibrate_run_eps
 
     metric, batch, dev_limit, gen, _ = TASKS[task_name]
     task = get_task(task_name)
@@ -91,8 +91,8 @@ def base_and_eps(task_name: str, seed: int, cache: Path) -> tuple[float, float]:
 def run_arm(task: str, n: int, shaping: str, lr: float, seed: int, budget: int, points: int, eps: float,
             root: Path) -> Path:
     """Train (or continue) one arm to ``budget`` forward passes; its run directory."""
-    from zoobj import trajectory as tj
-    from zoobj.train import TrainConfig, run
+    from zoobj.engine import trajectory as tj
+    from zoobj.run.train import TrainConfig, run
 
     metric, batch, dev_limit, gen, _ = TASKS[task]
     steps = budget // (2 * n)
@@ -109,7 +109,7 @@ def run_arm(task: str, n: int, shaping: str, lr: float, seed: int, budget: int, 
 
 def arm_summary(out: Path, n: int) -> dict:
     """Dev points (forward passes, value), tie rate, mean spread, seconds per forward pass."""
-    from zoobj import trajectory as tj
+    from zoobj.engine import trajectory as tj
 
     log = tj.read_jsonl(out / tj.LOG)
     steps = [r for r in log if r.get("event") == "step"]

@@ -25,9 +25,10 @@ import time
 
 import torch
 
-from zoobj import inference
-from zoobj.mezo import MeZO
-from zoobj.models import load_model, trainable_parameters
+from zoobj.model import inference
+from zoobj.engine.mezo import MeZO
+from zoobj.model.loading import load_model
+from zoobj.model.params import trainable_parameters
 from zoobj.tasks import get_task
 
 

@@ -55,9 +55,9 @@ def main() -> None:
     args = ap.parse_args()
     warnings.simplefilter("ignore")
 
-    from zoobj import inference
-    from zoobj.models import load_model
-    from zoobj.objective import predict
+    from zoobj.model import inference, kv
+    from zoobj.model.loading import load_model
+    from zoobj.run.objective import predict
     from zoobj.tasks import get_task
 
     model, tok = load_model(args.model)
@@ -73,7 +73,7 @@ def main() -> None:
     b_scores = [int(torch.tensor(baseline_scores(model, tok, sst2.prompt(r), sst2.choices(r))).argmax()) for r in s_rows]
     b_score_s = time.perf_counter() - t
 
-    stop_ids = inference._stop_ids(tok)
+    stop_ids = kv.stop_ids(tok)
     t = time.perf_counter()
     z_gen = predict(model, tok, squad, g_rows, batch_size=args.batch_size)
     z_gen_s = time.perf_counter() - t

@@ -9,7 +9,7 @@ median of rounds:
   the final norm);
 
 each at N = 1 and N = 16 directions, by the plain path and by the shared path
-(``zoobj.shared``). The unit is one plain evaluation of the same batch with the same
+(``zoobj.model.shared``). The unit is one plain evaluation of the same batch with the same
 trained set; a ratio is ``seconds per step / (2N x unit)``: 1.0 is what the plain path
 must cost, less is what sharing saves.
 
@@ -65,7 +65,8 @@ def peak_mib() -> float:
 
 def setup(kind: str, model_name: str, batch: int, gen: int):
     """(model, tok, params, task, rows, metric, max_new_tokens) for one of the two steps."""
-    from zoobj.models import load_model, trainable_parameters
+    from zoobj.model.loading import load_model
+    from zoobj.model.params import trainable_parameters
     from zoobj.tasks import get_task
 
     model, tok = load_model(model_name)
@@ -85,7 +86,7 @@ def agreement(model, tok, params, task, rows, metric, gen, shared, n: int, eps: 
     """Both paths on each probe of one n-direction step: identical predictions, losses."""
     from zoobj import MeZO
     from zoobj.metrics import get_metric
-    from zoobj.objective import predict
+    from zoobj.run.objective import predict
 
     fn = get_metric(metric)
     refs = [task.reference(r) for r in rows]
@@ -97,7 +98,7 @@ def agreement(model, tok, params, task, rows, metric, gen, shared, n: int, eps: 
         fast = predict(model, tok, task, rows, batch_size=len(rows), max_new_tokens=gen, shared=shared)
         diff = [i for i, (a, b) in enumerate(zip(plain, fast)) if a != b]
         if diff and task.kind == "classification":
-            from zoobj import inference
+            from zoobj.model import inference
 
             scores = inference.score_candidates(model, tok, [task.prompt(rows[i]) for i in diff],
                                                 [task.choices(rows[i]) for i in diff], batch_size=len(diff))
@@ -115,8 +116,8 @@ def agreement(model, tok, params, task, rows, metric, gen, shared, n: int, eps: 
 
 def measure(kind: str, args) -> dict:
     from zoobj import MeZO
-    from zoobj.objective import make_objective
-    from zoobj.shared import SharedPrefix
+    from zoobj.run.objective import make_objective
+    from zoobj.model.prefix import SharedPrefix
 
     model, tok, params, task, rows, metric, gen = setup(kind, args.model, args.batch, args.gen)
     shared, why = SharedPrefix.build(model, params)

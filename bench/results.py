@@ -58,8 +58,8 @@ QUICK = dict(sst2=dict(TASKS["sst2"], steps=60, eval_limit=200, eval_every=0, ke
 
 
 def zero_shot(task_name: str, spec: dict, out: Path) -> dict:
-    from zoobj.models import load_model
-    from zoobj.objective import evaluate, predict
+    from zoobj.model.loading import load_model
+    from zoobj.run.objective import evaluate, predict
     from zoobj.tasks import get_task
 
     path = out / "zero-shot.json"
@@ -80,8 +80,8 @@ def zero_shot(task_name: str, spec: dict, out: Path) -> dict:
 
 
 def trained(task_name: str, spec: dict, arm: str, out: Path) -> dict:
-    from zoobj import trajectory as tj
-    from zoobj.train import TrainConfig, run
+    from zoobj.engine import trajectory as tj
+    from zoobj.run.train import TrainConfig, run
 
     run_dir = out / arm
     objective = "ce" if arm == "ce" else "metric"
@@ -114,7 +114,7 @@ def trained(task_name: str, spec: dict, arm: str, out: Path) -> dict:
     if extra:
         cached = run_dir / "extra_metrics.json"
         if not cached.exists():
-            from zoobj.objective import evaluate
+            from zoobj.run.objective import evaluate
             from zoobj.tasks import get_task
 
             task = get_task(task_name)
@@ -144,8 +144,8 @@ def plot(task_name: str, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from zoobj import trajectory as tj
-    from zoobj.plots import rolling_ties_and_grad
+    from zoobj.engine import trajectory as tj
+    from zoobj.run.plots import rolling_ties_and_grad
 
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
     for arm, colour in (("ce", "#4C72B0"), ("metric", "#DD8452")):

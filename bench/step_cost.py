@@ -99,7 +99,7 @@ def timing(shape):
     opt.step(forward)
     exact_step()
     reference_step(params, forward, 0, 1e-7, 1e-3)
-    from zoobj.noise import _axpz_param, _kernel
+    from zoobj.engine.noise import _axpz_param, _kernel
 
     def noise_pass(r):
         sign = 1.0 if r % 2 == 0 else -1.0  # alternate, so the weights wander no further than one pass

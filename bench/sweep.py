@@ -31,8 +31,8 @@ def parse_arm(text: str) -> tuple[str, dict]:
 
 
 def main() -> None:
-    from zoobj import trajectory as tj
-    from zoobj.train import TrainConfig, run
+    from zoobj.engine import trajectory as tj
+    from zoobj.run.train import TrainConfig, run
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", required=True)
@@ -85,8 +85,8 @@ def plot(rows: list[dict], path: str, task: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from zoobj import trajectory as tj
-    from zoobj.plots import rolling_ties_and_grad
+    from zoobj.engine import trajectory as tj
+    from zoobj.run.plots import rolling_ties_and_grad
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for row in rows:

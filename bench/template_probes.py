@@ -3,20 +3,20 @@
 With ``--peft template`` the trained tensor is the input vectors of the prompt's
 closing tokens, so a step's 2N probes differ only in those few vectors: they can run
 as one batch, each row seeing its own probe's tail (``TemplateTail.per_row``), over
-prompt bodies computed once (``SharedPromptBody``). ``MeZO.step(..., probes=)`` does
+prompt bodies computed once (``PromptBodyStore``). ``MeZO.step(..., probes=)`` does
 that for the hard generation metric. This bench takes one step's 2N points (the
 engine's own, ``MeZO.points``) on the default model and a batch of 16 SQuAD training
 questions, and times
 
 - ``one at a time``: each point written into the tail, then ``inference.generate``
   through the store (what a step does without ``probes``);
-- ``together, R rows``: ``SharedPromptBody.generate_probes`` with about R rows
+- ``together, R rows``: ``PromptBodyStore.generate_probes`` with about R rows
   (questions times points) per forward;
 
 with the prompt bodies already stored (both paths compute them once per batch; their
 cost is printed apart); then the same for the cross-entropy objective (the gold
 answers' NLL: ``inference.target_nll_sum`` one point at a time, or
-``SharedPromptBody.nll_probes``). Ratio = seconds / the one-at-a-time seconds.
+``PromptBodyStore.nll_probes``). Ratio = seconds / the one-at-a-time seconds.
 Agreement: the answers of every point, both ways (generation); the largest relative
 difference of the points' NLL sums (CE). Memory: the highest resident set size during
 the call above the one it started at (sampled every 5 ms). Last line: one JSON object.
@@ -86,23 +86,25 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0, help="the batch: training questions start .. start + batch size")
     ap.add_argument("--ce-only", action="store_true", help="only the cross-entropy part")
     ap.add_argument("--unbounded", action="store_true",
-                    help="CE together also without the cap on logits per forward (zoobj.shared.PROBE_LOGITS)")
+                    help="CE together also without the cap on logits per forward (zoobj.model.tail_probes.PROBE_LOGITS)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
 
-    from zoobj import MeZO, inference
-    from zoobj import shared as shared_mod
-    from zoobj.models import load_model, trainable_parameters
-    from zoobj.shared import build
+    from zoobj import MeZO
+    from zoobj.model import inference
+    from zoobj.model import tail_probes as shared_mod
+    from zoobj.model.loading import load_model
+    from zoobj.model.params import trainable_parameters
+    from zoobj.model.params import TemplateParams
     from zoobj.tasks import get_task
-    from zoobj.template import template_tail
+    from zoobj.model.template import template_tail
 
     task = get_task("squad")
     rows = task.load("train")[args.start : args.start + args.batch_size]
     model, tok = load_model(args.model)
     model, named = trainable_parameters(model, "template", tok=tok, template_tail=template_tail(task, tok, rows))
     delta = named[0][1]
-    shared, note = build(model, [delta])
+    shared, note = TemplateParams().fast_path(model, [delta])
     prompts = [task.prompt(r) for r in rows]
     points = MeZO([delta], lr=0.0, eps=args.eps, seed=0, n=args.n).points([11 + k for k in range(args.n)])
     stacked = torch.stack([p[0] for p in points])

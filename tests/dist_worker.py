@@ -6,9 +6,9 @@ import sys
 
 from safetensors.torch import save_file
 
-from zoobj import distributed
-from zoobj.models import load_model
-from zoobj.train import TrainConfig, run
+from zoobj.run import distributed
+from zoobj.model.loading import load_model
+from zoobj.run.train import TrainConfig, run
 
 
 def main(model_dir: str, out: str, settings: str) -> None:

@@ -1,4 +1,4 @@
-"""--eps auto: zoobj.calibrate.calibrate_eps and its use by a training run."""
+"""--eps auto: zoobj.engine.calibrate.calibrate_eps and its use by a training run."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from zoobj.calibrate import CALIBRATION_STEP, calibrate_eps, eps_grid
-from zoobj.noise import noise, step_seed
+from zoobj.engine.calibrate import CALIBRATION_STEP, calibrate_eps, eps_grid
+from zoobj.engine.noise import noise, step_seed
 
 
 class Flips(torch.nn.Module):
@@ -140,9 +140,9 @@ SETTINGS = dict(task="sst2", metric="accuracy", objective="metric", steps=2, bat
 
 
 def test_a_run_with_eps_auto_records_the_calibration_and_resumes_and_rebuilds_with_it(model_dir, tmp_path):
-    from zoobj import trajectory as tj
-    from zoobj.export import rebuild
-    from zoobj.train import TrainConfig, run
+    from zoobj.engine import trajectory as tj
+    from zoobj.run.export import rebuild
+    from zoobj.run.train import TrainConfig, run
 
     out = tmp_path / "auto"
     run(TrainConfig(output=str(out), model=model_dir, eps="auto", **SETTINGS))
@@ -169,7 +169,7 @@ def test_a_run_with_eps_auto_records_the_calibration_and_resumes_and_rebuilds_wi
 
 def test_a_metric_nothing_unties_is_one_line_naming_the_levers_and_leaves_no_run_dir(model_dir, tmp_path):
     from zoobj.errors import ConfigError
-    from zoobj.train import TrainConfig, run
+    from zoobj.run.train import TrainConfig, run
 
     reward = tmp_path / "flat.py"
     reward.write_text("def constant(predictions, references, **kw):\n    return 0.5\n")
@@ -185,7 +185,7 @@ def test_a_metric_nothing_unties_is_one_line_naming_the_levers_and_leaves_no_run
 
 
 def test_eps_must_be_a_number_or_auto():
-    from zoobj.config import TrainConfig
+    from zoobj.run.config import TrainConfig
     from zoobj.errors import ConfigError
 
     assert TrainConfig(task="sst2", eps="0.01").resolved().eps == 0.01
@@ -196,7 +196,7 @@ def test_eps_must_be_a_number_or_auto():
 
 def test_the_command_line_takes_eps_auto_and_resumes_such_a_run_with_or_without_it(model_dir, tmp_path, capsys):
     from tests.test_cli import cli
-    from zoobj import trajectory as tj
+    from zoobj.engine import trajectory as tj
 
     out = tmp_path / "cli"
     flags = ["--task", "sst2", "--metric", "accuracy", "--batch-size", "8", "--eval-limit", "4", "--eval-every", "0",
@@ -213,7 +213,7 @@ def test_the_command_line_takes_eps_auto_and_resumes_such_a_run_with_or_without_
 
 def test_compare_calibrates_each_arm_and_cross_entropy_keeps_the_default(model_dir, tmp_path, capsys):
     from tests.test_cli import cli
-    from zoobj import trajectory as tj
+    from zoobj.engine import trajectory as tj
 
     out = tmp_path / "cmp"
     assert cli("compare", "--task", "sst2", "--metric", "accuracy", "--model", model_dir, "--steps", "1",

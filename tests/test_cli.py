@@ -182,9 +182,9 @@ def test_keep_best_evaluates_saves_and_exports_the_best_dev_step(model_dir, tmp_
 
     from transformers import AutoModelForCausalLM
 
-    from zoobj.config import load_run_config
-    from zoobj.session import prepare
-    from zoobj import trajectory as tj
+    from zoobj.run.config import load_run_config
+    from zoobj.run.session import prepare
+    from zoobj.engine import trajectory as tj
 
     records = tj.read_trajectory(run_dir / "trajectory.jsonl")
     at = {}
@@ -241,12 +241,12 @@ def _help(*command):
 
 
 def test_help_shows_the_defaults_and_choices_of_train_config():
-    from zoobj.config import KEEP, PARALLEL, PEFT, TrainConfig, cli_fields
-    from zoobj.mezo import PERTURB, RULES
-    from zoobj.objective import OBJECTIVES
+    from zoobj.run.config import KEEP, PARALLEL, PEFT, TrainConfig, cli_fields
+    from zoobj.engine.mezo import PERTURB, RULES
+    from zoobj.run.objective import OBJECTIVES
 
     shown = _help("train")
-    from zoobj.config import DEFAULTS
+    from zoobj.run.config import DEFAULTS
 
     assert "[default: 20, or the task's recipe]" in shown["--steps"] and DEFAULTS["steps"] == 20
     for f in cli_fields():  # every setting with a value of its own shows that value
@@ -270,7 +270,7 @@ def test_a_default_changed_in_train_config_is_the_one_help_shows(monkeypatch):
     from typer.testing import CliRunner
 
     from zoobj.cli import _with_options, setting_options
-    from zoobj.config import TrainConfig
+    from zoobj.run.config import TrainConfig
 
     monkeypatch.setattr(TrainConfig.__dataclass_fields__["eval_every"], "default", 50)
     app = typer.Typer()
@@ -287,8 +287,10 @@ def test_a_default_changed_in_train_config_is_the_one_help_shows(monkeypatch):
 
 
 def test_compare_gives_both_arms_the_shared_settings_and_its_own_defaults(tmp_path, monkeypatch, capsys):
-    from zoobj import compare, models, objective
-    from zoobj.config import TrainConfig
+    from zoobj.run import compare
+    from zoobj.model import loading as models
+    from zoobj.run import objective
+    from zoobj.run.config import TrainConfig
 
     arms = []
 
@@ -310,7 +312,7 @@ def test_compare_gives_both_arms_the_shared_settings_and_its_own_defaults(tmp_pa
 
 
 def test_ctrl_c_in_a_run_without_output_names_the_default_run_directory(model_dir, tmp_path, monkeypatch, capsys):
-    from zoobj import train
+    from zoobj.run import train
 
     def interrupted(cfg, **kw):
         raise KeyboardInterrupt

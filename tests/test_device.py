@@ -56,14 +56,14 @@ class _DeviceStateDict(torch.nn.Module):
 
 
 def test_weights_hash_of_a_model_on_a_device_equals_the_host_hash():
-    from zoobj.session import weights_hash
+    from zoobj.run.session import weights_hash
 
     model = tiny_gemma(64)
     assert weights_hash(_DeviceStateDict(model)) == weights_hash(model)
 
 
 def test_keep_best_holds_host_copies_of_device_parameters():
-    from zoobj.train import _Best
+    from zoobj.run.train import _Best
 
     params = [on_device(torch.randn(3, 2)), on_device(torch.randn(5))]
     best = _Best()

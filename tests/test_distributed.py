@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zoobj import trajectory as tj
-from zoobj.models import load_model
-from zoobj.train import TrainConfig, run
+from zoobj.engine import trajectory as tj
+from zoobj.model.loading import load_model
+from zoobj.run.train import TrainConfig, run
 
 BASE = dict(task="sst2", steps=5, batch_size=4, lr=1e-3, eps=1e-2, eval_limit=8, eval_every=0, dev_limit=4)
 SETTINGS = {
@@ -130,7 +130,7 @@ def test_gpu_benchmark_script_runs_on_cpu_in_quick_mode():
 ])
 def test_settings_that_cannot_work_across_processes_are_refused_before_any_collective(model_dir, tmp_path, change,
                                                                                         needle):
-    from zoobj.distributed import World
+    from zoobj.run.distributed import World
     from zoobj.errors import ConfigError
 
     world = World(rank=0, size=2, backend="gloo", device=torch.device("cpu"))  # no process group: nothing may talk

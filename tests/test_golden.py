@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoobj.mezo import MeZO, decay_groups
+from zoobj.engine.mezo import MeZO, decay_groups
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 STEPS = 5
@@ -80,8 +80,8 @@ TRAIN = {
 
 
 def train_run(name: str, model_dir: str, out: Path) -> dict:
-    from zoobj import trajectory as tj
-    from zoobj.train import TrainConfig, run
+    from zoobj.engine import trajectory as tj
+    from zoobj.run.train import TrainConfig, run
 
     settings = dict(steps=4, batch_size=4, lr=1e-3, eps=1e-2, eval_limit=8, eval_every=0, dev_limit=4)
     cfg = TrainConfig(task="sst2", model=model_dir, output=str(out), **{**settings, **TRAIN[name]})

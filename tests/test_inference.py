@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.tiny import tiny_gemma, tiny_llama, tiny_tokenizer
-from zoobj import inference
+from zoobj.model import inference, kv
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_a_model_that_changes_its_logits_after_the_head_keeps_its_head(tok):
 
 def naive_generate(model, tok, prompt, max_new):
     ids = tok(prompt)["input_ids"]
-    stops = inference._stop_ids(tok)
+    stops = kv.stop_ids(tok)
     out = []
     for _ in range(max_new):
         with torch.no_grad():
@@ -125,7 +125,7 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_others(model):
     free = inference.generate(model, tok, prompts, max_new_tokens=12, batch_size=8)
     # make the second token of some rows' answers a stop token, so they end early
     early = {tok(free[i], add_special_tokens=False)["input_ids"][1] for i in (0, 3)}
-    tok._zoobj_stop_ids = inference._stop_ids(tok) | early
+    tok._zoobj_stop_ids = kv.stop_ids(tok) | early
     got = inference.generate(model, tok, prompts, max_new_tokens=12, batch_size=8)
     assert got == [naive_generate(model, tok, p, 12) for p in prompts]
     assert len({len(g) for g in got}) > 1 and got != free
@@ -133,7 +133,7 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_others(model):
 
 @pytest.mark.parametrize("peft", ["lora", "prefix"])
 def test_peft_models_decode_with_the_cache_like_a_full_forward(tok, peft):
-    from zoobj.models import trainable_parameters
+    from zoobj.model.params import trainable_parameters
 
     model, named = trainable_parameters(tiny_gemma(len(tok), sliding_window=512), peft, seed=0)
     with torch.no_grad():
@@ -147,7 +147,7 @@ def test_peft_models_decode_with_the_cache_like_a_full_forward(tok, peft):
 def test_prefix_starts_as_the_keys_and_values_of_real_tokens(tok):
     import copy
 
-    from zoobj.models import init_prefix_from_tokens, trainable_parameters
+    from zoobj.model.params import init_prefix_from_tokens, trainable_parameters
 
     base = tiny_gemma(len(tok), sliding_window=512)
     words = [5, 9, 13, 21, 30]

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from tests.test_cli import cli
 from tests.tiny import tiny_gemma, tiny_tokenizer
-from zoobj import inference
-from zoobj.mezo import MeZO
-from zoobj.models import load_model
+from zoobj.model import inference
+from zoobj.engine.mezo import MeZO
+from zoobj.model.loading import load_model
 
 LR0 = ["--task", "sst2", "--objective", "ce", "--batch-size", "4", "--eval-limit", "4", "--eval-every", "0",
        "--lr", "0", "--eps", "1e-3", "--steps", "200"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from zoobj import MeZO, NonFiniteLossError, decay_groups, replay
-from zoobj.mezo import RECORD_KEYS, noise, step_seed
+from zoobj.engine.mezo import RECORD_KEYS, noise, step_seed
 
 
 def least_squares(seed=0, n=64, d=8):
@@ -128,7 +128,7 @@ def _hash32_int64(x):  # the noise hash as it was first written: int64 lanes, ma
 
 
 def test_int32_noise_hash_gives_the_bits_of_the_int64_hash():
-    import zoobj.noise as zn
+    import zoobj.engine.noise as zn
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 2**32, (200_000,), dtype=torch.int64, generator=g)
@@ -141,7 +141,7 @@ def test_int32_noise_hash_gives_the_bits_of_the_int64_hash():
 def test_noise_is_the_int64_formula_up_to_the_top_of_a_span():
     import math
 
-    import zoobj.noise as zn
+    import zoobj.engine.noise as zn
 
     seed, index, offset, n = 2**32 - 3, 5, 2**31 - 3000, 3000  # indices up to the last of a span
     k1, k2 = zn._param_key(seed, index, 0)
@@ -362,7 +362,7 @@ def test_state_dict_round_trip():
 
 
 def test_eager_noise_matches_compiled(monkeypatch):
-    import zoobj.noise as zn
+    import zoobj.engine.noise as zn
 
     compiled = zn.noise((3, 1000), seed=9, index=4)
     monkeypatch.setenv("ZOOBJ_COMPILE", "0")

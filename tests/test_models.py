@@ -5,7 +5,7 @@ import torch
 
 from tests.tiny import tiny_gemma, tiny_tokenizer
 from zoobj.errors import ConfigError, ModelError
-from zoobj.models import ALIASES, load_model, resolve_dtype
+from zoobj.model.loading import ALIASES, load_model, resolve_dtype
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from tests.tiny import tiny_gemma, tiny_tokenizer
 from zoobj import MeZO
 from zoobj.errors import ConfigError, RewardError
 from zoobj.metrics import get_metric
-from zoobj.objective import ce_objective, evaluate, make_objective, metric_objective, predict
+from zoobj.run.objective import ce_objective, evaluate, make_objective, metric_objective, predict
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def test_unknown_objective(tok):
 
 
 def test_smoothed_accuracy_tends_to_accuracy_and_is_between_0_and_1(tok):
-    from zoobj.objective import expected_metric
+    from zoobj.run.objective import expected_metric
 
     model = tiny_gemma(len(tok), seed=0)
     task = Toy()

@@ -291,9 +291,9 @@ def test_reward_breaking_mid_step_restores_the_weights(tmp_path):
     is what the same three passes give on the replayed weights. The files are exact: base
     + trajectory rebuild the complete steps bit for bit (the resume test above)."""
     from zoobj.errors import RewardError
-    from zoobj.mezo import MeZO
-    from zoobj.session import lr_schedule
-    from zoobj.train import TrainConfig, run
+    from zoobj.engine.mezo import MeZO
+    from zoobj.run.session import lr_schedule
+    from zoobj.run.train import TrainConfig, run
 
     torch.set_num_threads(1)
     (tmp_path / "late.py").write_text(LATE)
@@ -497,7 +497,7 @@ def test_every_torch_load_passes_weights_only_true():
 
 
 def test_trust_remote_code_defaults_to_false():
-    from zoobj.models import load_model
+    from zoobj.model.loading import load_model
 
     assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
     for path in PY_FILES:  # and no call in zoobj turns it on
@@ -626,7 +626,7 @@ trajectory_records = st.lists(
 @PROPS
 @given(trajectory_records, st.data())
 def test_trajectory_cut_at_any_byte_reads_as_a_prefix(recs, data):
-    from zoobj import trajectory as tj
+    from zoobj.engine import trajectory as tj
 
     recs = [{"step": i, **r} for i, r in enumerate(recs)]
     with tempfile.TemporaryDirectory() as folder:

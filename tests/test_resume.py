@@ -9,11 +9,13 @@ import json
 import pytest
 import torch
 
-from zoobj import export, plots, train
-from zoobj import trajectory as tj
+from zoobj.run import export
+from zoobj.run import plots
+from zoobj.run import train
+from zoobj.engine import trajectory as tj
 from zoobj.errors import ConfigError
-from zoobj.models import load_model
-from zoobj.train import TrainConfig, run
+from zoobj.model.loading import load_model
+from zoobj.run.train import TrainConfig, run
 
 BASE = dict(task="sst2", steps=6, batch_size=4, lr=5e-2, eps=1e-2, eval_limit=8, eval_every=2, dev_limit=8,
             keep="best", zero_shot=False)
@@ -93,7 +95,7 @@ def _weights(model):
 
 
 def test_rebuild_replays_with_the_recorded_noise_kernel(model_dir, tmp_path, monkeypatch):
-    import zoobj.noise as zn
+    import zoobj.engine.noise as zn
 
     out = tmp_path / "eager"
     model, tok = load_model(model_dir)
@@ -112,7 +114,7 @@ def test_rebuild_replays_with_the_recorded_noise_kernel(model_dir, tmp_path, mon
 
 
 def test_rebuild_refuses_a_compiled_run_where_compile_is_unavailable(model_dir, tmp_path, monkeypatch):
-    import zoobj.noise as zn
+    import zoobj.engine.noise as zn
 
     out = tmp_path / "compiled"
     run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=1, keep="last", eval_every=0)))

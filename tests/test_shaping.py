@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from zoobj.mezo import MeZO, replay, shaped_coefficients
+from zoobj.engine.mezo import MeZO, replay, shaped_coefficients
 
 
 def quadratic(w: torch.Tensor, transform=lambda x: x):
@@ -131,9 +131,9 @@ def test_unknown_shaping_is_refused():
 
 
 def test_a_training_run_records_its_shaping_and_the_spread_of_each_steps_losses(model_dir, tmp_path):
-    from zoobj import trajectory as tj
+    from zoobj.engine import trajectory as tj
     from zoobj.errors import ConfigError
-    from zoobj.train import TrainConfig, run
+    from zoobj.run.train import TrainConfig, run
 
     settings = dict(task="sst2", model=model_dir, steps=2, batch_size=4, n=3, shaping="rank", lr=1e-3, eps=1e-2,
                     eval_limit=4, eval_every=0, zero_shot=False, objective="ce")
@@ -154,7 +154,7 @@ def test_a_training_run_records_its_shaping_and_the_spread_of_each_steps_losses(
 
 PEAK = """
 import resource, sys, torch
-from zoobj.mezo import MeZO
+from zoobj.engine.mezo import MeZO
 n = int(sys.argv[1])
 w = torch.zeros(32_000_000)  # 128 MB of trained weights: the rest of the process is small beside it
 opt = MeZO([w], lr=1e-3, eps=1e-3, seed=0, n=n, shaping="rank")

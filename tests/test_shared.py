@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from tests.tiny import tiny_gemma, tiny_llama, tiny_tokenizer
-from zoobj import MeZO, blocks
+from zoobj import MeZO
+from zoobj.model import blocks
 from zoobj.errors import ConfigError
-from zoobj.models import trainable_parameters
-from zoobj.objective import make_objective
-from zoobj.shared import SharedPrefix
+from zoobj.model.params import trainable_parameters
+from zoobj.run.objective import make_objective
+from zoobj.model.prefix import SharedPrefix
 from zoobj.tasks import get_task
 
 
@@ -142,7 +143,7 @@ def test_shared_path_gives_the_plain_losses_and_trajectory(tok, task_name, metri
         assert (shared is not None) == on
         out[on] = probe_losses(model, tok, params, task, batch, metric, shared, n, **kw) + (params,)
         if on:
-            assert shared.disabled is None and shared.hits > 0  # the probes did reuse the lower blocks
+            assert shared.store.disabled is None and shared.hits > 0  # the probes did reuse the lower blocks
     (plain, rec_plain, w_plain), (fast, rec_fast, w_fast) = out[False], out[True]
     assert plain == pytest.approx(fast, abs=1e-5)
     for a, b in zip(rec_plain, rec_fast):
@@ -152,7 +153,7 @@ def test_shared_path_gives_the_plain_losses_and_trajectory(tok, task_name, metri
 
 
 def test_greedy_answers_identical_under_perturbations(tok):
-    from zoobj.inference import generate
+    from zoobj.model.inference import generate
 
     task, batch = rows("squad", 4)
     prompts = [task.prompt(r) for r in batch]
@@ -175,7 +176,7 @@ def test_greedy_answers_identical_under_perturbations(tok):
 
 @pytest.mark.parametrize("arch", ["gemma", "llama"])
 def test_decoding_reuses_the_lower_blocks_of_the_same_token_path(tok, arch):
-    from zoobj.inference import generate
+    from zoobj.model.inference import generate
 
     task, batch = rows("squad", 4)
     prompts = [task.prompt(r) for r in batch]
@@ -206,7 +207,7 @@ def test_the_store_follows_the_batch_and_the_lower_weights(tok):
     assert (shared.misses, shared.hits) == (2, 2)
     objective(other)  # a new batch: its own entries, the old ones dropped
     # prefill entries are keyed by the prompt's ids, decoding ones by (prompt ids, tokens so far)
-    stored = {k if isinstance(k[0], int) else k[0] for k in shared._store}
+    stored = {k if isinstance(k[0], int) else k[0] for k in shared.store.entries}
     assert shared.misses == 4 and stored == {tuple(tok(task.prompt(r))["input_ids"]) for r in other}
     lower = model.get_base_model().model.layers[0].mlp.up_proj.weight
     with torch.no_grad():
@@ -230,8 +231,8 @@ def deep_model_dir(tmp_path_factory):
 
 
 def test_runs_with_and_without_the_shared_path_agree(deep_model_dir, tmp_path):
-    from zoobj import trajectory as tj
-    from zoobj.train import TrainConfig, run
+    from zoobj.engine import trajectory as tj
+    from zoobj.run.train import TrainConfig, run
 
     base = dict(task="sst2", metric="accuracy", model=deep_model_dir, steps=5, batch_size=4, lr=1e-3, eps=0.05,
                 peft="lora", layers="top:2", eval_every=0, eval_limit=4, dev_limit=4, zero_shot=False, smooth=0.5)
@@ -251,8 +252,8 @@ def test_runs_with_and_without_the_shared_path_agree(deep_model_dir, tmp_path):
 
 
 def test_a_run_says_when_the_shared_path_is_off(model_dir, tmp_path):
-    from zoobj import trajectory as tj
-    from zoobj.train import TrainConfig, run
+    from zoobj.engine import trajectory as tj
+    from zoobj.run.train import TrainConfig, run
 
     def events(peft):
         run(TrainConfig(task="sst2", metric="accuracy", model=model_dir, steps=1, batch_size=2, eval_every=0,

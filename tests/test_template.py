@@ -1,16 +1,18 @@
 """--peft template: the prompt's closing tokens as the trained tensor, and the prompt
-bodies computed once per batch (zoobj.shared.SharedPromptBody)."""
+bodies computed once per batch (zoobj.model.tail_probes.PromptBodyStore)."""
 
 import pytest
 import torch
 
 from tests.tiny import tiny_gemma, tiny_tokenizer
-from zoobj import MeZO, inference
+from zoobj import MeZO
+from zoobj.model import inference, kv
 from zoobj.errors import ConfigError
-from zoobj.models import trainable_parameters
-from zoobj.shared import SharedPromptBody, build
+from zoobj.model.params import trainable_parameters
+from zoobj.model.params import TemplateParams
+from zoobj.model.tail_probes import PromptBodyStore
 from zoobj.tasks import get_task
-from zoobj.template import template_tail
+from zoobj.model.template import template_tail
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +67,8 @@ def test_delta_acts_only_where_the_tail_is(tok):
 def test_shared_body_gives_the_plain_answers_scores_and_nll(tok):
     task, rows, model, named = tuned(tok)
     prompts = [task.prompt(r) for r in rows]
-    shared, note = build(model, [named[0][1]])
-    assert isinstance(shared, SharedPromptBody) and "prompt bodies" in note
+    shared, note = TemplateParams().fast_path(model, [named[0][1]])
+    assert isinstance(shared, PromptBodyStore) and "prompt bodies" in note
     plain = inference.generate(model, tok, prompts, max_new_tokens=6, batch_size=4)
     assert inference.generate(model, tok, prompts, max_new_tokens=6, batch_size=4, shared=shared) == plain
     targets = [task.target(r) for r in rows]
@@ -91,7 +93,7 @@ def test_shared_body_gives_the_plain_answers_scores_and_nll(tok):
 def test_mezo_on_the_tail_lowers_the_target_loss(tok):
     task, rows, model, named = tuned(tok, scale=0.0)
     prompts, targets = [task.prompt(r) for r in rows], [" yes"] * len(rows)  # the token right after the tail
-    shared, _ = build(model, [named[0][1]])
+    shared, _ = TemplateParams().fast_path(model, [named[0][1]])
     loss = lambda: inference.target_nll(model, tok, prompts, targets, shared=shared)  # noqa: E731
     start = loss()
     opt = MeZO([named[0][1]], lr=0.1, eps=2e-2, seed=0, n=4, shaping="zscore")
@@ -109,8 +111,8 @@ def test_a_template_run_resumes_exports_and_reevaluates_to_its_number(model_dir,
     import json
 
     from tests.test_cli import cli
-    from zoobj import template
-    from zoobj import trajectory as tj
+    from zoobj.model import template
+    from zoobj.engine import trajectory as tj
 
     whole, cut, exported = tmp_path / "whole", tmp_path / "cut", tmp_path / "exported"
     assert cli("train", *SQUAD_RUN, "--model", model_dir, "--steps", "3", "--output", whole) == 0
@@ -141,7 +143,7 @@ def test_a_task_whose_prompt_ends_with_the_row_has_no_tail(tok):
 
 
 def test_squad_runs_take_the_tasks_recipe_unless_told_otherwise():
-    from zoobj.config import TrainConfig
+    from zoobj.run.config import TrainConfig
 
     got = lambda **kw: TrainConfig(task="squad", **kw).resolved()  # noqa: E731
     plain = got()
@@ -159,7 +161,7 @@ def test_probes_together_answer_as_each_point_alone(tok):
     task, rows, model, named = tuned(tok)
     delta = named[0][1]
     prompts = [task.prompt(r) for r in rows]
-    shared, _ = build(model, [delta])
+    shared, _ = TemplateParams().fast_path(model, [delta])
     gen = torch.Generator().manual_seed(1)
     points = torch.stack([delta.detach() + 10.0 * torch.randn(delta.shape, generator=gen) for _ in range(3)])
     alone = []
@@ -179,11 +181,11 @@ def test_probes_together_answer_as_each_point_alone(tok):
 
 
 def test_a_step_with_its_probes_together_is_the_step_one_by_one(tok):
-    from zoobj.objective import metric_objective
+    from zoobj.run.objective import metric_objective
 
     task, rows, model, named = tuned(tok)
     delta = named[0][1]
-    shared, _ = build(model, [delta])
+    shared, _ = TemplateParams().fast_path(model, [delta])
     fn = metric_objective(model, tok, task, "f1", max_new_tokens=6, shared=shared)
     assert hasattr(fn, "probes")
     reward = lambda preds, refs, **_: sum(len(p) for p in preds) / len(preds)  # noqa: E731  (answers differ: ties rare)
@@ -203,13 +205,13 @@ def test_a_step_with_its_probes_together_is_the_step_one_by_one(tok):
 
 
 def test_target_loss_of_the_probes_together_is_each_points_alone(tok):
-    from zoobj.objective import ce_objective
+    from zoobj.run.objective import ce_objective
 
     task, rows, model, named = tuned(tok)
     delta = named[0][1]
     prompts, targets = [task.prompt(r) for r in rows], [task.target(r) for r in rows]
     assert len({len(tok(t).input_ids) for t in targets}) > 1  # targets of several lengths: the padding is tested
-    shared, _ = build(model, [delta])
+    shared, _ = TemplateParams().fast_path(model, [delta])
     gen = torch.Generator().manual_seed(2)
     points = torch.stack([delta.detach() + torch.randn(delta.shape, generator=gen) for _ in range(3)])
     base, alone = delta.detach().clone(), []
@@ -224,7 +226,7 @@ def test_target_loss_of_the_probes_together_is_each_points_alone(tok):
         got = shared.nll_probes(tok, prompts, targets, points, rows=rows_per_forward)
         assert [c for _, c in got] == [c for _, c in alone]
         assert [t for t, _ in got] == pytest.approx([t for t, _ in alone], rel=1e-4)
-    assert hasattr(ce_objective(model, tok, task, shared=shared), "probes")
+    assert ce_objective(model, tok, task, shared=shared).together
 
 
 def test_probes_together_run_prompts_longer_than_the_sliding_window_whole(tok, monkeypatch):
@@ -234,8 +236,8 @@ def test_probes_together_run_prompts_longer_than_the_sliding_window_whole(tok, m
     window = (lengths[1] + lengths[-2]) // 2  # some prompts' bodies are stored, the others' cannot be
     task, rows, model, named = tuned(tok, window=window)
     delta = named[0][1]
-    shared, _ = build(model, [delta])
-    fit, long = shared._split(inference._encode(tok, prompts, special=True), 6)
+    shared, _ = TemplateParams().fast_path(model, [delta])
+    fit, long = shared._split(kv.encode(tok, prompts, special=True), 6)
     assert fit and long
     gen = torch.Generator().manual_seed(1)
     points = torch.stack([delta.detach() + 10.0 * torch.randn(delta.shape, generator=gen) for _ in range(3)])
@@ -252,19 +254,19 @@ def test_probes_together_run_prompts_longer_than_the_sliding_window_whole(tok, m
     got = shared.nll_probes(tok, prompts, targets, points)
     assert [c for _, c in got] == [c for _, c in nll]
     assert [t for t, _ in got] == pytest.approx([t for t, _ in nll], rel=1e-4)
-    from zoobj import shared as shared_mod
+    from zoobj.model import tail_probes as shared_mod
 
     monkeypatch.setattr(shared_mod, "PROBE_LOGITS", 1)  # one point per forward, the whole prompts' too
     assert [t for t, _ in shared.nll_probes(tok, prompts, targets, points)] == pytest.approx([t for t, _ in got], rel=1e-5)
 
 
 def test_scored_probes_keep_a_forwards_logits_within_the_budget(tok, monkeypatch):
-    from zoobj import shared as shared_mod
+    from zoobj.model import tail_probes as shared_mod
 
     task, rows, model, named = tuned(tok)
     delta = named[0][1]
     prompts, targets = [task.prompt(r) for r in rows], [task.target(r) for r in rows]
-    shared, _ = build(model, [delta])
+    shared, _ = TemplateParams().fast_path(model, [delta])
     gen = torch.Generator().manual_seed(4)
     points = torch.stack([delta.detach() + torch.randn(delta.shape, generator=gen) for _ in range(4)])
     unbounded = shared.nll_probes(tok, prompts, targets, points, rows=64)
@@ -281,11 +283,11 @@ def test_scored_probes_keep_a_forwards_logits_within_the_budget(tok, monkeypatch
 
 
 def test_smoothed_f1_of_the_probes_together_is_each_probe_alone(tok):
-    from zoobj.objective import metric_objective
+    from zoobj.run.objective import metric_objective
 
     task, rows, model, named = tuned(tok)
     delta = named[0][1]
-    shared, _ = build(model, [delta])
+    shared, _ = TemplateParams().fast_path(model, [delta])
     fn = metric_objective(model, tok, task, "f1", max_new_tokens=6, shared=shared, smooth=20.0)  # both candidates weigh
     assert hasattr(fn, "probes") and hasattr(fn, "prepare")
     fn.prepare(rows)  # the answer set, from the base point (the training loop's order)

@@ -1,6 +1,6 @@
 """zoobj: fine-tune language models toward any metric with forward passes only (MeZO)."""
 
-from zoobj.mezo import MeZO, NonFiniteLossError, decay_groups, replay
+from zoobj.engine.mezo import MeZO, NonFiniteLossError, decay_groups, replay
 
 __all__ = ["MeZO", "NonFiniteLossError", "decay_groups", "replay", "__version__"]
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """The ``zoobj`` command line: parses flags and calls library code, nothing more.
 
 The options of ``zoobj train`` and ``zoobj compare`` are not written out here: they
-are built from the settings they set, declared once in ``zoobj.config.TrainConfig``
+are built from the settings they set, declared once in ``zoobj.run.config.TrainConfig``
 (name, type, help and default; ``setting_options``), so ``--help`` shows the default
 the code uses.
 """
@@ -17,8 +17,8 @@ import typer
 from rich.markup import escape
 
 import zoobj
-from zoobj import compare
-from zoobj.config import TrainConfig, cli_fields, shown_default
+from zoobj.run import compare
+from zoobj.run.config import TrainConfig, cli_fields, shown_default
 from zoobj.errors import ZoobjError
 
 app = typer.Typer(
@@ -98,13 +98,13 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Zero-shot (or any saved model's) metric on a split, with a 95% bootstrap interval."""
-    from zoobj.models import load_model
-    from zoobj.objective import evaluate
+    from zoobj.model.loading import load_model
+    from zoobj.run.objective import evaluate
     from zoobj.tasks import get_task
 
     run_cfg = None
     if run:
-        from zoobj.config import load_run_config
+        from zoobj.run.config import load_run_config
 
         run_cfg = load_run_config(run)
         task = task or run_cfg.task
@@ -116,13 +116,13 @@ def eval_cmd(
 
     fns = {name: get_metric(name) for name in names}  # fail on a bad name before loading the model
     if run_cfg:
-        from zoobj.export import rebuild
+        from zoobj.run.export import rebuild
 
         _, session = rebuild(run)
         m, tok, model = session.model, session.tok, f"{run_cfg.model} + {run}"
     else:
         m, tok = load_model(model, dtype=dtype)
-    from zoobj.objective import predict
+    from zoobj.run.objective import predict
 
     rows = t.load(split or t.eval_split, data)
     rows = rows[:limit] if limit else rows
@@ -209,7 +209,7 @@ class _Progress:
                 f"loss {info['loss']:.4f} g {info['grad']:+.3g} ties {self.ties / self.seen:.0%} "
                 f"spread {info.get('spread') or 0:.3g} {rate:.2f} step/s"))
         elif event == "dev":
-            from zoobj.trajectory import shown_step
+            from zoobj.engine.trajectory import shown_step
 
             self.bar.console.print(f"step {shown_step(info)}: dev {info['value']:.4f}")
         elif event == "done":
@@ -255,8 +255,8 @@ PLACEMENT = ("device", "device_map")  # where a launch runs: set on the run, nev
                                            "Continue the run in this directory (to --steps in all)."))
 def train_cmd(**flags) -> None:
     """Fine-tune with MeZO toward a metric (or cross-entropy); writes a run directory."""
-    from zoobj.config import resume_config
-    from zoobj.train import run
+    from zoobj.run.config import resume_config
+    from zoobj.run.train import run
 
     resume, save_model = flags.pop("resume"), flags.pop("save_model")
     placement = {k: v for k in PLACEMENT if (v := flags.pop(k)) is not None}
@@ -270,7 +270,7 @@ def train_cmd(**flags) -> None:
         cfg = TrainConfig(**given, save_model=save_model).resolved()
     for key, value in placement.items():
         setattr(cfg, key, value)
-    from zoobj import distributed
+    from zoobj.run import distributed
 
     world = distributed.from_env()
     main = world is None or world.is_main
@@ -316,7 +316,7 @@ def export_cmd(
     output: str = typer.Option(..., "--output", help="Folder to write the model and tokenizer into."),
 ) -> None:
     """Rebuild a run's weights from base model + trajectory and save them (safetensors)."""
-    from zoobj.export import export
+    from zoobj.run.export import export
 
     path = export(run_dir, output)
     typer.echo(f"saved {path} (loads with from_pretrained and zoobj eval --model {path})")
@@ -343,7 +343,7 @@ def list_cmd() -> None:
     from rich.table import Table
 
     from zoobj.metrics import list_metrics
-    from zoobj.models import ALIASES
+    from zoobj.model.loading import ALIASES
     from zoobj.tasks import TASKS
 
     table = Table(title="zoobj")

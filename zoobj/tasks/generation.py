@@ -28,7 +28,7 @@ class GenerationTask:
     max_new_tokens: int = 50
     stop: str = "\n"
     description: str = ""
-    # settings that worked for this task, used where a run leaves them unset (zoobj.config):
+    # settings that worked for this task, used where a run leaves them unset (zoobj.run.config):
     # (name, value) pairs of peft, n, shaping, lr, eps, steps, batch_size
     recipe: tuple = ()
     kind: ClassVar[str] = "generation"

@@ -1,6 +1,6 @@
 """Run directories on disk: atomic JSON files, append-only JSONL with a flush per record.
 
-``trajectory.jsonl`` holds exactly one engine record per step (``zoobj.mezo.RECORD_KEYS``)
+``trajectory.jsonl`` holds exactly one engine record per step (``zoobj.engine.mezo.RECORD_KEYS``)
 and is the source of truth of a run: the base model plus this file rebuild the
 weights. ``read_trajectory`` drops a truncated last line (a run killed mid-write) with
 a warning, and refuses a damaged line anywhere else.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from zoobj.errors import DataError
-from zoobj.mezo import RECORD_KEYS
+from zoobj.engine.mezo import RECORD_KEYS
 
 CONFIG, TRAJECTORY, LOG, EVAL, CURVE = "config.json", "trajectory.jsonl", "log.jsonl", "eval.json", "curve.png"
 PREDICTIONS = "predictions.jsonl"

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from zoobj.noise import _axpz_param, _Kernel
+from zoobj.engine.noise import _axpz_param, _Kernel
 
 Params = list[tuple[int, torch.Tensor]]  # (index, tensor): the index keys the noise
 
@@ -70,7 +70,7 @@ class InPlace:
     """Each shift is written into the weights (in bf16/fp16 they do not come back exactly).
 
     >>> import torch
-    >>> from zoobj.noise import _kernel
+    >>> from zoobj.engine.noise import _kernel
     >>> w = torch.zeros(4)
     >>> p = InPlace([(0, w)], eps=0.1, kernel=_kernel)
     >>> p.shift(seed=1, coef=+1.0); bool(w.abs().sum() > 0), p.offset

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from zoobj.blocks import output_head
 from zoobj.errors import ConfigError, ModelError
+from zoobj.model.params import load_saved
 
 log = logging.getLogger("zoobj")
 
@@ -174,10 +174,8 @@ def load_model(
             tok = AutoTokenizer.from_pretrained(str(source), **kw)
             placed = {"device_map": device_map} if device_map else {}
             model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch_dtype, **placed, **kw)
-            if isinstance(source, Path):  # an exported --peft template run: its trained tail
-                from zoobj import template
-
-                model = template.load_into(model, source)
+            if isinstance(source, Path):  # an exported folder: what its parameter set saved beside the weights
+                model = load_saved(model, source)
     except ModelError:
         raise
     except (OSError, ValueError) as exc:
@@ -197,142 +195,3 @@ def load_model(
     else:
         model.to(device).eval()
     return model, tok
-
-
-def _is_embedding(name: str, model) -> bool:
-    emb = model.get_input_embeddings()
-    out = output_head(model)
-    param = dict(model.named_parameters()).get(name)
-    return param is not None and any(m is not None and param is m.weight for m in (emb, out))
-
-
-def _word_ids(tok, vocab_size: int) -> list[int]:
-    """Token ids that are plain words (letters only, 3+ characters), for prefix initialisation."""
-    if tok is None:
-        return list(range(vocab_size))
-    special = set(getattr(tok, "all_special_ids", []) or [])
-    pieces = tok.convert_ids_to_tokens(list(range(min(vocab_size, len(tok)))))
-    ids = [i for i, t in enumerate(pieces) if i not in special and isinstance(t, str)
-           and len(w := t.lstrip("\u2581\u0120 ")) >= 3 and w.isascii() and w.isalpha()]
-    return ids or list(range(vocab_size))
-
-
-def init_prefix_from_tokens(model, ids: list[int]) -> None:
-    """Set a peft prefix to the keys and values the base model computes for the tokens
-    ``ids`` (prefix tuning's "real activation" initialisation, Li & Liang 2021, as in
-    MeZO's code): the prefix then reads like a few ordinary words before the prompt, so
-    step 0 is close to the zero-shot model instead of random keys and values at every layer."""
-    from zoobj.inference import _cache_out
-
-    cfg = model.active_peft_config
-    base = model.get_base_model()
-    heads, layers = cfg.num_attention_heads, cfg.num_layers
-    if len(ids) != cfg.num_virtual_tokens:
-        raise ValueError(f"need {cfg.num_virtual_tokens} token ids, got {len(ids)}")
-    device = next(base.parameters()).device
-    with torch.no_grad():
-        out = base(input_ids=torch.tensor([ids], device=device), use_cache=True)
-        cache = _cache_out(out)
-        rows = []
-        for layer in cache.layers[:layers]:
-            k, v = layer.keys[0], layer.values[0]  # [heads, tokens, head_dim]
-            if k.shape[0] != heads:
-                raise ValueError(f"prefix has {heads} heads per layer, the model's cache {k.shape[0]}")
-            rows += [k.permute(1, 0, 2), v.permute(1, 0, 2)]  # peft's layout: [tokens, 2*layers, heads, head_dim]
-        weight = torch.stack(rows, dim=1).reshape(len(ids), -1)
-        emb = model.prompt_encoder[model.active_adapter].embedding
-        emb.weight.copy_(weight.to(emb.weight.dtype))
-
-
-def trainable_parameters(model, peft: str = "none", train_embeddings: bool = False, seed: int = 0,
-                         lora_r: int = 8, lora_alpha: int = 16, prefix_tokens: int = 5, tok=None,
-                         layers: str | None = None, template_tail: list[int] | None = None):
-    """Choose what MeZO perturbs. Returns ``(model, [(name, tensor), ...])`` in a fixed order.
-
-    - ``none``: every weight of the model (full-parameter MeZO), except the token
-      embeddings unless ``train_embeddings`` (with a 262k vocabulary they are 64% of
-      Gemma-3-270M and cost noise time while changing little).
-    - ``lora``: LoRA adapters from ``peft`` (r=8, alpha=16 on the attention q/v
-      projections); the base weights stay frozen. Adapter init is seeded by ``seed``.
-    - ``prefix``: prefix tuning from ``peft`` (5 virtual tokens per layer), initialised
-      with the model's own keys and values of 5 word tokens drawn with ``seed`` (from the
-      tokenizer's plain words when ``tok`` is given).
-
-    - ``template``: one trained input vector for each token of ``template_tail``, the
-      tokens every prompt of the task ends with (``zoobj.template``); the base weights
-      stay frozen.
-
-    ``layers`` (``top:K`` or ``A-B``, see ``zoobj.blocks``) restricts full parameters to
-    those decoder blocks plus the final norm, and LoRA to the q/v projections inside them.
-    """
-    from zoobj import blocks
-
-    if layers and peft in ("prefix", "template"):
-        raise ConfigError(f"--layers does not apply to --peft {peft} (it acts below every layer); "
-                          "use --peft lora or full parameters, or leave --layers out")
-    if peft == "none":
-        if layers and train_embeddings:
-            raise ConfigError("--layers with --train-embeddings: the embeddings lie below every block; "
-                              "choose one of the two")
-        named = [(n, p) for n, p in model.named_parameters() if train_embeddings or not _is_embedding(n, model)]
-        return model, blocks.select(model, named, layers) if layers else named
-    if peft == "lora":
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise ConfigError("--peft lora needs the peft package: pip install peft") from None
-        targets = [m for m in ("q_proj", "v_proj") if any(n.endswith(m) for n, _ in model.named_modules())]
-        if not targets:
-            raise ConfigError("--peft lora: this model has no q_proj / v_proj modules to adapt")
-        if layers:  # the full names of the q/v projections inside the chosen blocks
-            prefix, chosen = blocks.resolve(model, layers)
-            targets = [n for n, _ in model.named_modules()
-                       if n.rsplit(".", 1)[-1] in targets and blocks.block_of(n, prefix) in set(chosen)]
-        torch.manual_seed(seed)
-        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=targets,
-                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
-        named = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
-        model.eval()
-        return model, named
-    if peft == "prefix":
-        try:
-            from peft import PrefixTuningConfig, get_peft_model
-        except ImportError:
-            raise ConfigError("--peft prefix needs the peft package: pip install peft") from None
-        torch.manual_seed(seed)
-        # peft's prefix cache works with zoobj's own decoding loop (which passes the KV
-        # cache back as ``cache=``); peft + transformers 5.24 ``generate`` drops the prefix.
-        model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=prefix_tokens, task_type="CAUSAL_LM"))
-        words = _word_ids(tok, model.get_base_model().config.vocab_size)
-        pick = torch.randperm(len(words), generator=torch.Generator().manual_seed(seed))[:prefix_tokens]
-        init_prefix_from_tokens(model, [words[i] for i in pick.tolist()])
-        named = [(n, p) for n, p in model.named_parameters() if "prompt_encoder" in n]
-        model.eval()
-        return model, named
-    if peft == "template":
-        from zoobj import template
-
-        if template_tail is None:
-            raise ConfigError("--peft template needs the task's closing tokens (zoobj.template.template_tail)")
-        model, named = template.attach(model, template_tail)
-        model.eval()
-        return model, named
-    raise ConfigError(f"unknown --peft {peft!r}; choose one of none, lora, prefix, template")
-
-
-def merged_for_saving(model):
-    """A plain transformers model: LoRA adapters merged into the weights (a copy).
-
-    A prefix-tuned model cannot be merged: it is saved as a peft adapter folder
-    (load it with ``peft.AutoPeftModelForCausalLM``). A trained template tail is not a
-    weight of the base model either: ``save_model_dir`` writes the base model and the
-    tail beside it (``zoobj.template.save``; ``load_model`` attaches it)."""
-    from_peft = getattr(model, "peft_config", None)
-    if from_peft and any(getattr(c, "peft_type", "") == "PREFIX_TUNING" or str(getattr(c, "peft_type", "")).endswith("PREFIX_TUNING")
-                         for c in from_peft.values()):
-        return model
-    if hasattr(model, "merge_and_unload"):
-        import copy
-
-        return copy.deepcopy(model).merge_and_unload()
-    return model

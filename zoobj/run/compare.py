@@ -8,8 +8,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from zoobj import trajectory as tj
-from zoobj.train import TrainConfig, run
+from zoobj.engine import trajectory as tj
+from zoobj.run.train import TrainConfig, run
 
 
 def _steps(r: dict) -> str:
@@ -17,7 +17,7 @@ def _steps(r: dict) -> str:
     return str(steps) if kept in (None, steps) else f"{kept} of {steps} (best dev)"
 
 
-# The settings both arms share, as zoobj train takes them (zoobj.config), and the
+# The settings both arms share, as zoobj train takes them (zoobj.run.config), and the
 # comparison's own defaults where they differ: no dev evaluations (both arms would pay for them).
 SETTINGS = ("metric", "model", "steps", "batch_size", "lr", "eps", "n", "shaping", "peft", "layers", "shared", "seed",
             "eval_limit", "eval_every", "dev_limit", "keep", "train_max_new_tokens")
@@ -31,8 +31,8 @@ def compare(task: str, ce_lr: float | None = None, output: str | None = None, re
     ``settings``: TrainConfig's (see SETTINGS), the same for both arms; one left out or
     None is the default (DEFAULTS, else TrainConfig's). ``ce_lr``: the cross-entropy
     arm's learning rate (default: ``lr``)."""
-    from zoobj.models import load_model
-    from zoobj.objective import evaluate
+    from zoobj.model.loading import load_model
+    from zoobj.run.objective import evaluate
     from zoobj.tasks import get_task
 
     base = TrainConfig(task=task, zero_shot=False, **{**DEFAULTS, **{k: v for k, v in settings.items() if v is not None}})

@@ -13,10 +13,10 @@ of the base weights), ``trajectory.jsonl`` (one engine record per step: the
 checkpoint), ``log.jsonl`` (losses, dev metrics, timings), ``eval.json`` (final
 numbers), ``predictions.jsonl`` (the final evaluation's prediction per example, in the
 order of the evaluated rows) and ``curve.png``. No weights unless asked: base model +
-trajectory rebuild them (``zoobj.export``).
+trajectory rebuild them (``zoobj.run.export``).
 
-Elsewhere: the settings (``zoobj.config``), the model and its optimizer
-(``zoobj.session``), curve.png (``zoobj.plots``), rebuild and export (``zoobj.export``).
+Elsewhere: the settings (``zoobj.run.config``), the model and its optimizer
+(``zoobj.run.session``), curve.png (``zoobj.run.plots``), rebuild and export (``zoobj.run.export``).
 """
 
 from __future__ import annotations
@@ -33,15 +33,17 @@ import numpy as np
 import torch
 
 import zoobj
-from zoobj import trajectory as tj
-from zoobj.blocks import trained_blocks
-from zoobj.config import AUTO, PAPER_DEFAULTS, TrainConfig, check_same_run, recorded_settings
+from zoobj.engine import trajectory as tj
+from zoobj.model.blocks import trained_blocks
+from zoobj.run.config import AUTO, PAPER_DEFAULTS, TrainConfig, check_same_run, recorded_settings
 from zoobj.errors import ConfigError
-from zoobj.export import save_model_dir
-from zoobj.noise import NOISE_VERSION
-from zoobj.objective import evaluate, make_objective
-from zoobj.plots import plot_curve
-from zoobj.session import Session, prepare, weights_hash
+from zoobj.run.export import save_model_dir
+from zoobj.engine.noise import NOISE_VERSION
+from zoobj.model.params import ParamSet
+from zoobj.model.tail_probes import PROBE_ROWS
+from zoobj.run.objective import Objective, evaluate, make_objective
+from zoobj.run.plots import plot_curve
+from zoobj.run.session import Session, prepare, weights_hash
 
 
 def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], None] | None = None,
@@ -49,7 +51,7 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
     """Train (or continue) a run; returns the final evaluation. ``reporter(event, info)``
     receives "start", "step", "dev", "done" events for progress display.
 
-    ``world`` (``zoobj.distributed.World``, from torchrun): every rank trains an
+    ``world`` (``zoobj.run.distributed.World``, from torchrun): every rank trains an
     identical replica; only rank 0 writes the run directory and gets the result
     (the other ranks return ``{}``)."""
     main = world is None or world.is_main
@@ -72,7 +74,7 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
     return result
 
 
-def train_loop(r: RunState, objective: Callable[[list], float]) -> None:
+def train_loop(r: RunState, objective: Objective) -> None:
     """From where the run stands to ``--steps``: sample the batch, step, log, evaluate on dev now and then."""
     cfg, opt, world = r.cfg, r.session.optimizer, r.world
     for step in range(r.start_step, cfg.steps):
@@ -80,10 +82,9 @@ def train_loop(r: RunState, objective: Callable[[list], float]) -> None:
         batch = [r.train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(r.train_rows))]
         # perturb, evaluate l+ and l-, update (the engine restores the weights on any exception)
         t0, sent = time.time(), world.bytes if world else 0
-        if hasattr(objective, "prepare"):  # what the step's probes share, from the unperturbed weights
-            objective.prepare(batch)
-        together = getattr(objective, "probes", None)  # the step's probes in one batched call, where it can
-        loss = opt.step(lambda: objective(batch), probes=(lambda points: together(batch, points)) if together else None)
+        objective.prepare(batch)  # what the step's probes share, from the unperturbed weights
+        together = (lambda points: objective.probes(batch, points)) if objective.together else None  # one batched call
+        loss = opt.step(lambda: objective(batch), probes=together)
         # log: the trajectory line is the checkpoint; timings go to the log
         r.traj.append(opt.trajectory[-1])
         entry = _step_entry(step, loss, opt.trajectory[-1], time.time() - t0)
@@ -206,8 +207,8 @@ def open_run(cfg: TrainConfig, resume: bool, model, tok, world, report) -> RunSt
         if cfg.eps == AUTO:  # calibrated when the run began
             cfg.eps = saved["eps"]
 
-    def calibrate(model, tok, params):  # --eps auto, before the optimizer is built
-        calibration.update(calibrate_run_eps(cfg, model, tok, params, task, train_rows, world, report))
+    def calibrate(model, tok, params, param_set):  # --eps auto, before the optimizer is built
+        calibration.update(calibrate_run_eps(cfg, model, tok, params, param_set, task, train_rows, world, report))
 
     session = prepare(cfg, model, tok, world, recorded=saved, calibrate=calibrate if cfg.eps == AUTO else None)
     r = RunState(cfg, session, task, train_rows, dev_rows[: cfg.dev_limit], eval_rows, note, out, world, resume, report,
@@ -248,6 +249,7 @@ def _create_run_dir(r: RunState, base_hash: str) -> bool:
         "noise_backend": session.optimizer.noise_backend, "noise_device": session.params[0].device.type,
         "trainable_parameters": sum(p.numel() for p in session.params), "data_note": r.note,
         "trained_blocks": trained_blocks(session.model, session.params),
+        "param_set": session.param_set.record(),
         "world_size": r.world.size if r.world else 1,
         **({"eps_calibration": r.calibration} if r.calibration else {}),
     })
@@ -293,29 +295,15 @@ def _trained_set(r: RunState) -> str:
     return f"training {count:,} parameters ({r.cfg.peft if r.cfg.peft != 'none' else 'full'}){span}"
 
 
-def begin(r: RunState) -> tuple[Callable[[list], float], dict | None]:
+def begin(r: RunState) -> tuple[Objective, dict | None]:
     """The objective the steps minimise; the zero-shot evaluation (a new run's, or a
     resumed run's from its log); the "start" event."""
     cfg, world = r.cfg, r.world
-    objective = _objective(cfg, r.session.model, r.session.tok, r.task, world, params=r.session.params)
+    objective, entry = _objective(cfg, r.session.model, r.session.tok, r.task, world, r.session.params,
+                                  r.session.param_set, notify=lambda e: _log_status(r, e))
     r.report("status", {"message": _trained_set(r)})
-    if objective.shared_note:
-        r.log.append({"event": "shared", "on": objective.shared is not None, "message": objective.shared_note})
-        r.report("status", {"message": objective.shared_note})
-    if objective.shared is not None:
-        def disabled(why: str) -> None:  # the shared path met something it cannot serve: plain from here on
-            message = f"shared lower blocks off from here on ({why}): every probe runs the whole model"
-            r.log.append({"event": "shared", "on": False, "message": message})
-            r.report("status", {"message": message})
-
-        objective.shared.on_disable = disabled
-    if hasattr(objective, "probes"):
-        def one_at_a_time(why: str) -> None:
-            message = f"probes evaluated one at a time from here on ({why})"
-            r.log.append({"event": "shared", "on": True, "message": message})
-            r.report("status", {"message": message})
-
-        objective.probes.on_off = one_at_a_time
+    if entry is not None:
+        _log_status(r, entry)
     if r.note:
         r.log.append({"event": "note", "message": r.note})
     if r.calibration:
@@ -334,38 +322,47 @@ def begin(r: RunState) -> tuple[Callable[[list], float], dict | None]:
     return objective, zero
 
 
-def _objective(cfg: TrainConfig, model, tok, task, world, params: list | None = None) -> Callable[[list], float]:
-    """The loss of a batch of rows: what each probe of a step (and of --eps auto) evaluates.
-    With ``cfg.shared`` and the trained ``params``, the objective (metric or ce) computes
-    the frozen blocks below the lowest trained one once per batch (``zoobj.shared``); the
-    returned function's ``shared_note`` says whether and how (None: not asked for)."""
-    from zoobj import shared as _shared
+def _log_status(r: RunState, entry: dict) -> None:
+    """A log event that the console shows too (a fast path on or off)."""
+    r.log.append(entry)
+    r.report("status", {"message": entry["message"]})
 
+
+def _objective(cfg: TrainConfig, model, tok, task, world, params: list, param_set: ParamSet,
+               notify: Callable[[dict], None] | None = None) -> tuple[Objective, dict | None]:
+    """The loss of a batch of rows: what each probe of a step (and of --eps auto) evaluates;
+    and the log event that says which fast path it runs (None: not asked for). With
+    ``cfg.shared``, the parameter set's store computes once per batch what the step's
+    perturbations cannot change (``ParamSet.fast_path``). ``notify`` hears, once each,
+    of a fast path that stops serving the run."""
     data_world = world if world is not None and cfg.parallel == "data" else None
-    shared, note = None, None
-    if cfg.shared and params is not None:
-        shared, why = _shared.build(model, params)
-        note = why if shared is not None or not why else \
-            f"shared lower blocks off ({why}): every probe runs the whole model"
-    fn = make_objective(cfg.objective, model, tok, task, cfg.metric, batch_size=cfg.batch_size, world=data_world,
-                        shared=shared, **({"max_new_tokens": cfg.train_max_new_tokens, "smooth": cfg.smooth}
-                                          if cfg.objective == "metric" else {}))
-    if hasattr(fn, "probes") and note:
-        from zoobj.shared import PROBE_ROWS
+    store, note = None, None
+    if cfg.shared:
+        def off(why: str) -> None:  # the store met something it cannot serve: plain from here on
+            if notify is not None:
+                notify({"event": "shared", "on": False,
+                        "message": f"shared lower blocks off from here on ({why}): every probe runs the whole model"})
 
+        store, why = param_set.fast_path(model, params, off)
+        note = why if store is not None or not why else f"shared lower blocks off ({why}): every probe runs the whole model"
+    objective = make_objective(cfg.objective, model, tok, task, cfg.metric, batch_size=cfg.batch_size,
+                               world=data_world, shared=store, notify=notify,
+                               **({"max_new_tokens": cfg.train_max_new_tokens, "smooth": cfg.smooth}
+                                  if cfg.objective == "metric" else {}))
+    if objective.together and note:
         note += f"; a step's {2 * cfg.n} probes run together, {PROBE_ROWS} rows per forward"
-    fn.shared, fn.shared_note = shared, note
-    return fn
+    return objective, ({"event": "shared", "on": store is not None, "message": note} if note else None)
 
 
-def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, task, train_rows: list, world, report) -> dict:
-    """``--eps auto``: ``zoobj.calibrate.calibrate_eps`` on the batches of the run's first
+def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, param_set: ParamSet, task, train_rows: list,
+                      world, report) -> dict:
+    """``--eps auto``: ``zoobj.engine.calibrate.calibrate_eps`` on the batches of the run's first
     steps, over half-decades from the parameter set's default eps up; sets ``cfg.eps`` and
     returns what was found (config.json's ``eps_calibration``). The weights are never
     written. A metric that no grid value un-ties is one ConfigError naming the levers left."""
-    from zoobj.calibrate import MAX_TIE_FRACTION, PROBES, calibrate_eps, eps_grid
+    from zoobj.engine.calibrate import MAX_TIE_FRACTION, PROBES, calibrate_eps, eps_grid
 
-    objective = _objective(cfg, model, tok, task, world, params=params)
+    objective, _ = _objective(cfg, model, tok, task, world, params, param_set)
     batches = [[train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(train_rows))]
                for step in range(PROBES)]
     grid = eps_grid(PAPER_DEFAULTS[cfg.peft][1])
@@ -477,7 +474,7 @@ def discard_unstarted(r: RunState) -> None:
 def _evaluate(session: Session, task, metric, rows, world, keep_predictions: bool = False, **kw) -> dict | None:
     """``evaluate`` on one process, or with the rows sharded across ranks and scored on
     rank 0 (which alone gets the result; the other ranks get None)."""
-    from zoobj.objective import predict
+    from zoobj.run.objective import predict
 
     if world is None:
         out = evaluate(session.model, session.tok, task, metric, rows=rows, **kw)

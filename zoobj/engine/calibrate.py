@@ -15,7 +15,7 @@ unperturbed loss means too small.
 
 The weights are exactly what they were when it returns, or when a closure raises:
 with ``model`` the perturbation is built by forward hooks and never written
-(``zoobj.perturb.Forward``); without it, each shift is written in place and the
+(``zoobj.engine.perturb.Forward``); without it, each shift is written in place and the
 trained tensors are copied back from a host copy at the end (memory: one copy of the
 trained tensors), which is also the fallback where a trained tensor is used outside
 its module's forward. The probe directions come from a step index no run reaches, so
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zoobj.noise import kernel_for, step_seed
-from zoobj.perturb import Forward, InPlace, NotReachable, atomic
+from zoobj.engine.noise import kernel_for, step_seed
+from zoobj.engine.perturb import Forward, InPlace, NotReachable, atomic
 
 CALIBRATION_STEP = 1 << 40  # the step index of the probe directions: a step no run reaches
 MAX_TIE_FRACTION = 0.25
@@ -84,7 +84,7 @@ def calibrate_eps(params: Sequence[torch.Tensor], closures: Sequence[Callable[[]
 
     ``params``: the trained tensors, in the optimizer's order (the order keys the noise);
     ``model``: the module holding them, to perturb through forward hooks (weights never
-    written); ``noise``: the noise kernel (``zoobj.noise.NOISE_BACKENDS``)."""
+    written); ``noise``: the noise kernel (``zoobj.engine.noise.NOISE_BACKENDS``)."""
     grid = sorted(float(e) for e in grid)
     if not grid or not all(math.isfinite(e) and e > 0 for e in grid):
         raise ValueError(f"the eps grid must hold finite values > 0, got {list(grid)!r}")

@@ -1,6 +1,6 @@
 """A model made ready for training: the base model (loaded unless given), the trained
 tensors in a fixed order and the MeZO optimizer over them (``prepare``), shared by a
-run (``zoobj.train``) and a rebuild from its trajectory (``zoobj.export``); and the
+run (``zoobj.run.train``) and a rebuild from its trajectory (``zoobj.run.export``); and the
 hash of the base weights that ties a run directory to its base model."""
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from zoobj.config import TrainConfig
+from zoobj.run.config import TrainConfig
 from zoobj.errors import ConfigError
-from zoobj.mezo import MeZO
-from zoobj.noise import NOISE_VERSIONS
+from zoobj.engine.mezo import MeZO
+from zoobj.engine.noise import NOISE_VERSIONS
+from zoobj.model.params import ParamSet, make_param_set
+from zoobj.model.template import template_tail
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Session:
     tok: object
     params: list
     optimizer: MeZO
+    param_set: ParamSet
 
 
 def lr_schedule(step: int) -> float:
@@ -55,23 +58,23 @@ def _device(cfg: TrainConfig, world) -> str:
 
 
 def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict | None = None,
-            calibrate: Callable[[object, object, list], None] | None = None) -> Session:
+            calibrate: Callable[[object, object, list, ParamSet], None] | None = None) -> Session:
     """Load the model (unless given), choose the trained tensors and build the optimizer.
 
     ``recorded``: the config.json of the run being resumed or rebuilt; its trajectory
     is replayed with the noise kernel that made it (compiled and eager agree only to
     float32 rounding), or a ConfigError says why that cannot be done here.
-    ``calibrate(model, tok, params)``: called once the trained tensors are chosen and
+    ``calibrate(model, tok, params, param_set)``: called once the trained tensors are chosen and
     before the optimizer is built (``--eps auto`` sets ``cfg.eps`` there)."""
-    from zoobj.models import load_model, trainable_parameters
+    from zoobj.model.loading import load_model
 
     if model is None:
         model, tok = load_model(cfg.model, dtype=cfg.dtype, device=_device(cfg, world), device_map=cfg.device_map)
-    model, named = trainable_parameters(model, cfg.peft, cfg.train_embeddings, seed=cfg.seed, tok=tok,
-                                        layers=cfg.layers, template_tail=_template_tail(cfg, tok))
+    param_set = param_set_of(cfg, (recorded or {}).get("param_set"))
+    model, named = param_set.attach(model, tok)
     params = [p for _, p in named]
     if calibrate is not None:
-        calibrate(model, tok, params)
+        calibrate(model, tok, params, param_set)
     query = world is not None and cfg.parallel == "query"
     noise = _recorded_noise(recorded, params, cfg.output)
     try:
@@ -87,18 +90,23 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict |
                           f"(ZOOBJ_COMPILE=0, or torch.compile failed on {here}: see the warning above); the "
                           "eager kernel differs in the last float32 bits, so replaying with it would not give "
                           "the run's weights: use a machine where torch.compile works (a C++ compiler for CPU)") from exc
-    return Session(model, tok, params, opt)
+    return Session(model, tok, params, opt, param_set)
 
 
-def _template_tail(cfg: TrainConfig, tok) -> list[int] | None:
-    """``--peft template``: the tokens every prompt of the task ends with (from its training rows)."""
-    if cfg.peft != "template":
-        return None
-    from zoobj.tasks import get_task
-    from zoobj.template import template_tail
+def param_set_of(cfg: TrainConfig, recorded: dict | None = None) -> ParamSet:
+    """The run's parameter set. ``recorded``: config.json's ``param_set`` (a template run's
+    tail ids, used as recorded); a run made before it was recorded finds its tail again
+    from the task's template and training rows."""
+    tail = (recorded or {}).get("tail") if cfg.peft == "template" else None
 
-    task = get_task(cfg.task)
-    return template_tail(task, tok, task.load("train", cfg.data))
+    def find_tail(tok) -> list[int]:
+        from zoobj.tasks import get_task
+
+        task = get_task(cfg.task)
+        return template_tail(task, tok, task.load("train", cfg.data))
+
+    return make_param_set(cfg.peft, train_embeddings=cfg.train_embeddings, seed=cfg.seed, layers=cfg.layers,
+                          tail=tail, find_tail=find_tail)
 
 
 def _recorded_noise(recorded: dict | None, params: list, run_dir) -> str:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from zoobj import trajectory as tj
+from zoobj.engine import trajectory as tj
 from zoobj.errors import ConfigError
-from zoobj.mezo import PERTURB, RULES, SHAPINGS
-from zoobj.objective import OBJECTIVES
+from zoobj.engine.mezo import PERTURB, RULES, SHAPINGS
+from zoobj.run.objective import OBJECTIVES
 
 PEFT = ("none", "lora", "prefix", "template")
 PARALLEL = ("data", "query")
@@ -122,7 +122,7 @@ class TrainConfig:
         _one_of(c.peft, PEFT, "--peft")
         _one_of(c.rule, RULES, "--rule")
         _one_of(c.shaping, SHAPINGS, "--shaping")
-        from zoobj.models import resolve_dtype
+        from zoobj.model.loading import resolve_dtype
 
         low = resolve_dtype(c.dtype) in (torch.bfloat16, torch.float16)
         c.perturb = c.perturb or ("forward" if low else "inplace")  # exact restore where rounding would drift
@@ -181,7 +181,7 @@ def _fill_defaults(c: TrainConfig, task) -> None:
 
 
 def _eps_value(eps: float | str) -> float | str:
-    """A number, or ``AUTO`` (calibrated before the first step: ``zoobj.calibrate``)."""
+    """A number, or ``AUTO`` (calibrated before the first step: ``zoobj.engine.calibrate``)."""
     if not isinstance(eps, str):
         return eps
     if eps.strip().lower() == AUTO:
@@ -251,7 +251,7 @@ def check_same_run(cfg: TrainConfig, saved: dict, out: Path) -> None:
     if differ:
         shown = ", ".join(f"{k} {ours[k]!r} (the run's: {saved.get(k, _DEFAULTS.get(k))!r})" for k in differ)
         raise ConfigError(f"{out}: resuming with settings that differ from {out / tj.CONFIG}: {shown}; "
-                          "resume with the run's own settings (zoobj.config.load_run_config, or zoobj train --resume)")
+                          "resume with the run's own settings (zoobj.run.config.load_run_config, or zoobj train --resume)")
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zoobj import trajectory as tj
+from zoobj.engine import trajectory as tj
 
 
 def rolling_ties_and_grad(steps: list[dict], window: int) -> tuple[np.ndarray, list[float]]:

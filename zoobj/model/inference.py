@@ -20,69 +20,31 @@ Everything runs under ``torch.inference_mode``; no gradients exist anywhere.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
 
-from zoobj.blocks import output_head, pass_through, swapped_forwards
+from zoobj.model.blocks import output_head, pass_through, swapped_forwards
+from zoobj.model.kv import (
+    FastPathUnavailable,
+    batches,
+    cache_kw,
+    cache_out,
+    device_of,
+    encode,
+    keeps_whole_prompt,
+    left_pad,
+    positions,
+    stack_caches,
+    stop_tensor,
+)
 
 # peft's prefix tuning hands the model its prefix as past_key_values while the decoding
 # below passes the cache (already holding that prefix) as ``cache``; transformers 5 warns
 # on every such call that it uses ``cache``, which is what is meant here.
 warnings.filterwarnings("ignore", message="Both `past_key_values` and `cache` are set", category=FutureWarning)
-
-
-def _cache_kw(model) -> str:
-    """transformers 5 calls the KV cache argument ``cache``; earlier versions ``past_key_values``."""
-    name = getattr(model, "_zoobj_cache_kw", None)
-    if name is None:
-        # a peft wrapper takes **kwargs: ask the model underneath (peft's prefix tuning
-        # only keeps a cache passed under the name the base model uses)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        params = inspect.signature(base.forward).parameters
-        name = "cache" if "cache" in params else "past_key_values"
-        try:
-            model._zoobj_cache_kw = name
-        except AttributeError:  # pragma: no cover
-            pass
-    return name
-
-
-def _cache_out(out):
-    return out.get("cache", None) if "cache" in out else out.get("past_key_values", None)
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _encode(tok, texts: Sequence[str], special: bool) -> list[list[int]]:
-    return [tok(t, add_special_tokens=special)["input_ids"] for t in texts]
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _keeps_whole_prompt(model, width: int) -> bool:
-    """Whether a prompt this long keeps every key in a sliding-window layer's cache (a cut
-    cache can be neither stacked with others nor shared)."""
-    window = getattr(model.config, "sliding_window", None) or 0
-    return not window or width < window - 1
 
 
 def _exact_head(model, input_ids: list[int]):
@@ -96,7 +58,7 @@ def _exact_head(model, input_ids: list[int]):
         return head if known else None
     ok = False
     if isinstance(head, torch.nn.Linear):
-        inputs = {"input_ids": torch.tensor([input_ids], device=_device(model)), "use_cache": False, "logits_to_keep": 1}
+        inputs = {"input_ids": torch.tensor([input_ids], device=device_of(model)), "use_cache": False, "logits_to_keep": 1}
         ref = model(**inputs).logits[:, -1]
         with swapped_forwards([head], [pass_through]):
             h = model(**inputs).logits[:, -1]
@@ -115,16 +77,14 @@ def _restricted(head: torch.nn.Linear, ids: torch.Tensor):
 
 
 def _through_shared(shared, via_shared, plain):
-    """``via_shared()`` when ``shared`` (a ``zoobj.shared.SharedPrefix``) is given and
+    """``via_shared()`` when ``shared`` (a ``zoobj.model.shared.SharedPrefix``) is given and
     still enabled; where it cannot serve the model, it is disabled (once, with its
     reason) and ``plain()`` runs, as it does without one."""
-    if shared is not None and shared.disabled is None:
-        from zoobj.shared import _Unsupported
-
+    if shared is not None and shared.store.disabled is None:
         try:
             return via_shared()
-        except _Unsupported as exc:
-            shared.disable(str(exc))
+        except FastPathUnavailable as exc:
+            shared.store.disable(str(exc))
     return plain()
 
 
@@ -136,11 +96,6 @@ def _prefill(model, shared, key, head_forward=None, **inputs):
     with swap:
         return _through_shared(shared, lambda: shared.forward(key, **inputs),
                                lambda: model(**inputs, use_cache=True, logits_to_keep=1))
-
-
-def _batches(n: int, size: int):
-    for start in range(0, n, size):
-        yield range(start, min(n, start + size))
 
 
 @torch.inference_mode()
@@ -156,27 +111,27 @@ def score_candidates(
     ``relative``: each row's scores may be off by one constant of that row (enough for
     an argmax or a softmax over the candidates): where all of a batch's candidates are
     single tokens, their logits are computed instead of the vocabulary's log-softmax.
-    ``shared`` (``zoobj.shared.SharedPrefix``): the frozen lower blocks over each batch
+    ``shared`` (``zoobj.model.shared.SharedPrefix``): the frozen lower blocks over each batch
     of prompts are computed once and reused while the prompts and those weights stay.
     """
-    dev, pad = _device(model), tok.pad_token_id
-    prompt_ids = _encode(tok, prompts, special=True)
-    cand_ids = [_encode(tok, cs, special=False) for cs in candidates]
+    dev, pad = device_of(model), tok.pad_token_id
+    prompt_ids = encode(tok, prompts, special=True)
+    cand_ids = [encode(tok, cs, special=False) for cs in candidates]
     for i, cs in enumerate(cand_ids):
         for j, c in enumerate(cs):
             if not c:
                 raise ValueError(f"candidate {candidates[i][j]!r} encodes to no tokens")
     scores: list[list[float]] = [[] for _ in prompts]
-    kw = _cache_kw(model)
+    kw = cache_kw(model)
     if shared is not None:
-        shared.begin(tuple(p) for p in prompt_ids)
+        shared.store.begin(tuple(p) for p in prompt_ids)
     head = _exact_head(model, prompt_ids[0]) if relative and prompts else None
-    for rows in _batches(len(prompts), batch_size):
-        ids, mask = _left_pad([prompt_ids[i] for i in rows], pad, dev)
-        use = shared if _keeps_whole_prompt(model, ids.shape[1]) else None
+    for rows in batches(len(prompts), batch_size):
+        ids, mask = left_pad([prompt_ids[i] for i in rows], pad, dev)
+        use = shared if keeps_whole_prompt(model, ids.shape[1]) else None
         flat = [(r, j, c) for r, i in enumerate(rows) for j, c in enumerate(cand_ids[i])]
         key = tuple(tuple(prompt_ids[i]) for i in rows)
-        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask)}
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
         if head is not None and all(len(c) == 1 for _, _, c in flat):  # the candidates' rows of the head only
             vocab = sorted({c[0] for _, _, c in flat})
             column = {v: k for k, v in enumerate(vocab)}
@@ -193,7 +148,7 @@ def score_candidates(
             if len(set(counts)) != 1:
                 raise ValueError("examples in one batch must have the same number of candidates")
             per = counts[0]
-            cache = _cache_out(out)
+            cache = cache_out(out)
             cache.batch_repeat_interleave(per)
             width = max(len(c) for _, _, c in flat) - 1
             cids = torch.full((len(flat), max(width, 1)), pad, dtype=torch.long)
@@ -216,40 +171,18 @@ def score_candidates(
     return scores
 
 
-def _stop_ids(tok) -> set[int]:
-    """Token ids that end an answer: eos, and every token whose text holds a newline."""
-    cached = getattr(tok, "_zoobj_stop_ids", None)
-    if cached is not None:
-        return cached
-    stops = {i for i in (tok.eos_token_id,) if i is not None}
-    vocab = tok.get_vocab()
-    for piece, idx in vocab.items():
-        if "\n" in piece or piece in ("Ċ", "<0x0A>"):
-            stops.add(idx)
-    try:
-        tok._zoobj_stop_ids = stops
-    except AttributeError:  # pragma: no cover
-        pass
-    return stops
-
-
-def _stops(tok, dev) -> torch.Tensor:
-    """``_stop_ids`` as a sorted tensor on ``dev``, for ``greedy``."""
-    return torch.tensor(sorted(_stop_ids(tok)), device=dev)
-
-
 def _merged_prefill(model, prompt_ids: list[list[int]], dev, shared=None):
     """Prefill each prompt alone (no compute spent on padding), then stack the KV caches
     left-padded into one batch for decoding. None where the cache cannot be stacked
     (no per-layer tensors, or a prompt that a sliding-window layer has already cut).
     With ``shared``, each prompt's frozen lower blocks come from its store."""
     width = max(len(p) for p in prompt_ids)
-    if not _keeps_whole_prompt(model, width):
+    if not keeps_whole_prompt(model, width):
         return None
     head = _exact_head(model, prompt_ids[0])  # the head runs once, over every prompt's last state
     swap = (head, pass_through) if head is not None else None
     outs = [_prefill(model, shared, tuple(p), swap, input_ids=torch.tensor([p], device=dev)) for p in prompt_ids]
-    merged = stack_caches(model, [_cache_out(o) for o in outs], [len(p) for p in prompt_ids], width)
+    merged = stack_caches(model, [cache_out(o) for o in outs], [len(p) for p in prompt_ids], width)
     if merged is None:
         return None
     mask = torch.zeros((len(prompt_ids), width), dtype=torch.long, device=dev)
@@ -259,37 +192,13 @@ def _merged_prefill(model, prompt_ids: list[list[int]], dev, shared=None):
     return (head(last) if head is not None else last), merged, mask
 
 
-def stack_caches(model, caches: list, lengths: list[int], width: int):
-    """Per-row KV caches (row i holding ``lengths[i]`` positions) left-padded into one
-    batch cache of ``width``; None where they cannot be (no per-layer tensors, a cache
-    class that takes no config, or a row a sliding-window layer has cut)."""
-    from torch.nn.functional import pad as fpad
-
-    if not all(hasattr(c, "layers") for c in caches):
-        return None
-    try:
-        merged = type(caches[0])(config=model.config)
-    except TypeError:
-        return None
-    for li in range(len(caches[0].layers)):
-        ks, vs = [], []
-        for c, n in zip(caches, lengths):
-            k, v = c.layers[li].keys, c.layers[li].values
-            if k is None or k.shape[-2] != n:
-                return None
-            ks.append(fpad(k, (0, 0, width - n, 0)))
-            vs.append(fpad(v, (0, 0, width - n, 0)))
-        merged.update(torch.cat(ks), torch.cat(vs), li)
-    return merged
-
-
 def greedy(model, logits, cache, mask, max_new_tokens: int, stops: torch.Tensor, pad: int, forward=None):
     """Greedy decoding of a prefilled batch: ``(rows, max_new_tokens)`` token ids (``pad``
     after a row's stop token). ``logits``: each row's last-position logits; ``cache`` and
     ``mask``: the batch's cache and attention mask (left-padded). A row that has stopped
     leaves the batch. ``forward(active, tokens, inputs)``, where given, runs a decoding
     step in place of the model (``active``: the batch rows still generating)."""
-    dev, kw = logits.device, _cache_kw(model)
+    dev, kw = logits.device, cache_kw(model)
     new = torch.full((logits.shape[0], max_new_tokens), pad, dtype=torch.long, device=dev)
     active = torch.arange(logits.shape[0], device=dev)  # rows still generating
     last = mask.sum(-1) - 1
@@ -307,7 +216,7 @@ def greedy(model, logits, cache, mask, max_new_tokens: int, stops: torch.Tensor,
         last = last + 1
         step = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": last[:, None], kw: cache}
         out = forward(active, nxt, step) if forward is not None else model(**step, use_cache=True)
-        logits, cache = out.logits[:, -1], _cache_out(out)
+        logits, cache = out.logits[:, -1], cache_out(out)
     return new
 
 
@@ -324,29 +233,29 @@ def generate(
 
     Prompts are prefilled one by one (so no work goes into padding) and decoded
     together; a row that has stopped leaves the batch. With ``shared``
-    (``zoobj.shared.SharedPrefix``) each prompt's frozen lower blocks are computed once
+    (``zoobj.model.shared.SharedPrefix``) each prompt's frozen lower blocks are computed once
     and reused while the prompts and those weights stay; decoding runs every block.
     """
-    dev, pad = _device(model), tok.pad_token_id
-    prompt_ids = _encode(tok, prompts, special=True)
+    dev, pad = device_of(model), tok.pad_token_id
+    prompt_ids = encode(tok, prompts, special=True)
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))  # less padding per batch
-    stops = _stops(tok, dev)
+    stops = stop_tensor(tok, dev)
     results: list[str] = [""] * len(prompts)
     if shared is not None:
-        shared.begin(tuple(p) for p in prompt_ids)
-    for rows in _batches(len(order), batch_size):
+        shared.store.begin(tuple(p) for p in prompt_ids)
+    for rows in batches(len(order), batch_size):
         idx = [order[i] for i in rows]
-        fits = _keeps_whole_prompt(model, max(len(prompt_ids[i]) for i in idx))
+        fits = keeps_whole_prompt(model, max(len(prompt_ids[i]) for i in idx))
         merged = _merged_prefill(model, [prompt_ids[i] for i in idx], dev, shared)
         if merged is not None:
             logits, cache, mask = merged
         else:  # one padded batch
-            ids, mask = _left_pad([prompt_ids[i] for i in idx], pad, dev)
+            ids, mask = left_pad([prompt_ids[i] for i in idx], pad, dev)
             out = _prefill(model, shared if fits else None, tuple(tuple(prompt_ids[i]) for i in idx),
-                           input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
-            logits, cache = out.logits[:, -1], _cache_out(out)
+                           input_ids=ids, attention_mask=mask, position_ids=positions(mask))
+            logits, cache = out.logits[:, -1], cache_out(out)
         # decoding shares the lower blocks only where the prompt did and the cache stays whole
-        dec = shared if fits and _keeps_whole_prompt(model, mask.shape[1] + max_new_tokens) else None
+        dec = shared if fits and keeps_whole_prompt(model, mask.shape[1] + max_new_tokens) else None
         forward = None
         if dec is not None:
             paths = [(tuple(prompt_ids[i]), ()) for i in idx]  # each row's prompt and tokens so far
@@ -376,21 +285,21 @@ def target_nll(model, tok, prompts: Sequence[str], targets: Sequence[str], batch
 def target_nll_sum(model, tok, prompts: Sequence[str], targets: Sequence[str],
                    batch_size: int = 16, shared=None) -> tuple[float, int]:
     """``(summed NLL, number of target tokens)``: what data-parallel ranks add up.
-    ``shared`` (``zoobj.shared.SharedPrefix``): the frozen lower blocks over each batch
+    ``shared`` (``zoobj.model.shared.SharedPrefix``): the frozen lower blocks over each batch
     of prompt + target sequences are computed once while they and those weights stay."""
-    dev, pad = _device(model), tok.pad_token_id
+    dev, pad = device_of(model), tok.pad_token_id
     total, count = 0.0, 0
-    p_all = _encode(tok, prompts, special=True)
-    t_all = _encode(tok, targets, special=False)
+    p_all = encode(tok, prompts, special=True)
+    t_all = encode(tok, targets, special=False)
     if shared is not None:
-        shared.begin(tuple(p + t) for p, t in zip(p_all, t_all))
-    for rows in _batches(len(prompts), batch_size):
+        shared.store.begin(tuple(p + t) for p, t in zip(p_all, t_all))
+    for rows in batches(len(prompts), batch_size):
         p_ids, t_ids = [p_all[i] for i in rows], [t_all[i] for i in rows]
         seqs = [p + t for p, t in zip(p_ids, t_ids)]
-        ids, mask = _left_pad(seqs, pad, dev)
+        ids, mask = left_pad(seqs, pad, dev)
         keep = max(len(t) for t in t_ids) + 1  # left padding: every target ends at the last position
-        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask)}
-        use = shared if _keeps_whole_prompt(model, ids.shape[1]) else None
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
+        use = shared if keeps_whole_prompt(model, ids.shape[1]) else None
         out = _through_shared(use, lambda: shared.forward(tuple(tuple(s) for s in seqs), logits_to_keep=keep, **inputs),
                               lambda: model(**inputs, logits_to_keep=keep))
         logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # position k predicts token k+1

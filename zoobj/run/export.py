@@ -9,10 +9,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from zoobj import trajectory as tj
-from zoobj.config import TrainConfig, load_run_config
+from zoobj.engine import trajectory as tj
+from zoobj.run.config import TrainConfig, load_run_config
 from zoobj.errors import ConfigError
-from zoobj.session import Session, prepare, weights_hash
+from zoobj.run.session import Session, prepare, weights_hash
 
 
 def kept_steps(run_dir: str | Path, n_records: int) -> int:
@@ -50,25 +50,11 @@ def export(run_dir: str | Path, target: str | Path) -> Path:
 
 def save_model_dir(session: Session, target: str | Path) -> None:
     """save_pretrained into a temp folder, then rename: the folder is whole or absent."""
-    from zoobj.models import merged_for_saving
-
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        from zoobj import template
-
-        tail = template.find(session.model)
-        if tail is not None:  # the base model as it is, and the trained tail beside it
-            session.model.set_input_embeddings(tail.base)
-            try:
-                session.model.save_pretrained(tmp)
-            finally:
-                session.model.set_input_embeddings(tail)
-            template.save(session.model, tmp)
-        else:
-            merged_for_saving(session.model).save_pretrained(tmp)
-        session.tok.save_pretrained(tmp)
+        session.param_set.save(session.model, session.tok, tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

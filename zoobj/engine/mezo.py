@@ -15,9 +15,9 @@ so ``z`` is produced three times a step and nothing the size of the model is
 allocated. ``MeZO.step`` reads as those lines do -- seeds, probe, estimate, update
 and record -- and each variation is a piece it calls, chosen once at construction:
 
-- the noise ``z``: ``zoobj.noise`` (counter-based, the same numbers on any thread
+- the noise ``z``: ``zoobj.engine.noise`` (counter-based, the same numbers on any thread
   count, compiled where ``torch.compile`` works and eager elsewhere);
-- how the weights are perturbed: ``zoobj.perturb`` (in place, or by forward hooks
+- how the weights are perturbed: ``zoobj.engine.perturb`` (in place, or by forward hooks
   that build each perturbed tensor in a temporary);
 - which directions this process evaluates: ``_Queries`` (all of them, or a share in
   query-parallel n-SPSA, the others' losses arriving by an exchange);
@@ -51,8 +51,8 @@ from typing import Any
 
 import torch
 
-from zoobj.noise import NOISE_BACKENDS, _axpz_param, _chunk_axpz, _flat, kernel_for, noise, step_seed
-from zoobj.perturb import Forward, InPlace, atomic
+from zoobj.engine.noise import NOISE_BACKENDS, _axpz_param, _chunk_axpz, _flat, kernel_for, noise, step_seed
+from zoobj.engine.perturb import Forward, InPlace, atomic
 
 __all__ = [
     "MeZO",

@@ -1,0 +1,296 @@
+"""Parameter sets: which tensors MeZO perturbs, and everything that follows from that.
+
+The contract is ``ParamSet``; one small class per ``--peft`` value fills it:
+
+- ``FullParams`` (``none``): every weight, or the decoder blocks ``--layers`` names
+  (plus the final norm); the token embeddings only with ``train_embeddings``.
+- ``LoraParams`` (``lora``): LoRA adapters on the attention q/v projections (peft).
+- ``PrefixParams`` (``prefix``): prefix tuning (peft), initialised from real tokens.
+- ``TemplateParams`` (``template``): the input vectors of the prompt's closing template
+  tokens (``zoobj.model.template``).
+
+``make_param_set`` builds one from the run's settings; ``trainable_parameters`` is the
+one-call form (the set's ``attach``). No code outside these classes asks which set a
+run trains.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from zoobj.errors import ConfigError
+from zoobj.model import blocks, template
+from zoobj.model.blocks import output_head
+from zoobj.model.kv import cache_out
+from zoobj.model.prefix import SharedPrefix
+from zoobj.model.tail_probes import PromptBodyStore
+
+Named = list[tuple[str, torch.Tensor]]
+OnDisable = Callable[[str], None] | None
+
+
+class ParamSet(Protocol):
+    """What a parameter set says about itself.
+
+    - ``name``: its ``--peft`` value; ``lr`` and ``eps``: its defaults, in the units of
+      its own tensors (the paper's, Malladi et al. 2023, Tables 15-16, where it has them).
+    - ``attach(model, tok) -> (model, [(name, tensor), ...])``: the model to train (a
+      peft wrapper, or the model with a template tail attached) and the trained
+      tensors in a fixed order (the noise is keyed by that order).
+    - ``record() -> dict``: what ``config.json`` holds (under ``param_set``) to rebuild
+      it exactly; ``attach`` of a set made from that record trains the same tensors.
+    - ``fast_path(model, params, on_disable) -> (store or None, note)``: the store that
+      computes once per batch what its perturbations cannot change (``SharedPrefix`` or
+      ``PromptBodyStore``), or None and why not (``""``: nothing to say).
+    - ``save(model, tok, folder)``: the trained model as a folder (``zoobj export``).
+    """
+
+    name: str
+    lr: float
+    eps: float
+
+    def attach(self, model, tok) -> tuple[object, Named]: ...
+
+    def record(self) -> dict: ...
+
+    def fast_path(self, model, params: list, on_disable: OnDisable = None) -> tuple[object | None, str]: ...
+
+    def save(self, model, tok, folder: Path) -> None: ...
+
+
+def _is_embedding(name: str, model) -> bool:
+    emb = model.get_input_embeddings()
+    out = output_head(model)
+    param = dict(model.named_parameters()).get(name)
+    return param is not None and any(m is not None and param is m.weight for m in (emb, out))
+
+
+def _save_plain(model, tok, folder: Path) -> None:
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+class FullParams:
+    """Every weight of the model (full-parameter MeZO), except the token embeddings
+    unless ``train_embeddings`` (with a 262k vocabulary they are 64% of Gemma-3-270M and
+    cost noise time while changing little); ``layers`` (``top:K`` or ``A-B``, see
+    ``zoobj.model.blocks``) keeps those decoder blocks plus the final norm."""
+
+    name, lr, eps = "none", 1e-6, 1e-3
+
+    def __init__(self, train_embeddings: bool = False, layers: str | None = None) -> None:
+        if layers and train_embeddings:
+            raise ConfigError("--layers with --train-embeddings: the embeddings lie below every block; "
+                              "choose one of the two")
+        self.train_embeddings, self.layers = train_embeddings, layers
+
+    def attach(self, model, tok) -> tuple[object, Named]:
+        named = [(n, p) for n, p in model.named_parameters() if self.train_embeddings or not _is_embedding(n, model)]
+        return model, blocks.select(model, named, self.layers) if self.layers else named
+
+    def record(self) -> dict:
+        return {"kind": self.name, "train_embeddings": self.train_embeddings, "layers": self.layers}
+
+    def fast_path(self, model, params: list, on_disable: OnDisable = None) -> tuple[object | None, str]:
+        return SharedPrefix.build(model, params, on_disable)
+
+    def save(self, model, tok, folder: Path) -> None:
+        _save_plain(model, tok, folder)
+
+
+class LoraParams:
+    """LoRA adapters from ``peft`` (r=8, alpha=16 on the attention q/v projections, or
+    only those inside ``layers``); the base weights stay frozen. Adapter init is seeded
+    by ``seed``. Saved merged into the weights: a plain transformers model."""
+
+    name, lr, eps = "lora", 1e-4, 1e-2
+
+    def __init__(self, seed: int = 0, r: int = 8, alpha: int = 16, layers: str | None = None) -> None:
+        self.seed, self.r, self.alpha, self.layers = seed, r, alpha, layers
+
+    def _targets(self, model) -> list[str]:
+        targets = [m for m in ("q_proj", "v_proj") if any(n.endswith(m) for n, _ in model.named_modules())]
+        if not targets:
+            raise ConfigError("--peft lora: this model has no q_proj / v_proj modules to adapt")
+        if self.layers:  # the full names of the q/v projections inside the chosen blocks
+            prefix, chosen = blocks.resolve(model, self.layers)
+            targets = [n for n, _ in model.named_modules()
+                       if n.rsplit(".", 1)[-1] in targets and blocks.block_of(n, prefix) in set(chosen)]
+        return targets
+
+    def attach(self, model, tok) -> tuple[object, Named]:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ConfigError("--peft lora needs the peft package: pip install peft") from None
+        targets = self._targets(model)
+        torch.manual_seed(self.seed)
+        model = get_peft_model(model, LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=targets,
+                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+        model.eval()
+        return model, [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+
+    def record(self) -> dict:
+        return {"kind": self.name, "r": self.r, "alpha": self.alpha, "layers": self.layers, "seed": self.seed}
+
+    def fast_path(self, model, params: list, on_disable: OnDisable = None) -> tuple[object | None, str]:
+        return SharedPrefix.build(model, params, on_disable)
+
+    def save(self, model, tok, folder: Path) -> None:
+        _save_plain(copy.deepcopy(model).merge_and_unload(), tok, folder)
+
+
+def _word_ids(tok, vocab_size: int) -> list[int]:
+    """Token ids that are plain words (letters only, 3+ characters), for prefix initialisation."""
+    if tok is None:
+        return list(range(vocab_size))
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    pieces = tok.convert_ids_to_tokens(list(range(min(vocab_size, len(tok)))))
+    ids = [i for i, t in enumerate(pieces) if i not in special and isinstance(t, str)
+           and len(w := t.lstrip("\u2581\u0120 ")) >= 3 and w.isascii() and w.isalpha()]
+    return ids or list(range(vocab_size))
+
+
+def init_prefix_from_tokens(model, ids: list[int]) -> None:
+    """Set a peft prefix to the keys and values the base model computes for the tokens
+    ``ids`` (prefix tuning's "real activation" initialisation, Li & Liang 2021, as in
+    MeZO's code): the prefix then reads like a few ordinary words before the prompt, so
+    step 0 is close to the zero-shot model instead of random keys and values at every layer."""
+    cfg = model.active_peft_config
+    base = model.get_base_model()
+    heads, layers = cfg.num_attention_heads, cfg.num_layers
+    if len(ids) != cfg.num_virtual_tokens:
+        raise ValueError(f"need {cfg.num_virtual_tokens} token ids, got {len(ids)}")
+    device = next(base.parameters()).device
+    with torch.no_grad():
+        out = base(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        rows = []
+        for layer in cache_out(out).layers[:layers]:
+            k, v = layer.keys[0], layer.values[0]  # [heads, tokens, head_dim]
+            if k.shape[0] != heads:
+                raise ValueError(f"prefix has {heads} heads per layer, the model's cache {k.shape[0]}")
+            rows += [k.permute(1, 0, 2), v.permute(1, 0, 2)]  # peft's layout: [tokens, 2*layers, heads, head_dim]
+        weight = torch.stack(rows, dim=1).reshape(len(ids), -1)
+        emb = model.prompt_encoder[model.active_adapter].embedding
+        emb.weight.copy_(weight.to(emb.weight.dtype))
+
+
+class PrefixParams:
+    """Prefix tuning from ``peft`` (5 virtual tokens per layer), initialised with the
+    model's own keys and values of 5 word tokens drawn with ``seed`` (from the
+    tokenizer's plain words when ``tok`` is given). It cannot be merged into the
+    weights: saved as a peft adapter folder (``peft.AutoPeftModelForCausalLM``)."""
+
+    name, lr, eps = "prefix", 1e-2, 1e-1
+
+    def __init__(self, seed: int = 0, tokens: int = 5) -> None:
+        self.seed, self.tokens = seed, tokens
+
+    def attach(self, model, tok) -> tuple[object, Named]:
+        try:
+            from peft import PrefixTuningConfig, get_peft_model
+        except ImportError:
+            raise ConfigError("--peft prefix needs the peft package: pip install peft") from None
+        torch.manual_seed(self.seed)
+        # peft's prefix cache works with zoobj's own decoding loop (which passes the KV
+        # cache back as ``cache=``); peft + transformers 5.24 ``generate`` drops the prefix.
+        model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=self.tokens, task_type="CAUSAL_LM"))
+        words = _word_ids(tok, model.get_base_model().config.vocab_size)
+        pick = torch.randperm(len(words), generator=torch.Generator().manual_seed(self.seed))[: self.tokens]
+        init_prefix_from_tokens(model, [words[i] for i in pick.tolist()])
+        model.eval()
+        return model, [(n, p) for n, p in model.named_parameters() if "prompt_encoder" in n]
+
+    def record(self) -> dict:
+        return {"kind": self.name, "tokens": self.tokens, "seed": self.seed}
+
+    def fast_path(self, model, params: list, on_disable: OnDisable = None) -> tuple[object | None, str]:
+        return SharedPrefix.build(model, params, on_disable)  # says why not: the prefix acts below every block
+
+    def save(self, model, tok, folder: Path) -> None:
+        _save_plain(model, tok, folder)
+
+
+class TemplateParams:
+    """One trained input vector for each token of the template's tail, the tokens every
+    prompt of the task ends with (``zoobj.model.template``); the base weights stay
+    frozen. The tail comes from ``tail`` (token ids: a recorded run's), else from
+    ``find_tail()`` when attached (the task's template and training rows). The defaults
+    are zoobj's own, from the SQuAD dev sweep (docs/results.md, SQuAD)."""
+
+    name, lr, eps = "template", 0.2, 0.2
+
+    def __init__(self, tail: list[int] | None = None, find_tail: Callable[[object], list[int]] | None = None) -> None:
+        self.tail, self.find_tail = tail, find_tail
+
+    def attach(self, model, tok) -> tuple[object, Named]:
+        if self.tail is None:
+            if self.find_tail is None:
+                raise ConfigError("--peft template needs the task's closing tokens (zoobj.model.template.template_tail)")
+            self.tail = list(self.find_tail(tok))
+        model, named = template.attach(model, self.tail)
+        model.eval()
+        return model, named
+
+    def record(self) -> dict:
+        return {"kind": self.name, "tail": self.tail}
+
+    def fast_path(self, model, params: list, on_disable: OnDisable = None) -> tuple[object | None, str]:
+        tail = template.find(model)
+        if tail is not None and len(params) == 1 and params[0] is tail.delta:
+            return PromptBodyStore.build(model, tail, on_disable)
+        return SharedPrefix.build(model, params, on_disable)
+
+    def save(self, model, tok, folder: Path) -> None:
+        """The base model as it is, and the trained tail beside it (``template.FILE``)."""
+        tail = template.find(model)
+        model.set_input_embeddings(tail.base)
+        try:
+            model.save_pretrained(folder)
+        finally:
+            model.set_input_embeddings(tail)
+        template.save(model, folder)
+        tok.save_pretrained(folder)
+
+
+PARAM_SETS = {cls.name: cls for cls in (FullParams, LoraParams, PrefixParams, TemplateParams)}
+
+
+def make_param_set(peft: str = "none", *, train_embeddings: bool = False, seed: int = 0, layers: str | None = None,
+                   lora_r: int = 8, lora_alpha: int = 16, prefix_tokens: int = 5, tail: list[int] | None = None,
+                   find_tail: Callable[[object], list[int]] | None = None) -> ParamSet:
+    """The parameter set ``--peft`` names, with its options; a ConfigError for an unknown
+    name or an option that does not apply to it."""
+    if peft not in PARAM_SETS:
+        raise ConfigError(f"unknown --peft {peft!r}; choose one of {', '.join(PARAM_SETS)}")
+    if layers and peft in ("prefix", "template"):
+        raise ConfigError(f"--layers does not apply to --peft {peft} (it acts below every layer); "
+                          "use --peft lora or full parameters, or leave --layers out")
+    if peft == "none":
+        return FullParams(train_embeddings, layers)
+    if peft == "lora":
+        return LoraParams(seed, lora_r, lora_alpha, layers)
+    if peft == "prefix":
+        return PrefixParams(seed, prefix_tokens)
+    return TemplateParams(tail, find_tail)
+
+
+def trainable_parameters(model, peft: str = "none", train_embeddings: bool = False, seed: int = 0,
+                         lora_r: int = 8, lora_alpha: int = 16, prefix_tokens: int = 5, tok=None,
+                         layers: str | None = None, template_tail: list[int] | None = None):
+    """Choose what MeZO perturbs: ``make_param_set(...).attach(model, tok)``. Returns
+    ``(model, [(name, tensor), ...])`` in a fixed order."""
+    ps = make_param_set(peft, train_embeddings=train_embeddings, seed=seed, layers=layers, lora_r=lora_r,
+                        lora_alpha=lora_alpha, prefix_tokens=prefix_tokens, tail=template_tail)
+    return ps.attach(model, tok)
+
+
+def load_saved(model, folder: str | Path):
+    """A model loaded from an exported folder, with what its parameter set saved beside
+    the weights attached (a template tail); unchanged for the others."""
+    return template.load_into(model, folder)

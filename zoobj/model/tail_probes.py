@@ -1,0 +1,265 @@
+"""A template tail's probes together: the prompt bodies computed once per batch.
+
+With only the tail's input vectors trained (``--peft template``, ``zoobj.model.template``),
+causal attention makes everything before the tail -- the prompt's body -- the same for
+every perturbation. ``PromptBodyStore`` keeps each body's keys and values; a probe runs
+the tail (and a scored target, or greedy decoding) over a copy of them, and a step's
+2n points run as per-row deltas in a few batched forwards (``generate_probes``,
+``nll_rows``, ``nll_probes``) instead of 2n whole forwards. Where a batch cannot be
+served this way (a one-token tail, a prompt that does not end with the tail or holds it
+earlier, a cache that cannot be stacked) it raises ``FastPathUnavailable`` and the
+caller runs the probes one by one.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+
+from zoobj.model.blocks import output_head
+from zoobj.model.inference import answer_text, greedy
+from zoobj.model.kv import (
+    BatchStore,
+    FastPathUnavailable,
+    cache_kw,
+    cache_out,
+    encode,
+    keeps_whole_prompt,
+    stack_caches,
+    stop_tensor,
+    target_nll,
+)
+
+PROBE_ROWS = 64  # rows (prompts times probes) per forward when a step's probes run together
+PROBE_LOGITS = 2**27  # at most this many logits per forward of scored probes (512 MiB in fp32; 512 positions
+# at Gemma 3's 262K-token vocabulary): a CE forward returns the logits of every tail and target position
+
+
+class PromptBodyStore:
+    """For a trained template tail: each prompt's keys and values *before* the tail,
+    computed once and reused by every probe while the prompts stay.
+
+    Causal attention: a token's keys and values depend only on the tokens up to it, so
+    with only the tail's input vectors trained, the prompt's body (everything before
+    its last occurrence of the tail) is the same for every perturbation. A probe copies
+    the body's cache and runs the tail (and, for a scored target, the target) over it:
+    a few tokens instead of the whole prompt. Rows that do not end with the tail, or
+    whose body holds it too, run whole. Decoding runs the whole model on its one new
+    token, as it always does. Serves the same calls as ``SharedPrefix`` (``store``,
+    ``forward``, ``decode``), so the prediction functions take either.
+    """
+
+    def __init__(self, model, tail, on_disable: Callable[[str], None] | None = None) -> None:
+        self.model, self.tail = model, tail
+        trained = id(tail.delta)
+        self.store = BatchStore([p for p in model.parameters() if id(p) != trained], on_disable)
+        self.hits = self.misses = 0  # prompt bodies found in the store / computed
+        self.decode_hits = self.decode_misses = 0  # (decoding is never shared here)
+
+    @classmethod
+    def build(cls, model, tail, on_disable: Callable[[str], None] | None = None) -> tuple[PromptBodyStore | None, str]:
+        devices = set((getattr(model, "hf_device_map", None) or {}).values())
+        if len(devices) > 1:
+            return None, "the model is spread over several devices"
+        k = tail.tail.numel()
+        return cls(model, tail, on_disable), f"prompt bodies computed once per batch, {k} tail tokens and the answer per probe"
+
+    def _body(self, body: tuple):
+        cache = self.store.entries.get(body)
+        if cache is not None:
+            self.hits += 1
+            return cache
+        self.misses += 1
+        dev = self.tail.delta.device
+        out = self.model(input_ids=torch.tensor([body], device=dev), use_cache=True, logits_to_keep=1)
+        self.store.entries[body] = cache = cache_out(out)
+        return cache
+
+    def _row(self, ids: list[int], keep: int):
+        """One unpadded row: (logits of its last ``keep`` positions or fewer, its cache)."""
+        dev = self.tail.delta.device
+        starts = self.tail.matches(torch.tensor([ids])).nonzero()[:, 1].tolist()
+        s = starts[-1] if starts else 0
+        if s == 0 or self.tail.matches(torch.tensor([ids[:s]])).any():  # nothing to share, or the body moves too
+            out = self.model(input_ids=torch.tensor([ids], device=dev), use_cache=True, logits_to_keep=keep)
+            return out.logits, cache_out(out)
+        cache = copy.deepcopy(self._body(tuple(ids[:s])))
+        rest = torch.tensor([ids[s:]], device=dev)
+        pos = torch.arange(s, len(ids), device=dev)[None]
+        out = self.model(input_ids=rest, position_ids=pos, use_cache=True, logits_to_keep=min(keep, rest.shape[1]),
+                         **{cache_kw(self.model): cache})
+        return out.logits, cache_out(out)
+
+    def forward(self, key, logits_to_keep: int = 1, input_ids=None, attention_mask=None, position_ids=None, **_):
+        """The model's output over ``input_ids`` (left-padded rows): logits of the last
+        ``logits_to_keep`` positions (zeros where a row's shared body holds them) and a
+        cache of the whole width."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        rows = []
+        for r in range(input_ids.shape[0]):
+            ids = input_ids[r] if attention_mask is None else input_ids[r][attention_mask[r].bool()]
+            rows.append(ids.tolist())
+        results = [self._row(ids, logits_to_keep) for ids in rows]
+        if len(rows) == 1 and attention_mask is None:
+            logits, cache = results[0]
+        else:
+            width = input_ids.shape[1]
+            logits = results[0][0].new_zeros((len(rows), logits_to_keep, results[0][0].shape[-1]))
+            for r, (lg, _) in enumerate(results):
+                logits[r, logits_to_keep - lg.shape[1]:] = lg[0]
+                cache = stack_caches(self.model, [c for _, c in results], [len(ids) for ids in rows], width)
+            if cache is None:
+                raise FastPathUnavailable("a row's cache cannot be stacked (a sliding-window layer cut it)")
+        return CausalLMOutputWithPast(logits=logits, **{"cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values": cache})
+
+    def _split(self, ids: list[list[int]], extra: int) -> tuple[list[int], list[int]]:
+        """For the probes together: ``(prompts that run over their stored bodies, prompts too
+        long for that)``. A prompt whose length plus ``extra`` tokens is more than a
+        sliding-window layer keeps has no body cache to stack: it runs whole, once per
+        point. Raises ``FastPathUnavailable`` for a one-token tail or a prompt that does not end
+        with the tail or holds it before its end (see ``generate_probes``)."""
+        tail = self.tail.tail.tolist()
+        k = len(tail)
+        if k < 2:
+            raise FastPathUnavailable("a one-token tail")
+        for p in ids:
+            if p[-k:] != tail or len(p) == k or bool(self.tail.matches(torch.tensor([p[:-k]])).any()):
+                raise FastPathUnavailable("a prompt that does not end with the tail, or holds it before its end")
+        fit = [i for i, p in enumerate(ids) if keeps_whole_prompt(self.model, len(p) + extra)]
+        return fit, [i for i in range(len(ids)) if i not in set(fit)]
+
+    def _fit(self, positions: int) -> int:
+        """How many groups of ``positions`` positions' logits fit in ``PROBE_LOGITS`` (at least 1)."""
+        head = output_head(self.model)
+        vocab = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
+        return max(1, PROBE_LOGITS // (positions * vocab))
+
+    def _points(self, ids: list[list[int]], deltas: torch.Tensor, rows: int, positions: int = 1):
+        """Per group of points: ``(first point, points, stacked body cache, body mask, body
+        lengths)`` -- each prompt's stored body cache once per point, left-padded,
+        probe-major (row ``j * len(ids) + i``: prompt ``i`` at point ``first + j``). A group
+        has about ``rows`` rows, fewer where its ``positions`` logits per row would pass
+        ``PROBE_LOGITS``; at least one point."""
+        k, dev = self.tail.tail.numel(), self.tail.delta.device
+        bodies = [self._body(tuple(p[:-k])) for p in ids]
+        starts = [len(p) - k for p in ids]
+        width = max(starts)
+        per = max(1, min(rows // len(ids), self._fit(len(ids) * positions)))  # points per forward
+        for first in range(0, deltas.shape[0], per):
+            points = min(per, deltas.shape[0] - first)
+            cache = stack_caches(self.model, bodies * points, starts * points, width)
+            if cache is None:
+                raise FastPathUnavailable("a prompt body's cache cannot be stacked")
+            mask = torch.zeros((len(ids) * points, width), dtype=torch.long, device=dev)
+            for r, n in enumerate(starts * points):
+                mask[r, width - n:] = 1
+            yield first, points, cache, mask, starts * points
+
+    def _whole(self, seq: list[int], deltas: torch.Tensor, keep: int):
+        """A sequence too long for the stored bodies, run whole at every point at once (one
+        row per point, no padding): the model's output and its attention mask."""
+        dev = self.tail.delta.device
+        inputs = torch.tensor([seq], device=dev).expand(deltas.shape[0], -1)
+        with self.tail.per_row(deltas):
+            out = self.model(input_ids=inputs, use_cache=True, logits_to_keep=keep)
+        return out, torch.ones_like(inputs)
+
+    def _tails(self, deltas: torch.Tensor, first: int, points: int, prompts: int, cache, mask, starts, new,
+               new_mask, keep: int):
+        """The forward of each row's tail (and ``new`` tokens after it) over its body, the row's
+        point's tail in place of ``delta``: ``(output, attention mask of the whole width)``."""
+        dev = self.tail.delta.device
+        full = torch.cat([mask, new_mask], dim=1)
+        pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(new.shape[1], device=dev)[None]
+        with self.tail.per_row(deltas[first : first + points].repeat_interleave(prompts, 0)):
+            out = self.model(input_ids=new, attention_mask=full, position_ids=pos, use_cache=True,
+                             logits_to_keep=keep, **{cache_kw(self.model): cache})
+        return out, full
+
+    @torch.inference_mode()
+    def generate_probes(self, tok, prompts: list[str], deltas: torch.Tensor, max_new_tokens: int,
+                        rows: int = PROBE_ROWS) -> list[list[str]]:
+        """Greedy answers to ``prompts`` at several points of the tail: ``answers[p][i]``
+        under ``deltas[p]`` (shape ``(points, k, dim)``), the same as moving ``delta`` to
+        each point and calling ``inference.generate``. The probes run together, about
+        ``rows`` rows (prompts times points) per forward: a forward reads the model's
+        weights once for all of them, where one probe at a time reads them once per
+        probe (per prompt, for the tail). Raises ``FastPathUnavailable`` where a prompt does not
+        end with the tail or also holds it before, for a one-token tail (a generated
+        token could be the tail, which the per-row deltas do not follow), and where a
+        cache cannot be stacked."""
+        ids = encode(tok, prompts, special=True)
+        self.store.begin(tuple(p) for p in ids)
+        tail, dev = self.tail.tail, self.tail.delta.device
+        stops = stop_tensor(tok, dev)
+        fit, long = self._split(ids, max_new_tokens)
+        answers: list[list[str]] = [[""] * len(ids) for _ in range(deltas.shape[0])]
+        some = [ids[i] for i in fit]
+        for first, points, cache, mask, starts in (self._points(some, deltas, rows) if some else ()):
+            n = len(mask)
+            out, full = self._tails(deltas, first, points, len(some), cache, mask, starts, tail[None].expand(n, -1),
+                                    torch.ones((n, len(tail)), dtype=torch.long, device=dev), keep=1)
+            new = greedy(self.model, out.logits[:, -1], cache_out(out), full, max_new_tokens, stops, tok.pad_token_id)
+            for r, row in enumerate(new):
+                answers[first + r // len(some)][fit[r % len(some)]] = answer_text(tok, row)
+        for i in long:
+            out, mask = self._whole(ids[i], deltas, keep=1)
+            new = greedy(self.model, out.logits[:, -1], cache_out(out), mask, max_new_tokens, stops, tok.pad_token_id)
+            for j, row in enumerate(new):
+                answers[j][i] = answer_text(tok, row)
+        return answers
+
+    def nll_probes(self, tok, prompts: list[str], targets: list[str], deltas: torch.Tensor,
+                   rows: int = PROBE_ROWS) -> list[tuple[float, int]]:
+        """``(summed NLL, target tokens)`` of ``targets[i]`` after ``prompts[i]`` at each point
+        of the tail (``deltas[p]``), as ``inference.target_nll_sum`` gives with ``delta`` moved
+        there; the probes run together, as in ``generate_probes``."""
+        return [(sum(t for t, _ in point), sum(c for _, c in point))
+                for point in self.nll_rows(tok, prompts, targets, deltas, rows)]
+
+    @torch.inference_mode()
+    def nll_rows(self, tok, prompts: list[str], targets: list[str], deltas: torch.Tensor,
+                 rows: int = PROBE_ROWS) -> list[list[tuple[float, int]]]:
+        """``nll[p][i]``: ``(summed NLL, tokens)`` of ``targets[i]`` after ``prompts[i]`` at the
+        point ``deltas[p]`` of the tail, every point's rows in batched forwards (``nll_probes``
+        sums them; the smoothed generation objective scores candidate answers with them)."""
+        ids, t_ids = encode(tok, prompts, special=True), encode(tok, targets, special=False)
+        self.store.begin(tuple(p) for p in ids)  # the bodies depend on the prompts only: a generate over them keeps the store
+        tail, dev, pad = self.tail.tail.tolist(), self.tail.delta.device, tok.pad_token_id
+        longest = max(len(t) for t in t_ids)
+        new = torch.full((len(ids), len(tail) + longest), pad, dtype=torch.long, device=dev)
+        new_mask = torch.zeros_like(new)
+        for i, t in enumerate(t_ids):  # the tail, then the target; padding after (it sees only itself)
+            new[i, : len(tail) + len(t)] = torch.tensor(tail + t)
+            new_mask[i, : len(tail) + len(t)] = 1
+        fit, long = self._split(ids, longest)
+        totals = [[(0.0, 0)] * len(ids) for _ in range(deltas.shape[0])]
+
+        def add(point: int, i: int, logits: torch.Tensor) -> None:  # logits[j] predicts target token j
+            if t_ids[i]:
+                totals[point][i] = (target_nll(logits, t_ids[i]), len(t_ids[i]))
+
+        some = [ids[i] for i in fit]
+        for first, points, cache, mask, starts in (self._points(some, deltas, rows, new.shape[1]) if some else ()):
+            sel = torch.tensor(fit, device=dev)
+            out, _ = self._tails(deltas, first, points, len(some), cache, mask, starts, new[sel].repeat(points, 1),
+                                 new_mask[sel].repeat(points, 1), keep=new.shape[1])
+            logits = out.logits[:, len(tail) - 1 : -1].float()  # position j predicts target token j
+            for r in range(len(logits)):
+                i = fit[r % len(some)]
+                add(first + r // len(some), i, logits[r, : len(t_ids[i])])
+        for i in long:
+            t = t_ids[i]
+            per = self._fit(len(t) + 1)
+            for first in range(0, deltas.shape[0], per):
+                out, _ = self._whole(ids[i] + t, deltas[first : first + per], keep=len(t) + 1)
+                for j in range(out.logits.shape[0]):
+                    add(first + j, i, out.logits[j, : len(t)].float())
+        return totals
+
+    def decode(self, keys: list, **inputs):
+        self.decode_misses += 1
+        return self.model(**inputs, use_cache=True)

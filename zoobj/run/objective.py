@@ -1,0 +1,433 @@
+"""(task, metric) -> a loss for MeZO, and the evaluation that reports it.
+
+The contract is ``Objective``: a small object the training loop calls with a batch of
+rows. Four kinds fill it -- the hard metric (``HardMetric``), its expectation over the
+candidates of a classification task (``SmoothedChoice``) or over a small answer set of
+a generation task (``SmoothedGeneration``), and cross-entropy (``CrossEntropy``, the
+comparison baseline: the mean negative log-likelihood of ``task.target(row)`` after
+its prompt). Build one with ``make_objective``. ``MeZO.step`` wants a closure of no
+arguments, so the training loop binds the batch:
+``opt.step(lambda: objective(batch), probes=lambda points: objective.probes(batch, points))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from zoobj.errors import ConfigError
+from zoobj.metrics import bootstrap_ci, get_metric, per_example_scores
+from zoobj.model import inference
+from zoobj.model.kv import FastPathUnavailable
+from zoobj.model.tail_probes import PromptBodyStore
+
+OBJECTIVES = ("metric", "ce")
+Notify = Callable[[dict], None]  # receives a log event: {"event": "shared", "on": bool, "message": str}
+
+
+class Objective(Protocol):
+    """What the training loop asks of an objective, and nothing more.
+
+    - ``__call__(rows) -> float``: the loss of a batch at the weights as they are now
+      (lower is better); one probe of a step.
+    - ``prepare(rows)``: called once per step, before its probes, with the weights
+      unperturbed: what the step's probes share and no perturbation may change (the
+      smoothed generation objective's answer set); nothing for the others.
+    - ``probes(rows, points) -> list[float] | None``: every probe of a step at once,
+      given the trained tensors at each point (``MeZO.step(closure, probes=)``), or None
+      to have them evaluated one by one through ``__call__``.
+    - ``together``: whether ``probes`` can answer at all (for the run's header).
+    - ``note``: one line on the fast path it runs (None: nothing to say).
+
+    Events -- a fast path that stops serving the run -- go to the ``notify`` callback
+    given at construction, once, as a log entry."""
+
+    together: bool
+    note: str | None
+
+    def __call__(self, rows: Sequence[dict]) -> float: ...
+
+    def prepare(self, rows: Sequence[dict]) -> object: ...
+
+    def probes(self, rows: Sequence[dict], points: list) -> list[float] | None: ...
+
+
+def predict(model, tok, task, rows: Sequence[dict], batch_size: int = 16, max_new_tokens: int | None = None,
+            shared=None) -> list:
+    """Predictions for ``rows``: class indices (classification) or answer strings (generation).
+    ``shared``: a fast-path store (``zoobj.model.prefix.SharedPrefix`` or ``PromptBodyStore``)."""
+    prompts = [task.prompt(r) for r in rows]
+    if task.kind == "generation":
+        limit = max_new_tokens or getattr(task, "max_new_tokens", 50)
+        return inference.generate(model, tok, prompts, max_new_tokens=limit, batch_size=batch_size, shared=shared)
+    scores = inference.score_candidates(
+        model, tok, prompts, [task.choices(r) for r in rows],
+        length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size, shared=shared,
+        relative=True,
+    )
+    return [int(np.argmax(s)) for s in scores]
+
+
+def expected_metric(model, tok, task, metric, rows: Sequence[dict], temperature: float,
+                    batch_size: int = 16, shared=None) -> tuple[float, int]:
+    """``(sum over rows of E[metric], rows counted)`` with the prediction drawn from
+    ``softmax(candidate scores / temperature)`` -- a smoothed metric for classification.
+
+    A hard metric changes only when some prediction flips, so most perturbations of a
+    small batch see ``l+ == l-`` and the step does nothing. Its expectation under a
+    softmax over the candidates moves with every perturbation, and it tends to the
+    metric itself as ``temperature -> 0``. Needs a metric that is a mean over examples.
+    """
+    if not rows:
+        return 0.0, 0
+    prompts = [task.prompt(r) for r in rows]
+    scores = inference.score_candidates(model, tok, prompts, [task.choices(r) for r in rows],
+                                        length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size,
+                                        shared=shared, relative=True)  # a softmax over the candidates
+    refs = [task.reference(r) for r in rows]
+    widest = max(len(s) for s in scores)
+    value = candidate_values(metric, [[c] * len(rows) for c in range(widest)], refs, prompts, rows)
+    return expectation(scores, value, temperature)
+
+
+def candidate_values(metric, columns: Sequence[list], refs: Sequence, prompts: Sequence[str],
+                     rows: Sequence[dict]) -> np.ndarray:
+    """``value[i, c]``: the metric of answering ``columns[c][i]`` for row ``i`` (NaN: not
+    applicable). Refuses a metric that is not a mean over examples."""
+    value = np.full((len(rows), len(columns)), np.nan)
+    for c, answers in enumerate(columns):
+        per = per_example_scores(metric, answers, refs, prompts=prompts, rows=list(rows))
+        if per is None:
+            raise ConfigError(f"--smooth needs a metric that is a mean over examples; "
+                              f"{getattr(metric, '__name__', metric)!r} is not")
+        value[:, c] = [np.nan if v is None else v for v in per]
+    return value
+
+
+def expectation(scores: Sequence[Sequence[float]], value: np.ndarray, temperature: float,
+                counts: Sequence[int] | None = None) -> tuple[float, int]:
+    """``(sum over rows of E[value] under softmax(scores / temperature), rows counted)``
+    over each row's first ``counts[i]`` candidates (all by default); a row with a NaN
+    value ("not applicable") is left out."""
+    total, counted = 0.0, 0
+    for i, s in enumerate(scores):
+        k = len(s) if counts is None else counts[i]
+        v = value[i, :k]
+        if np.isnan(v).any():
+            continue
+        z = np.asarray(s[:k], dtype=np.float64) / temperature
+        p = np.exp(z - z.max())
+        total += float(p @ v / p.sum())
+        counted += 1
+    return total, counted
+
+
+def _mean_over_ranks(world, total: float, counted: float) -> float:
+    """``-total / counted`` over every data-parallel rank's share (NaN: nothing counted)."""
+    if world is not None:
+        total, counted = world.all_reduce_sum([total, counted])
+    return -total / counted if counted else float("nan")
+
+
+class ProbesTogether:
+    """``probes(rows, points)`` for an objective whose store is a ``PromptBodyStore``:
+    ``together(rows, deltas)`` gets the template tail's points stacked. From the first
+    batch the store cannot serve, it returns None (the probes run one by one) and tells
+    ``notify`` why, once."""
+
+    def __init__(self, store, together: Callable, notify: Notify | None) -> None:
+        self.store, self.together, self.notify = store, together, notify
+        self.off: str | None = None
+
+    def __call__(self, rows: Sequence[dict], points: list) -> list[float] | None:
+        if self.off is not None or self.store.store.disabled is not None:
+            return None
+        try:
+            return self.together(rows, torch.stack([p[0] for p in points]))
+        except FastPathUnavailable as exc:
+            self.off = str(exc)
+            if self.notify is not None:
+                self.notify({"event": "shared", "on": True,
+                             "message": f"probes evaluated one at a time from here on ({exc})"})
+            return None
+
+
+def _together(store, world, together: Callable, notify: Notify | None) -> ProbesTogether | None:
+    """Probes together where the store is a template tail's and the run is one process."""
+    return ProbesTogether(store, together, notify) if world is None and isinstance(store, PromptBodyStore) else None
+
+
+class HardMetric:
+    """``batch -> -metric(predictions(batch), references(batch))``.
+
+    With a ``world`` (data-parallel), each rank predicts its shard, the predictions are
+    gathered, and rank 0 computes the metric on the whole batch and broadcasts it: the
+    loss is exactly the single-process one, for any metric (not only means). On a
+    template tail (a ``PromptBodyStore``) a generation task's probes run together."""
+
+    def __init__(self, model, tok, task, metric: Callable, batch_size: int = 16, max_new_tokens: int | None = None,
+                 world=None, shared=None, notify: Notify | None = None) -> None:
+        self.model, self.tok, self.task, self.metric = model, tok, task, metric
+        self.batch_size, self.max_new_tokens, self.world, self.shared = batch_size, max_new_tokens, world, shared
+        self._probes = _together(shared, world, self._at_points, notify) if task.kind == "generation" else None
+        self.together, self.note = self._probes is not None, None
+
+    def _value(self, rows: Sequence[dict], preds: list) -> float:
+        refs = [self.task.reference(r) for r in rows]
+        return -float(self.metric(preds, refs, prompts=[self.task.prompt(r) for r in rows], rows=list(rows)))
+
+    def _predict(self, rows: Sequence[dict]) -> list:
+        return predict(self.model, self.tok, self.task, rows, batch_size=self.batch_size,
+                       max_new_tokens=self.max_new_tokens, shared=self.shared)
+
+    def __call__(self, rows: Sequence[dict]) -> float:
+        world = self.world
+        if world is None:
+            return self._value(rows, self._predict(rows))
+        preds = world.gather_predictions(self._predict(world.shard(rows)), len(rows),
+                                         strings=self.task.kind == "generation")
+        result, failure = None, None
+        if world.is_main:
+            try:
+                result = self._value(rows, preds)
+            except Exception as exc:  # every rank must hear of it before rank 0 raises
+                failure = exc
+        return world.broadcast_loss(result, failure)  # rank 0's failure is raised on every rank
+
+    def prepare(self, rows: Sequence[dict]) -> None:
+        """Nothing: a hard metric's probes share no prepared inputs."""
+
+    def probes(self, rows: Sequence[dict], points: list) -> list[float] | None:
+        return self._probes(rows, points) if self._probes is not None else None
+
+    def _at_points(self, rows: Sequence[dict], deltas) -> list[float]:
+        limit = self.max_new_tokens or getattr(self.task, "max_new_tokens", 50)
+        answers = self.shared.generate_probes(self.tok, [self.task.prompt(r) for r in rows], deltas, limit)
+        return [self._value(rows, a) for a in answers]
+
+
+class SmoothedChoice:
+    """``--smooth T`` for classification: ``-E[metric]`` with predictions drawn from
+    ``softmax(scores / T)`` (see ``expected_metric``); its probes run one by one."""
+
+    together, note = False, None
+
+    def __init__(self, model, tok, task, metric: Callable, temperature: float, batch_size: int = 16,
+                 world=None, shared=None) -> None:
+        self.model, self.tok, self.task, self.metric = model, tok, task, metric
+        self.temperature, self.batch_size, self.world, self.shared = temperature, batch_size, world, shared
+
+    def __call__(self, rows: Sequence[dict]) -> float:
+        mine = rows if self.world is None else self.world.shard(rows)
+        total, counted = expected_metric(self.model, self.tok, self.task, self.metric, mine, self.temperature,
+                                         self.batch_size, shared=self.shared)
+        return _mean_over_ranks(self.world, total, counted)
+
+    def prepare(self, rows: Sequence[dict]) -> None:
+        """Nothing: the candidates are the task's."""
+
+    def probes(self, rows: Sequence[dict], points: list) -> None:
+        return None
+
+
+class AnswerSet:
+    """The candidate answers of one batch for the smoothed generation objective: each
+    row's greedy answer from the weights as they were before the step's first probe
+    (``prepare``), then its reference answers; with the metric of each against the
+    references, computed once per batch (no perturbation can change them)."""
+
+    def __init__(self, task, metric, rows: Sequence[dict], greedy: list[str]):
+        self.key = _rows_key(task, rows)
+        prompts, refs = [task.prompt(r) for r in rows], [task.reference(r) for r in rows]
+        texts: list[list[str]] = []
+        for g, ref in zip(greedy, refs):
+            seen, mine = set(), []
+            for a in [g, *(ref if isinstance(ref, (list, tuple)) else [ref])]:
+                a = a.strip() if isinstance(a, str) else a
+                if isinstance(a, str) and a and a not in seen:
+                    seen.add(a)
+                    mine.append(a)
+            texts.append(mine or [g])
+        self.count = [len(t) for t in texts]  # distinct candidates of each row
+        widest = max(self.count)
+        # every row of a scoring batch needs as many candidates: pad with copies of the
+        # row's first, which the softmax below never sees
+        self.texts = [t + [t[0]] * (widest - len(t)) for t in texts]
+        stop = getattr(task, "stop", "")
+        self.continuations = [[" " + a + stop for a in t] for t in self.texts]
+        self.value = candidate_values(metric, [[t[c] for t in self.texts] for c in range(widest)], refs, prompts, rows)
+
+
+def _rows_key(task, rows: Sequence[dict]) -> tuple:
+    return tuple(task.prompt(r) for r in rows)
+
+
+class SmoothedGeneration:
+    """``--smooth T`` for generation (minimum-risk training over a small answer set):
+    ``-E[metric]`` with the answer drawn from ``softmax(mean log-probability / T)`` over
+    each row's candidates -- its greedy answer before the step, and its references.
+
+    Greedy answers change only where a perturbation flips an argmax, so a hard metric
+    of them mostly ties; the probability of each candidate answer moves with every
+    perturbation. The candidates and their metric values are fixed for the batch
+    (``prepare(rows)``, called by the training loop before each step, with the weights
+    unperturbed; a batch nobody prepared takes the greedy answers of the first call's
+    weights), so each probe only scores a few short continuations of prompts whose
+    lower blocks are shared. An empty greedy answer is left out of the set (it has no
+    tokens to score), so its row weighs only the references. On a template tail the
+    probes score every candidate at every point together."""
+
+    def __init__(self, model, tok, task, metric: Callable, temperature: float, batch_size: int = 16,
+                 max_new_tokens: int | None = None, world=None, shared=None, notify: Notify | None = None) -> None:
+        self.model, self.tok, self.task, self.metric = model, tok, task, metric
+        self.temperature, self.batch_size, self.max_new_tokens = temperature, batch_size, max_new_tokens
+        self.world, self.shared, self.held = world, shared, None
+        self._probes = _together(shared, world, self._at_points, notify)
+        self.together, self.note = self._probes is not None, None
+
+    def _mine(self, rows: Sequence[dict]) -> Sequence[dict]:
+        return rows if self.world is None else self.world.shard(rows)
+
+    def prepare(self, rows: Sequence[dict]) -> AnswerSet:
+        """The answer set of ``rows`` (this rank's share) from the weights as they are now (once per step)."""
+        mine = self._mine(rows)
+        greedy = predict(self.model, self.tok, self.task, mine, batch_size=self.batch_size,
+                         max_new_tokens=self.max_new_tokens, shared=self.shared)
+        self.held = AnswerSet(self.task, self.metric, mine, greedy)
+        return self.held
+
+    def answers_of(self, rows: Sequence[dict]) -> AnswerSet:
+        """The answer set held for ``rows``, or one prepared now if it is another batch's."""
+        held = self.held
+        return held if held is not None and held.key == _rows_key(self.task, self._mine(rows)) else self.prepare(rows)
+
+    def __call__(self, rows: Sequence[dict]) -> float:
+        mine, answers = self._mine(rows), self.answers_of(rows)
+        total, counted = 0.0, 0
+        if mine:
+            scores = inference.score_candidates(self.model, self.tok, [self.task.prompt(r) for r in mine],
+                                                answers.continuations, length_normalize=True,
+                                                batch_size=self.batch_size, shared=self.shared)
+            total, counted = expectation(scores, answers.value, self.temperature, answers.count)
+        return _mean_over_ranks(self.world, total, counted)
+
+    def probes(self, rows: Sequence[dict], points: list) -> list[float] | None:
+        return self._probes(rows, points) if self._probes is not None else None
+
+    def _at_points(self, rows: Sequence[dict], deltas) -> list[float]:
+        """Each row's candidates scored at every point at once."""
+        answers, prompts = self.answers_of(rows), [self.task.prompt(r) for r in rows]
+        pairs = [(i, c) for i, n in enumerate(answers.count) for c in range(n)]
+        nll = self.shared.nll_rows(self.tok, [prompts[i] for i, _ in pairs],
+                                   [answers.continuations[i][c] for i, c in pairs], deltas)
+        losses = []
+        for point in nll:
+            scores: list[list[float]] = [[] for _ in rows]
+            for (i, c), (total, count) in zip(pairs, point):
+                if count == 0:
+                    raise ValueError(f"candidate {answers.continuations[i][c]!r} encodes to no tokens")
+                scores[i].append(-total / count)  # mean log-probability, as score_candidates gives
+            total, counted = expectation(scores, answers.value, self.temperature, answers.count)
+            losses.append(-total / counted if counted else float("nan"))
+        return losses
+
+
+class CrossEntropy:
+    """``batch -> mean NLL of the gold continuation tokens`` (over every target token of
+    the batch; data-parallel ranks all-reduce the sum and the count). On a template tail
+    the probes run together."""
+
+    def __init__(self, model, tok, task, batch_size: int = 16, world=None, shared=None,
+                 notify: Notify | None = None) -> None:
+        self.model, self.tok, self.task = model, tok, task
+        self.batch_size, self.world, self.shared = batch_size, world, shared
+        self._probes = _together(shared, world, self._at_points, notify)
+        self.together, self.note = self._probes is not None, None
+
+    def __call__(self, rows: Sequence[dict]) -> float:
+        mine = rows if self.world is None else self.world.shard(rows)
+        total, count = inference.target_nll_sum(self.model, self.tok, [self.task.prompt(r) for r in mine],
+                                                [self.task.target(r) for r in mine], batch_size=self.batch_size,
+                                                shared=self.shared)
+        if self.world is not None:
+            total, count = self.world.all_reduce_sum([total, count])
+        if count == 0:
+            raise ValueError("no target tokens to score")
+        return total / count
+
+    def prepare(self, rows: Sequence[dict]) -> None:
+        """Nothing: the targets are the task's."""
+
+    def probes(self, rows: Sequence[dict], points: list) -> list[float] | None:
+        return self._probes(rows, points) if self._probes is not None else None
+
+    def _at_points(self, rows: Sequence[dict], deltas) -> list[float]:
+        sums = self.shared.nll_probes(self.tok, [self.task.prompt(r) for r in rows],
+                                      [self.task.target(r) for r in rows], deltas)
+        if any(count == 0 for _, count in sums):
+            raise ValueError("no target tokens to score")
+        return [total / count for total, count in sums]
+
+
+def metric_objective(model, tok, task, metric: str | Callable, batch_size: int = 16,
+                     max_new_tokens: int | None = None, world=None, smooth: float = 0.0, shared=None,
+                     notify: Notify | None = None) -> Objective:
+    """The metric objective: ``HardMetric``, or with ``smooth > 0`` its expectation
+    (``SmoothedChoice`` for classification, ``SmoothedGeneration`` for generation)."""
+    fn = get_metric(metric) if isinstance(metric, str) else metric
+    if smooth and task.kind == "generation":
+        return SmoothedGeneration(model, tok, task, fn, smooth, batch_size, max_new_tokens, world, shared, notify)
+    if smooth:
+        return SmoothedChoice(model, tok, task, fn, smooth, batch_size, world, shared)
+    return HardMetric(model, tok, task, fn, batch_size, max_new_tokens, world, shared, notify)
+
+
+def ce_objective(model, tok, task, batch_size: int = 16, world=None, shared=None,
+                 notify: Notify | None = None) -> Objective:
+    """The cross-entropy objective (``CrossEntropy``)."""
+    return CrossEntropy(model, tok, task, batch_size, world, shared, notify)
+
+
+def make_objective(kind: str, model, tok, task, metric, **kw) -> Objective:
+    """``kind``: ``"metric"`` or ``"ce"``; ``kw`` as ``metric_objective`` takes (the metric's
+    own settings are ignored for ``ce``)."""
+    if kind == "metric":
+        return metric_objective(model, tok, task, metric, **kw)
+    if kind == "ce":
+        kw.pop("max_new_tokens", None)
+        kw.pop("smooth", None)
+        return ce_objective(model, tok, task, **kw)
+    raise ConfigError(f"unknown objective {kind!r}; choose one of {', '.join(OBJECTIVES)}")
+def evaluate(model, tok, task, metric: str | Callable | None = None, split: str | None = None,
+             limit: int | None = None, batch_size: int = 16, data: str | None = None,
+             rows: Sequence[dict] | None = None, n_resamples: int = 1000,
+             predictions: list | None = None) -> dict:
+    """The metric of the model's predictions on the first ``limit`` rows of ``split``.
+
+    ``predictions`` may be passed in (e.g. to score one set of predictions with several
+    metrics). Returns ``{"task", "metric", "split", "n", "value", "ci95", "predictions"}`` where
+    ``ci95`` is a 95% percentile bootstrap interval over examples.
+    """
+    metric = metric or task.metric
+    fn = get_metric(metric) if isinstance(metric, str) else metric
+    split = split or task.eval_split
+    if rows is None:
+        rows = task.load(split, data)
+    rows = list(rows)[: limit] if limit else list(rows)
+    preds = predictions if predictions is not None else predict(model, tok, task, rows, batch_size=batch_size)
+    refs = [task.reference(r) for r in rows]
+    extra = {"prompts": [task.prompt(r) for r in rows], "rows": rows}
+    value = float(fn(preds, refs, **extra))
+    low, high = bootstrap_ci(fn, preds, refs, n_resamples=n_resamples, **extra)
+    return {
+        "task": task.name,
+        "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"),
+        "split": split,
+        "n": len(rows),
+        "value": value,
+        "ci95": [float(low), float(high)],
+        "predictions": preds,
+    }
