@@ -99,12 +99,12 @@ def timing(shape):
     opt.step(forward)
     exact_step()
     reference_step(params, forward, 0, 1e-7, 1e-3)
-    from zoobj.engine.noise import _axpz_param, _kernel
+    from zoobj.engine.noise import axpz_param, KERNEL
 
     def noise_pass(r):
         sign = 1.0 if r % 2 == 0 else -1.0  # alternate, so the weights wander no further than one pass
         for i, p in enumerate(params):
-            _axpz_param(p, 12345, i, 1.0, sign * 1e-3, _kernel)
+            axpz_param(p, 12345, i, 1.0, sign * 1e-3, KERNEL)
 
     noise_pass(1)
     two_fwd, zo, fw, ref, npass = [], [], [], [], []

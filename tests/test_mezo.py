@@ -152,10 +152,10 @@ def test_noise_is_the_int64_formula_up_to_the_top_of_a_span():
     u2 = (v >> 8).to(torch.float32) * (2.0**-24)
     want = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
     got = torch.zeros(n)
-    zn._chunk_axpz(got, seed, index, offset, 1.0, zn._eager_kernel)
+    zn.chunk_axpz(got, seed, index, offset, 1.0, zn.EAGER_KERNEL)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     compiled = torch.zeros(n)
-    zn._chunk_axpz(compiled, seed, index, offset, 1.0, zn._kernel)
+    zn.chunk_axpz(compiled, seed, index, offset, 1.0, zn.KERNEL)
     torch.testing.assert_close(compiled, want, rtol=1e-5, atol=1e-6)
 
 
@@ -366,8 +366,8 @@ def test_eager_noise_matches_compiled(monkeypatch):
 
     compiled = zn.noise((3, 1000), seed=9, index=4)
     monkeypatch.setenv("ZOOBJ_COMPILE", "0")
-    eager_kernel = zn._Kernel()
-    monkeypatch.setattr(zn, "_kernel", eager_kernel)
+    eager_kernel = zn.Kernel()
+    monkeypatch.setattr(zn, "KERNEL", eager_kernel)
     monkeypatch.setattr(zn, "_EAGER_CHUNK", 256)  # several chunks, offsets exercised
     eager = zn.noise((3, 1000), seed=9, index=4)
     assert eager_kernel.backend == "eager"

@@ -99,13 +99,13 @@ def test_rebuild_replays_with_the_recorded_noise_kernel(model_dir, tmp_path, mon
 
     out = tmp_path / "eager"
     model, tok = load_model(model_dir)
-    monkeypatch.setattr(zn, "_kernel", zn._eager_kernel)  # as under ZOOBJ_COMPILE=0
+    monkeypatch.setattr(zn, "KERNEL", zn.EAGER_KERNEL)  # as under ZOOBJ_COMPILE=0
     run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, keep="last", eval_every=0, lr=5e-1)),
         model=model, tok=tok)
     trained = _weights(model)
     assert json.loads((out / tj.CONFIG).read_text())["noise_backend"] == "eager"
     monkeypatch.undo()  # the compiled kernel is back: replaying with it would differ in the last bits
-    assert zn._kernel._get_compiled("cpu") is not None
+    assert zn.KERNEL.compiled_for("cpu") is not None
 
     _, session = export.rebuild(out)
     assert session.optimizer.noise_backend == "eager"
@@ -119,7 +119,7 @@ def test_rebuild_refuses_a_compiled_run_where_compile_is_unavailable(model_dir, 
     out = tmp_path / "compiled"
     run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=1, keep="last", eval_every=0)))
     assert json.loads((out / tj.CONFIG).read_text())["noise_backend"] == "compiled"
-    monkeypatch.setattr(zn, "_kernel", zn._Kernel(compile=False))
+    monkeypatch.setattr(zn, "KERNEL", zn.Kernel(compile=False))
     with pytest.raises(ConfigError, match="compiled noise kernel, which cannot run here"):
         export.rebuild(out)
     with pytest.raises(ConfigError, match="compiled noise kernel"):

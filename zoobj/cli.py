@@ -133,6 +133,11 @@ def eval_cmd(
         r.pop("predictions")
         r.update(metric=name, model=model)
         results.append(r)
+    _print_evaluations(results, f"{t.name} · {results[0]['split']} · {model}", as_json)
+
+
+def _print_evaluations(results: list[dict], title: str, as_json: bool) -> None:
+    """``zoobj eval``'s output: one JSON object per metric, or a table."""
     if as_json:
         for r in results:
             typer.echo(json.dumps(r))
@@ -140,7 +145,7 @@ def eval_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{t.name} · {results[0]['split']} · {model}")
+    table = Table(title=title)
     for col in ("metric", "n", "value", "95% CI"):
         table.add_column(col)
     for r in results:

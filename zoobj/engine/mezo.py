@@ -19,11 +19,12 @@ and record -- and each variation is a piece it calls, chosen once at constructio
   count, compiled where ``torch.compile`` works and eager elsewhere);
 - how the weights are perturbed: ``zoobj.engine.perturb`` (in place, or by forward hooks
   that build each perturbed tensor in a temporary);
-- which directions this process evaluates: ``_Queries`` (all of them, or a share in
-  query-parallel n-SPSA, the others' losses arriving by an exchange);
-- how the update is made: ``MeZO._apply`` with one per-parameter rule (``sgd``,
-  ``momentum``, ``adam``, or the fused restore-and-update above, which needs n = 1,
-  sgd, in-place perturbation and one process: ``MeZO._fused``).
+- which directions this process evaluates: ``zoobj.engine.perturb.Queries`` (all of
+  them, or a share in query-parallel n-SPSA, the others' losses arriving by an exchange);
+- how the losses become coefficients: ``zoobj.engine.shaping`` (spsa, zscore, rank);
+- how the update is made: ``MeZO._apply`` with one per-parameter rule from
+  ``zoobj.engine.rules`` (``sgd``, ``momentum``, ``adam``, or the fused restore-and-update
+  above, which needs n = 1, sgd, in-place perturbation and one process: ``MeZO._fused``).
 
 Every step appends one flat record to ``opt.trajectory``; ``replay`` re-applies
 those records to the base weights with the same weight passes as ``step`` (the
@@ -51,8 +52,10 @@ from typing import Any
 
 import torch
 
-from zoobj.engine.noise import NOISE_BACKENDS, _axpz_param, _chunk_axpz, _flat, kernel_for, noise, step_seed
-from zoobj.engine.perturb import Forward, InPlace, atomic
+from zoobj.engine.noise import NOISE_BACKENDS, kernel_for, noise, step_seed
+from zoobj.engine.perturb import Forward, InPlace, Queries, atomic
+from zoobj.engine.rules import RULES, Stateful, decay_groups, fused_sgd, param_groups, sgd
+from zoobj.engine.shaping import SHAPINGS, as_loss, coefficients, finite_or_none, round8, shaped_coefficients
 
 __all__ = [
     "MeZO",
@@ -68,82 +71,11 @@ __all__ = [
     "step_seed",
 ]
 
-RULES = ("sgd", "momentum", "adam")
-SHAPINGS = ("none", "zscore", "rank")
 PERTURB = ("inplace", "forward")
 RECORD_KEYS = ("step", "seeds", "grads", "lr", "loss_plus", "loss_minus", "ties", "skipped")
 
-_STATE_CHUNK = 1 << 20  # elements per chunk for the momentum / adam updates
-
-
 class NonFiniteLossError(FloatingPointError):
     """The closure returned NaN or inf and the optimizer was asked to raise."""
-
-
-# ----------------------------------------------------------------------------- groups
-
-
-def decay_groups(named_parameters: Iterable[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
-    """Split parameters into a decayed group and a group without weight decay.
-
-    As in the MeZO paper, biases and normalisation weights (any 1-D tensor, or a name
-    ending in ``bias`` or containing ``norm``) are not decayed. Pass the result to
-    ``MeZO`` as its ``params``.
-
-    >>> import torch
-    >>> lin, ln = torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)
-    >>> named = [("lin." + n, p) for n, p in lin.named_parameters()]
-    >>> named += [("ln." + n, p) for n, p in ln.named_parameters()]
-    >>> [len(g["params"]) for g in decay_groups(named, 0.1)]
-    [1, 3]
-    """
-    decay, no_decay = [], []
-    for name, p in named_parameters:
-        lowered = name.lower()
-        if p.ndim < 2 or lowered.endswith("bias") or "norm" in lowered:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def _round(x: float) -> float:
-    """8 significant digits: short in JSON, and the value used is the value stored."""
-    return float(f"{x:.8g}")
-
-
-def _finite_or_none(x: float) -> float | None:
-    return _round(x) if math.isfinite(x) else None
-
-
-
-# ----------------------------------------------------------------------------- sharding
-
-
-class _Queries:
-    """Which of a step's directions this process evaluates, and how the others' losses arrive.
-
-    One process evaluates them all. With ``shard=(rank, world)`` (query-parallel n-SPSA)
-    it evaluates ``k % world == rank`` and ``exchange`` brings every process's rows.
-    """
-
-    def __init__(self, shard: tuple[int, int] | None, exchange: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-        self.rank, self.world = shard if shard is not None else (0, 1)
-        self.exchange = exchange if shard is not None else None
-
-    def mine(self, k: int) -> bool:
-        return k % self.world == self.rank
-
-    def gather(self, plus: list[float], minus: list[float]) -> None:
-        """Fill in, in place, the (l+, l-) of the directions other processes evaluated."""
-        if self.exchange is None:
-            return
-        rows = torch.tensor([[k, plus[k], minus[k]] for k in range(len(plus)) if self.mine(k)], dtype=torch.float64)
-        for k, lp, lm in self.exchange(rows).tolist():
-            plus[int(k)], minus[int(k)] = lp, lm
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -236,37 +168,13 @@ class MeZO:
         noise: str = "auto",
         shaping: str = "none",
     ) -> None:
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-        if not (isinstance(n, int) and n >= 1):
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        if rule not in RULES:
-            raise ValueError(f"unknown update rule {rule!r}; choose one of {', '.join(RULES)}")
-        if on_nonfinite not in ("skip", "raise"):
-            raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
-        if perturb not in PERTURB:
-            raise ValueError(f"unknown perturb {perturb!r}; choose one of {', '.join(PERTURB)}")
-        if shaping not in SHAPINGS:
-            raise ValueError(f"unknown shaping {shaping!r}; choose one of {', '.join(SHAPINGS)}")
-        if noise not in NOISE_BACKENDS:
-            raise ValueError(f"unknown noise backend {noise!r}; choose one of {', '.join(NOISE_BACKENDS)}")
-        if perturb == "forward" and not isinstance(model, torch.nn.Module):
-            raise ValueError("perturb='forward' needs model=<the torch.nn.Module that holds the parameters>")
-        if shard is not None:
-            rank, world = shard
-            if not (0 <= rank < world) or exchange is None:
-                raise ValueError(f"shard=(rank, world) needs 0 <= rank < world and an exchange function, got {shard!r}")
-            if n % world:
-                raise ValueError(f"query-parallel n-SPSA needs n to be a multiple of the world size ({world}), got n={n}")
+        _check_settings(lr, eps, n, rule, on_nonfinite, perturb, shaping, noise, model, shard, exchange)
         self.defaults = {"lr": float(lr), "weight_decay": float(weight_decay)}
         self.eps, self.seed, self.n, self.rule = float(eps), int(seed), n, rule
         self.momentum, self.betas, self.adam_eps = momentum, tuple(betas), adam_eps
         self.schedule = schedule
         self.on_nonfinite, self.shaping = on_nonfinite, shaping
-        self.param_groups = self._groups(params)
-        self.state: dict[int, dict[str, torch.Tensor]] = {}
+        self.param_groups = param_groups(params, self.defaults["lr"], self.defaults["weight_decay"])
         self.trajectory: list[dict] = []
         self.step_count = 0
         self.perturb, self.shard, self.exchange = perturb, shard, exchange
@@ -278,44 +186,13 @@ class MeZO:
         trained = list(self._params())
         self._perturb = (InPlace(trained, self.eps, self._kernel) if perturb == "inplace"
                          else Forward(trained, self.eps, self._kernel, model))
-        self._queries = _Queries(shard, exchange)
+        self._queries = Queries(shard, exchange)
         # fused: the probe's third pass (the restore) also applies the update -- in step and in replay
         self._fused = n == 1 and rule == "sgd" and perturb == "inplace" and shard is None
-        self._rule = self._fused_sgd if self._fused else self._sgd if rule == "sgd" else self._stateful
+        self._stateful = Stateful(rule, momentum, self.betas, adam_eps)  # its buffers: self.state
+        self._rule = fused_sgd if self._fused else sgd if rule == "sgd" else self._stateful
 
     # -- setup ---------------------------------------------------------------
-
-    def _groups(self, params: Iterable) -> list[dict]:
-        if isinstance(params, torch.Tensor):
-            raise TypeError("params must be an iterable of tensors or of param groups, not a tensor")
-        params = list(params)
-        if not params:
-            raise ValueError("MeZO got an empty parameter list")
-        raw = params if isinstance(params[0], dict) else [{"params": params}]
-        groups, seen, index = [], set(), 0
-        for g in raw:
-            g = dict(g)
-            ps = g["params"]
-            ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
-            kept, indices = [], []
-            for p in ps:
-                if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-                    raise TypeError(f"MeZO trains floating-point tensors, got {type(p).__name__}")
-                if id(p) in seen:
-                    raise ValueError("a tensor appears in more than one parameter group")
-                seen.add(id(p))
-                if isinstance(p, torch.nn.Parameter) and not p.requires_grad:
-                    continue
-                kept.append(p)
-                indices.append(index)
-                index += 1
-            g["params"], g["index"] = kept, indices
-            g.setdefault("lr", self.defaults["lr"])
-            g.setdefault("weight_decay", self.defaults["weight_decay"])
-            groups.append(g)
-        if index == 0:
-            raise ValueError("MeZO got no trainable tensors (all frozen?)")
-        return groups
 
     def _params(self):
         for g in self.param_groups:
@@ -324,11 +201,20 @@ class MeZO:
     def lr_at(self, step: int) -> float:
         """The base learning rate used at ``step``."""
         factor = 1.0 if self.schedule is None else float(self.schedule(step))
-        return _round(self.defaults["lr"] * factor)
+        return round8(self.defaults["lr"] * factor)
 
     def _group_lr(self, g: dict, lr: float) -> float:
         base = self.defaults["lr"]
         return g["lr"] * (lr / base) if base else g["lr"]
+
+    @property
+    def state(self) -> dict[int, dict[str, torch.Tensor]]:
+        """The momentum / adam buffers, per tensor index (empty for sgd)."""
+        return self._stateful.state
+
+    @state.setter
+    def state(self, value: dict[int, dict[str, torch.Tensor]]) -> None:
+        self._stateful.state = value
 
     def remove_hooks(self) -> None:
         """Take the forward hooks of ``perturb="forward"`` off the model."""
@@ -361,8 +247,8 @@ class MeZO:
             "seeds": seeds,
             "grads": grads,
             "lr": lr,
-            "loss_plus": [_finite_or_none(x) for x in plus],
-            "loss_minus": [_finite_or_none(x) for x in minus],
+            "loss_plus": [finite_or_none(x) for x in plus],
+            "loss_minus": [finite_or_none(x) for x in minus],
             "ties": sum(a == b for a, b in zip(plus, minus)),
             "skipped": skipped,
         }
@@ -385,20 +271,9 @@ class MeZO:
         return plus, minus
 
     def points(self, seeds: Sequence[int]) -> list[list[torch.Tensor]]:
-        """The trained tensors where ``_probe`` evaluates them, bit for bit, as new tensors:
-        for each seed in turn, after ``+eps z`` and after ``-2 eps z``, then back by ``+eps z``
-        (so a later direction starts from the same rounded point as in place)."""
-        out = []
-        with torch.no_grad():
-            cur = [(i, p.detach().clone()) for i, p in self._params()]
-            for s in seeds:
-                for coef in (1.0, -2.0):
-                    for i, q in cur:
-                        _axpz_param(q, s, i, 1.0, coef * self.eps, self._kernel)
-                    out.append([q.clone() for _, q in cur])
-                for i, q in cur:
-                    _axpz_param(q, s, i, 1.0, self.eps, self._kernel)
-        return out
+        """The trained tensors where ``_probe`` evaluates them, bit for bit, as new tensors
+        (``InPlace.points``: the in-place passes' own arithmetic)."""
+        return self._perturb.points(list(seeds))
 
     def _probe_together(self, seeds: list[int],
                         probes: Callable[[list], Any]) -> tuple[list[float], list[float]] | None:
@@ -412,8 +287,8 @@ class MeZO:
         losses = list(losses)
         if len(losses) != 2 * self.n:
             raise ValueError(f"probes returned {len(losses)} losses for {2 * self.n} points")
-        plus = [_as_float(x, "l+") for x in losses[0::2]]
-        minus = [_as_float(x, "l-") for x in losses[1::2]]
+        plus = [as_loss(x, "l+") for x in losses[0::2]]
+        minus = [as_loss(x, "l-") for x in losses[1::2]]
         for s, lp, lm in zip(seeds, plus, minus):
             try:
                 self._passes(s, finite=math.isfinite(lp) and math.isfinite(lm))
@@ -425,10 +300,10 @@ class MeZO:
     def _probe(self, s: int, closure: Callable[[], Any]) -> tuple[float, float]:
         """l+ at theta + eps z(s), l- at theta - eps z(s), then back to theta (or left for the fused update)."""
         self._perturb.shift(s, +1.0)
-        lp = _as_float(closure(), "l+")
+        lp = as_loss(closure(), "l+")
         self._perturb.check_reached()
         self._perturb.shift(s, -2.0)
-        lm = _as_float(closure(), "l-")
+        lm = as_loss(closure(), "l-")
         self._back(s, math.isfinite(lp) and math.isfinite(lm))
         return lp, lm
 
@@ -453,9 +328,7 @@ class MeZO:
             )
         if skipped:
             return [0.0] * self.n, True
-        if self.shaping == "none":
-            return [_round((lp - lm) / (2 * self.eps)) for lp, lm in zip(plus, minus)], False
-        return [_round(c) for c in shaped_coefficients(plus, minus, self.shaping)], False
+        return coefficients(plus, minus, self.eps, self.shaping), False
 
     def _commit(self, record: dict) -> None:
         """Apply a record's update and append it: both land, or neither does."""
@@ -474,51 +347,9 @@ class MeZO:
                 glr = self._group_lr(group, lr)
                 decay = 1.0 - glr * group["weight_decay"]
                 for i, p in zip(group["index"], group["params"]):
-                    self._rule(i, p, seeds, grads, glr, decay)
+                    self._rule(i, p, seeds, grads, glr, decay, self.eps, self._kernel)
             if self._fused:
                 self._perturb.offset = 0.0  # that pass was also the restore
-
-    def _fused_sgd(self, i: int, p: torch.Tensor, seeds, grads, glr: float, decay: float) -> None:
-        """From theta - eps*z to decay*theta - lr*g*z in one pass (rule sgd, n = 1, in place)."""
-        _axpz_param(p, seeds[0], i, decay, decay * self.eps - glr * grads[0], self._kernel)
-
-    def _sgd(self, i: int, p: torch.Tensor, seeds, grads, glr: float, decay: float) -> None:
-        """At the restored base point: one pass per direction, the decay in the first."""
-        n = len(seeds)
-        for k, (s, g) in enumerate(zip(seeds, grads)):
-            _axpz_param(p, s, i, decay if k == 0 else 1.0, -glr * g / n, self._kernel)
-
-    def _stateful(self, i: int, p: torch.Tensor, seeds, grads, glr: float, decay: float) -> None:
-        """Momentum or adam on the estimate sum_k g_k z_k / n, built chunk by chunk in fp32."""
-        st = self.state.setdefault(i, {})
-        if not st:
-            st["exp_avg"] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-            if self.rule == "adam":
-                st["exp_avg_sq"] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-            st["t"] = torch.zeros((), dtype=torch.int64)
-        st["t"] += 1
-        t = int(st["t"])
-        flat, n = _flat(p), len(seeds)
-        if decay != 1.0:
-            flat.mul_(decay)
-        buf = torch.zeros(min(flat.numel(), _STATE_CHUNK), dtype=torch.float32, device=p.device)
-        b1, b2 = self.betas
-        for off in range(0, flat.numel(), _STATE_CHUNK):
-            size = min(_STATE_CHUNK, flat.numel() - off)
-            ghat = buf[:size].zero_()  # the chunk of sum_k g_k z_k / n
-            for s, g in zip(seeds, grads):
-                _chunk_axpz(ghat, s, i, off, g / n, self._kernel)
-            m = st["exp_avg"][off : off + size]
-            target = flat[off : off + size]
-            if self.rule == "momentum":
-                m.mul_(self.momentum).add_(ghat)
-                target.add_((-glr * m).to(target.dtype))
-            else:
-                v = st["exp_avg_sq"][off : off + size]
-                m.mul_(b1).add_(ghat, alpha=1 - b1)
-                v.mul_(b2).addcmul_(ghat, ghat, value=1 - b2)
-                denom = (v / (1 - b2**t)).sqrt_().add_(self.adam_eps)
-                target.add_((-glr / (1 - b1**t) * m / denom).to(target.dtype))
 
     # -- replay ----------------------------------------------------------------
 
@@ -567,58 +398,8 @@ class MeZO:
         """``"compiled"`` or ``"eager"``: which form of the noise kernel runs (on the
         first parameter's device)."""
         _, first = next(self._params())
-        return "compiled" if self._kernel._get_compiled(first.device.type) is not None else "eager"
+        return "compiled" if self._kernel.compiled_for(first.device.type) is not None else "eager"
 
-
-
-def _as_float(value: Any, which: str) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise TypeError(f"the closure must return a scalar loss, got a tensor of shape {tuple(value.shape)} for {which}")
-        return float(value.detach())
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic) and np.ndim(value) == 0:
-            return float(value)
-    except ImportError:  # pragma: no cover
-        pass
-    raise TypeError(f"the closure must return a float or a 0-dim tensor, got {type(value).__name__} for {which}")
-
-
-def shaped_coefficients(plus: Sequence[float], minus: Sequence[float], shaping: str) -> list[float]:
-    """``c_k = (s(l+_k) - s(l-_k)) / 2`` where ``s`` standardises (``"zscore"``) or
-    centre-ranks (``"rank"``) the step's ``2n`` losses together; all equal: zeros.
-
-    >>> [round(c, 4) for c in shaped_coefficients([3.0, 1.0], [1.0, 1.0], "rank")]  # ranks 3, 1, 1, 1
-    [0.3333, 0.0]
-    >>> shaped_coefficients([2.0], [0.0], "zscore"), shaped_coefficients([5.0, 5.0], [5.0, 5.0], "zscore")
-    ([1.0], [0.0, 0.0])
-    """
-    values = [*plus, *minus]
-    m = len(values)
-    if shaping == "zscore":
-        mean = math.fsum(values) / m
-        std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / m)
-        s = [(v - mean) / std if std > 0 else 0.0 for v in values]
-    elif shaping == "rank":
-        order = sorted(range(m), key=values.__getitem__)
-        rank = [0.0] * m
-        i = 0
-        while i < m:  # equal values share the mean of their ranks
-            j = i
-            while j + 1 < m and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in order[i : j + 1]:
-                rank[k] = (i + j) / 2
-            i = j + 1
-        s = [r / (m - 1) - 0.5 for r in rank]
-    else:
-        raise ValueError(f"unknown shaping {shaping!r}; choose one of {', '.join(SHAPINGS[1:])}")
-    n = len(plus)
-    return [(s[k] - s[n + k]) / 2 for k in range(n)]
 
 
 def replay(params: Iterable, trajectory: Iterable[dict], **settings: Any) -> MeZO:
@@ -631,3 +412,31 @@ def replay(params: Iterable, trajectory: Iterable[dict], **settings: Any) -> MeZ
     opt = MeZO(params, **settings)
     opt.replay(trajectory)
     return opt
+
+
+def _check_settings(lr, eps, n, rule, on_nonfinite, perturb, shaping, noise, model, shard, exchange) -> None:
+    """MeZO's arguments, each refused with one line naming what it takes."""
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if rule not in RULES:
+        raise ValueError(f"unknown update rule {rule!r}; choose one of {', '.join(RULES)}")
+    if on_nonfinite not in ("skip", "raise"):
+        raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
+    if perturb not in PERTURB:
+        raise ValueError(f"unknown perturb {perturb!r}; choose one of {', '.join(PERTURB)}")
+    if shaping not in SHAPINGS:
+        raise ValueError(f"unknown shaping {shaping!r}; choose one of {', '.join(SHAPINGS)}")
+    if noise not in NOISE_BACKENDS:
+        raise ValueError(f"unknown noise backend {noise!r}; choose one of {', '.join(NOISE_BACKENDS)}")
+    if perturb == "forward" and not isinstance(model, torch.nn.Module):
+        raise ValueError("perturb='forward' needs model=<the torch.nn.Module that holds the parameters>")
+    if shard is not None:
+        rank, world = shard
+        if not (0 <= rank < world) or exchange is None:
+            raise ValueError(f"shard=(rank, world) needs 0 <= rank < world and an exchange function, got {shard!r}")
+        if n % world:
+            raise ValueError(f"query-parallel n-SPSA needs n to be a multiple of the world size ({world}), got n={n}")

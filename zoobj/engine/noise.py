@@ -8,11 +8,11 @@ touched. Nothing the size of the model is stored: ``z`` is rebuilt on every pass
 - seeds: ``step_seed(seed, step, k)`` names direction ``k`` of a step; ``_param_key``
   derives two 32-bit keys per parameter (and per 2**31-element span of it).
 - the arithmetic: ``_axpz(flat, ...)`` does ``flat <- a * flat + b * z`` in fp32.
-- the kernel: ``_Kernel`` runs ``_axpz`` compiled (``torch.compile``, one fused kernel)
+- the kernel: ``Kernel`` runs ``_axpz`` compiled (``torch.compile``, one fused kernel)
   where that works and eagerly in chunks elsewhere; the two agree to within a float32
-  rounding of ``z``. ``_kernel`` is the process's choice, ``_eager_kernel`` the eager
+  rounding of ``z``. ``KERNEL`` is the process's choice, ``EAGER_KERNEL`` the eager
   form (to replay a run that ran eagerly); ``kernel_for(backend)`` picks one.
-- callers: ``_axpz_param`` (a whole parameter, in place), ``_chunk_axpz`` (a slice of
+- callers: ``axpz_param`` (a whole parameter, in place), ``chunk_axpz`` (a slice of
   ``z`` added to a buffer), ``noise`` (``z`` itself, for inspection and tests).
 
 >>> z = noise(5, seed=1)
@@ -108,7 +108,7 @@ def _axpz(flat: torch.Tensor, k1, k2, offset, a, b) -> None:
 # ----------------------------------------------------------------------------- the kernel
 
 
-class _Kernel:
+class Kernel:
     """Chooses, once per process and device type, the compiled or the eager form of ``_axpz``."""
 
     def __init__(self, compile: bool = True) -> None:
@@ -116,7 +116,7 @@ class _Kernel:
         self.backend = "eager"
         self.compile = compile  # False: always the eager form (replaying a run that ran eagerly)
 
-    def _get_compiled(self, device_type: str = "cpu") -> Callable | None:
+    def compiled_for(self, device_type: str = "cpu") -> Callable | None:
         if device_type not in self._compiled:
             self._compiled[device_type] = None
             wanted = self.compile and os.environ.get("ZOOBJ_COMPILE", "1") not in ("0", "false", "no")
@@ -147,7 +147,7 @@ class _Kernel:
         dev = flat.device
         fa = torch.tensor(a, dtype=torch.float32, device=dev)
         fb = torch.tensor(b, dtype=torch.float32, device=dev)
-        compiled = self._get_compiled(dev.type)
+        compiled = self.compiled_for(dev.type)
         for span, start in enumerate(range(0, flat.numel(), _MAX_SPAN)):
             part = flat[start : start + _MAX_SPAN]
             k1, k2 = (_key(k, dev) for k in _param_key(seed, index, span))
@@ -158,49 +158,49 @@ class _Kernel:
                 _axpz(part[off : off + _EAGER_CHUNK], k1, k2, off, fa, fb)
 
 
-_kernel = _Kernel()
-_eager_kernel = _Kernel(compile=False)
+KERNEL = Kernel()
+EAGER_KERNEL = Kernel(compile=False)
 
 
-def kernel_for(backend: str) -> _Kernel:
+def kernel_for(backend: str) -> Kernel:
     """The kernel for a ``NOISE_BACKENDS`` name (looked up at call time, so a patched
-    ``_kernel`` is the one used)."""
-    return _eager_kernel if backend == "eager" else _kernel
+    ``KERNEL`` is the one used)."""
+    return EAGER_KERNEL if backend == "eager" else KERNEL
 
 
 # ----------------------------------------------------------------------------- callers
 
 
-def _flat(p: torch.Tensor) -> torch.Tensor:
+def flat_view(p: torch.Tensor) -> torch.Tensor:
     return p.detach().view(-1)
 
 
-def _axpz_param(p: torch.Tensor, seed: int, index: int, a: float, b: float, kernel: _Kernel) -> None:
+def axpz_param(p: torch.Tensor, seed: int, index: int, a: float, b: float, kernel: Kernel) -> None:
     """``p <- a * p + b * z(seed, index)``, in place, for a whole parameter."""
     if a == 1.0 and b == 0.0:  # nothing to do (and -0.0 stays -0.0)
         return
     if p.is_contiguous():
-        kernel(_flat(p), seed, index, a, b)
+        kernel(flat_view(p), seed, index, a, b)
     else:  # rare: work on a contiguous copy and write it back
         tmp = p.detach().contiguous()
         kernel(tmp.view(-1), seed, index, a, b)
         p.detach().copy_(tmp)
 
 
-def _chunk_axpz(buf: torch.Tensor, seed: int, index: int, offset: int, b: float, kernel: _Kernel) -> None:
+def chunk_axpz(buf: torch.Tensor, seed: int, index: int, offset: int, b: float, kernel: Kernel) -> None:
     """buf += b * z(seed, index)[offset : offset + len(buf)] (offset < 2**31 per span)."""
     span, local = divmod(offset, _MAX_SPAN)
     if local + buf.numel() > _MAX_SPAN:  # straddles a re-keyed span: split it
         cut = _MAX_SPAN - local
-        _chunk_axpz(buf[:cut], seed, index, offset, b, kernel)
-        _chunk_axpz(buf[cut:], seed, index, offset + cut, b, kernel)
+        chunk_axpz(buf[:cut], seed, index, offset, b, kernel)
+        chunk_axpz(buf[cut:], seed, index, offset + cut, b, kernel)
         return
     dev = buf.device
     k1, k2 = (_key(k, dev) for k in _param_key(seed, index, span))
     one = torch.ones((), dtype=torch.float32, device=dev)
     fb = torch.tensor(b, dtype=torch.float32, device=dev)
     off = _key(local, dev)
-    fn = kernel._get_compiled(dev.type) or _axpz
+    fn = kernel.compiled_for(dev.type) or _axpz
     fn(buf, k1, k2, off, one, fb)
 
 
@@ -217,5 +217,5 @@ def noise(shape: Sequence[int] | int, seed: int, index: int = 0, dtype=torch.flo
     True
     """
     out = torch.zeros(shape, dtype=dtype, device=device)
-    _kernel(out.view(-1), seed, index, 0.0, 1.0)
+    KERNEL(out.view(-1), seed, index, 0.0, 1.0)
     return out

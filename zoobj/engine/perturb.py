@@ -12,7 +12,9 @@ scheme). ``Forward`` writes nothing: a hook on each module that owns a trained t
 builds the perturbed tensor in a temporary for that module's forward and puts the
 original back after it, so the weights are exact in any dtype and never left perturbed.
 
-``atomic()`` holds SIGINT / SIGTERM while a pass over the weights runs.
+``atomic()`` holds SIGINT / SIGTERM while a pass over the weights runs. ``Queries`` says
+which of a step's directions this process evaluates (all, or a share in query-parallel
+n-SPSA).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-from zoobj.engine.noise import _axpz_param, _Kernel
+from zoobj.engine.noise import axpz_param, Kernel
 
 Params = list[tuple[int, torch.Tensor]]  # (index, tensor): the index keys the noise
 
@@ -70,25 +72,44 @@ class InPlace:
     """Each shift is written into the weights (in bf16/fp16 they do not come back exactly).
 
     >>> import torch
-    >>> from zoobj.engine.noise import _kernel
+    >>> from zoobj.engine.noise import KERNEL
     >>> w = torch.zeros(4)
-    >>> p = InPlace([(0, w)], eps=0.1, kernel=_kernel)
+    >>> p = InPlace([(0, w)], eps=0.1, kernel=KERNEL)
     >>> p.shift(seed=1, coef=+1.0); bool(w.abs().sum() > 0), p.offset
     (True, 1.0)
     >>> p.restore(seed=1); bool((w.abs() < 1e-6).all()), p.offset
     (True, 0.0)
     """
 
-    def __init__(self, params: Params, eps: float, kernel: _Kernel) -> None:
+    def __init__(self, params: Params, eps: float, kernel: Kernel) -> None:
         self.params, self.eps, self.kernel = params, eps, kernel
         self.offset = 0.0  # how many eps*z(seed) the weights are from the step's base point
+
+    def _move(self, tensors: Params, seed: int, coef: float) -> None:
+        """tensors += coef * eps * z(seed): the shift arithmetic, in one place."""
+        for i, p in tensors:
+            axpz_param(p, seed, i, 1.0, coef * self.eps, self.kernel)
 
     def shift(self, seed: int, coef: float) -> None:
         """theta += coef * eps * z(seed), as one uninterruptible pass."""
         with atomic(), torch.no_grad():
-            for i, p in self.params:
-                _axpz_param(p, seed, i, 1.0, coef * self.eps, self.kernel)
+            self._move(self.params, seed, coef)
             self.offset += coef  # inside the atomic block: always matches the weights
+
+    def points(self, seeds: list[int]) -> list[list[torch.Tensor]]:
+        """Where the probes of these seeds evaluate the trained tensors, bit for bit, as new
+        tensors (the weights are not written): for each seed in turn, after ``+eps z`` and
+        after ``-2 eps z``, then back by ``+eps z`` (so a later direction starts from the
+        same rounded point as in place)."""
+        out = []
+        with torch.no_grad():
+            cur = [(i, p.detach().clone()) for i, p in self.params]
+            for s in seeds:
+                for coef in (1.0, -2.0):
+                    self._move(cur, s, coef)
+                    out.append([q.clone() for _, q in cur])
+                self._move(cur, s, 1.0)
+        return out
 
     def restore(self, seed: int) -> None:
         """Back to the base point (after an exception)."""
@@ -106,7 +127,7 @@ class InPlace:
 class Forward:
     """Nothing is written: forward hooks add ``offset * eps * z(seed)`` to a temporary."""
 
-    def __init__(self, params: Params, eps: float, kernel: _Kernel, model: torch.nn.Module) -> None:
+    def __init__(self, params: Params, eps: float, kernel: Kernel, model: torch.nn.Module) -> None:
         self.params, self.eps, self.kernel = params, eps, kernel
         self.offset = 0.0  # read by the hooks: 0 means the forward sees the stored weights
         self.seed = 0  # the seed whose perturbation the hooks add
@@ -183,3 +204,26 @@ class Forward:
             entry = self._swapped.pop(id(p), None)
             if entry is not None:
                 p.data = entry[1]
+
+
+class Queries:
+    """Which of a step's directions this process evaluates, and how the others' losses arrive.
+
+    One process evaluates them all. With ``shard=(rank, world)`` (query-parallel n-SPSA)
+    it evaluates ``k % world == rank`` and ``exchange`` brings every process's rows.
+    """
+
+    def __init__(self, shard: tuple[int, int] | None, exchange) -> None:
+        self.rank, self.world = shard if shard is not None else (0, 1)
+        self.exchange = exchange if shard is not None else None
+
+    def mine(self, k: int) -> bool:
+        return k % self.world == self.rank
+
+    def gather(self, plus: list[float], minus: list[float]) -> None:
+        """Fill in, in place, the (l+, l-) of the directions other processes evaluated."""
+        if self.exchange is None:
+            return
+        rows = torch.tensor([[k, plus[k], minus[k]] for k in range(len(plus)) if self.mine(k)], dtype=torch.float64)
+        for k, lp, lm in self.exchange(rows).tolist():
+            plus[int(k)], minus[int(k)] = lp, lm

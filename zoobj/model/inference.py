@@ -77,7 +77,7 @@ def _restricted(head: torch.nn.Linear, ids: torch.Tensor):
 
 
 def _through_shared(shared, via_shared, plain):
-    """``via_shared()`` when ``shared`` (a ``zoobj.model.shared.SharedPrefix``) is given and
+    """``via_shared()`` when ``shared`` (a ``zoobj.model.prefix.SharedPrefix``) is given and
     still enabled; where it cannot serve the model, it is disabled (once, with its
     reason) and ``plain()`` runs, as it does without one."""
     if shared is not None and shared.store.disabled is None:
@@ -111,7 +111,7 @@ def score_candidates(
     ``relative``: each row's scores may be off by one constant of that row (enough for
     an argmax or a softmax over the candidates): where all of a batch's candidates are
     single tokens, their logits are computed instead of the vocabulary's log-softmax.
-    ``shared`` (``zoobj.model.shared.SharedPrefix``): the frozen lower blocks over each batch
+    ``shared`` (``zoobj.model.prefix.SharedPrefix``): the frozen lower blocks over each batch
     of prompts are computed once and reused while the prompts and those weights stay.
     """
     dev, pad = device_of(model), tok.pad_token_id
@@ -122,7 +122,6 @@ def score_candidates(
             if not c:
                 raise ValueError(f"candidate {candidates[i][j]!r} encodes to no tokens")
     scores: list[list[float]] = [[] for _ in prompts]
-    kw = cache_kw(model)
     if shared is not None:
         shared.store.begin(tuple(p) for p in prompt_ids)
     head = _exact_head(model, prompt_ids[0]) if relative and prompts else None
@@ -143,32 +142,38 @@ def score_candidates(
             first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (b, V)
             totals = {(r, j): float(first[r, c[0]]) for r, j, c in flat}
         if any(len(c) > 1 for _, _, c in flat):
-            # Repeat the prompt cache per candidate and run only the candidate tokens.
-            counts = [len(cand_ids[i]) for i in rows]
-            if len(set(counts)) != 1:
-                raise ValueError("examples in one batch must have the same number of candidates")
-            per = counts[0]
-            cache = cache_out(out)
-            cache.batch_repeat_interleave(per)
-            width = max(len(c) for _, _, c in flat) - 1
-            cids = torch.full((len(flat), max(width, 1)), pad, dtype=torch.long)
-            cmask = torch.zeros((len(flat), max(width, 1)), dtype=torch.long)
-            for k, (_, _, c) in enumerate(flat):
-                cids[k, : len(c) - 1] = torch.tensor(c[:-1])
-                cmask[k, : len(c) - 1] = 1
-            full_mask = torch.cat([mask.repeat_interleave(per, 0), cmask.to(dev)], dim=1)
-            start = mask.sum(-1).repeat_interleave(per, 0)[:, None]
-            pos = start + torch.arange(cids.shape[1], device=dev)[None, :]
-            out2 = model(input_ids=cids.to(dev), attention_mask=full_mask, position_ids=pos, use_cache=True, **{kw: cache})
-            logp = torch.log_softmax(out2.logits.float(), dim=-1)
-            for k, (r, j, c) in enumerate(flat):
-                if len(c) > 1:
-                    nxt = torch.tensor(c[1:], device=dev)
-                    totals[(r, j)] += float(logp[k, : len(c) - 1].gather(-1, nxt[:, None]).sum())
+            _add_continuations(model, out, mask, flat, [len(cand_ids[i]) for i in rows], pad, totals)
         for r, j, c in flat:
             value = totals[(r, j)]
             scores[rows[r]].append(value / len(c) if length_normalize else value)
     return scores
+
+
+def _add_continuations(model, out, mask: torch.Tensor, flat: list, counts: list[int], pad: int, totals: dict) -> None:
+    """Add to ``totals[(r, j)]`` the log-probabilities of candidate ``j``'s tokens after its
+    first (``flat``: ``(row, candidate, ids)``), running only those tokens over the prompt
+    cache of ``out`` repeated once per candidate."""
+    if len(set(counts)) != 1:
+        raise ValueError("examples in one batch must have the same number of candidates")
+    dev, per = mask.device, counts[0]
+    cache = cache_out(out)
+    cache.batch_repeat_interleave(per)
+    width = max(len(c) for _, _, c in flat) - 1
+    cids = torch.full((len(flat), max(width, 1)), pad, dtype=torch.long)
+    cmask = torch.zeros((len(flat), max(width, 1)), dtype=torch.long)
+    for k, (_, _, c) in enumerate(flat):
+        cids[k, : len(c) - 1] = torch.tensor(c[:-1])
+        cmask[k, : len(c) - 1] = 1
+    full_mask = torch.cat([mask.repeat_interleave(per, 0), cmask.to(dev)], dim=1)
+    start = mask.sum(-1).repeat_interleave(per, 0)[:, None]
+    pos = start + torch.arange(cids.shape[1], device=dev)[None, :]
+    out2 = model(input_ids=cids.to(dev), attention_mask=full_mask, position_ids=pos, use_cache=True,
+                 **{cache_kw(model): cache})
+    logp = torch.log_softmax(out2.logits.float(), dim=-1)
+    for k, (r, j, c) in enumerate(flat):
+        if len(c) > 1:
+            nxt = torch.tensor(c[1:], device=dev)
+            totals[(r, j)] += float(logp[k, : len(c) - 1].gather(-1, nxt[:, None]).sum())
 
 
 def _merged_prefill(model, prompt_ids: list[list[int]], dev, shared=None):
@@ -233,7 +238,7 @@ def generate(
 
     Prompts are prefilled one by one (so no work goes into padding) and decoded
     together; a row that has stopped leaves the batch. With ``shared``
-    (``zoobj.model.shared.SharedPrefix``) each prompt's frozen lower blocks are computed once
+    (``zoobj.model.prefix.SharedPrefix``) each prompt's frozen lower blocks are computed once
     and reused while the prompts and those weights stay; decoding runs every block.
     """
     dev, pad = device_of(model), tok.pad_token_id
@@ -285,7 +290,7 @@ def target_nll(model, tok, prompts: Sequence[str], targets: Sequence[str], batch
 def target_nll_sum(model, tok, prompts: Sequence[str], targets: Sequence[str],
                    batch_size: int = 16, shared=None) -> tuple[float, int]:
     """``(summed NLL, number of target tokens)``: what data-parallel ranks add up.
-    ``shared`` (``zoobj.model.shared.SharedPrefix``): the frozen lower blocks over each batch
+    ``shared`` (``zoobj.model.prefix.SharedPrefix``): the frozen lower blocks over each batch
     of prompt + target sequences are computed once while they and those weights stay."""
     dev, pad = device_of(model), tok.pad_token_id
     total, count = 0.0, 0

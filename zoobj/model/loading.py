@@ -130,6 +130,20 @@ def converted_dir(alias: str) -> Path:
     return target
 
 
+def _source(name: str) -> Path | str:
+    """Where a model name points: the converted copy of an alias, a local path, or a Hub id."""
+    if name in ALIASES:
+        return converted_dir(name)
+    if os.path.exists(os.path.expanduser(name)):
+        return Path(os.path.expanduser(name))
+    if _looks_like_path(name):
+        raise ModelError(
+            f"model path {name!r} does not exist; pass a directory saved with save_pretrained, "
+            f"a .gguf file, a Hub id, or an alias ({', '.join(ALIASES)})"
+        )
+    return name  # a Hub id
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "float32",
@@ -153,18 +167,9 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     _quiet()
     name = str(name_or_path)
+    source = None  # unknown until resolved (no Hub hint for an alias that fails to convert)
     try:
-        if name in ALIASES:
-            source = converted_dir(name)
-        elif os.path.exists(os.path.expanduser(name)):
-            source = Path(os.path.expanduser(name))
-        elif _looks_like_path(name):
-            raise ModelError(
-                f"model path {name!r} does not exist; pass a directory saved with save_pretrained, "
-                f"a .gguf file, a Hub id, or an alias ({', '.join(ALIASES)})"
-            )
-        else:
-            source = name  # a Hub id
+        source = _source(name)
         if isinstance(source, Path) and source.is_file():
             if source.suffix != ".gguf":
                 raise ModelError(f"model file {name!r} is not a .gguf file; pass its directory instead")

@@ -451,7 +451,7 @@ def finalise(r: RunState, zero: dict | None) -> tuple[dict | None, list | None]:
 def write_result(r: RunState, result: dict, predictions: list) -> None:
     """Rank 0, after the log is closed: predictions.jsonl, eval.json, curve.png, and the
     kept weights with --save-model."""
-    tj.write_jsonl(r.out / tj.PREDICTIONS, [{"index": i, "prediction": p.item() if hasattr(p, "item") else p}
+    tj.write_jsonl(r.out / tj.PREDICTIONS, [{"index": i, "prediction": p.item() if isinstance(p, (np.generic, torch.Tensor)) else p}
                                             for i, p in enumerate(predictions)])
     tj.write_json(r.out / tj.EVAL, result)
     plot_curve(r.out)
