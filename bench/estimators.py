@@ -69,8 +69,8 @@ def base_and_eps(task_name: str, seed: int, cache: Path) -> tuple[float, float]:
         return saved["value"], saved["eps_calibration"]["eps"]
     from zoobj.run.objective import evaluate
     from zoobj.run.session import prepare
-    from zoobj.tasks import get_task, train_dev
     from zoobj.run.train import TrainConfig, calibrate_run_eps
+    from zoobj.tasks import get_task, train_dev
 
     metric, batch, dev_limit, gen, _ = TASKS[task_name]
     task = get_task(task_name)

@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from zoobj.model import inference
 from zoobj.engine.mezo import MeZO
+from zoobj.model import inference
 from zoobj.model.loading import load_model
 from zoobj.model.params import trainable_parameters
 from zoobj.tasks import get_task

@@ -9,7 +9,7 @@ median of rounds:
   the final norm);
 
 each at N = 1 and N = 16 directions, by the plain path and by the shared path
-(``zoobj.model.shared``). The unit is one plain evaluation of the same batch with the same
+(``zoobj.model.prefix``). The unit is one plain evaluation of the same batch with the same
 trained set; a ratio is ``seconds per step / (2N x unit)``: 1.0 is what the plain path
 must cost, less is what sharing saves.
 
@@ -116,8 +116,8 @@ def agreement(model, tok, params, task, rows, metric, gen, shared, n: int, eps: 
 
 def measure(kind: str, args) -> dict:
     from zoobj import MeZO
-    from zoobj.run.objective import make_objective
     from zoobj.model.prefix import SharedPrefix
+    from zoobj.run.objective import make_objective
 
     model, tok, params, task, rows, metric, gen = setup(kind, args.model, args.batch, args.gen)
     shared, why = SharedPrefix.build(model, params)

@@ -96,8 +96,8 @@ def main() -> None:
     from zoobj.model.loading import load_model
     from zoobj.model.params import trainable_parameters
     from zoobj.model.params import TemplateParams
-    from zoobj.tasks import get_task
     from zoobj.model.template import template_tail
+    from zoobj.tasks import get_task
 
     task = get_task("squad")
     rows = task.load("train")[args.start : args.start + args.batch_size]

@@ -6,8 +6,8 @@ import sys
 
 from safetensors.torch import save_file
 
-from zoobj.run import distributed
 from zoobj.model.loading import load_model
+from zoobj.run import distributed
 from zoobj.run.train import TrainConfig, run
 
 

@@ -185,8 +185,8 @@ def test_a_metric_nothing_unties_is_one_line_naming_the_levers_and_leaves_no_run
 
 
 def test_eps_must_be_a_number_or_auto():
-    from zoobj.run.config import TrainConfig
     from zoobj.errors import ConfigError
+    from zoobj.run.config import TrainConfig
 
     assert TrainConfig(task="sst2", eps="0.01").resolved().eps == 0.01
     assert TrainConfig(task="sst2", eps="AUTO").resolved().eps == "auto"

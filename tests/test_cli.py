@@ -182,9 +182,9 @@ def test_keep_best_evaluates_saves_and_exports_the_best_dev_step(model_dir, tmp_
 
     from transformers import AutoModelForCausalLM
 
+    from zoobj.engine import trajectory as tj
     from zoobj.run.config import load_run_config
     from zoobj.run.session import prepare
-    from zoobj.engine import trajectory as tj
 
     records = tj.read_trajectory(run_dir / "trajectory.jsonl")
     at = {}
@@ -241,8 +241,8 @@ def _help(*command):
 
 
 def test_help_shows_the_defaults_and_choices_of_train_config():
-    from zoobj.run.config import KEEP, PARALLEL, PEFT, TrainConfig, cli_fields
     from zoobj.engine.mezo import PERTURB, RULES
+    from zoobj.run.config import KEEP, PARALLEL, PEFT, TrainConfig, cli_fields
     from zoobj.run.objective import OBJECTIVES
 
     shown = _help("train")
@@ -287,8 +287,8 @@ def test_a_default_changed_in_train_config_is_the_one_help_shows(monkeypatch):
 
 
 def test_compare_gives_both_arms_the_shared_settings_and_its_own_defaults(tmp_path, monkeypatch, capsys):
-    from zoobj.run import compare
     from zoobj.model import loading as models
+    from zoobj.run import compare
     from zoobj.run import objective
     from zoobj.run.config import TrainConfig
 

@@ -130,8 +130,8 @@ def test_gpu_benchmark_script_runs_on_cpu_in_quick_mode():
 ])
 def test_settings_that_cannot_work_across_processes_are_refused_before_any_collective(model_dir, tmp_path, change,
                                                                                         needle):
-    from zoobj.run.distributed import World
     from zoobj.errors import ConfigError
+    from zoobj.run.distributed import World
 
     world = World(rank=0, size=2, backend="gloo", device=torch.device("cpu"))  # no process group: nothing may talk
     cfg = TrainConfig(model=model_dir, output=str(tmp_path / "run"), **{**SETTINGS["data-ce"], **change})

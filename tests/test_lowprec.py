@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from tests.test_cli import cli
 from tests.tiny import tiny_gemma, tiny_tokenizer
-from zoobj.model import inference
 from zoobj.engine.mezo import MeZO
+from zoobj.model import inference
 from zoobj.model.loading import load_model
 
 LR0 = ["--task", "sst2", "--objective", "ce", "--batch-size", "4", "--eval-limit", "4", "--eval-every", "0",

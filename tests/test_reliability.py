@@ -290,8 +290,8 @@ def test_reward_breaking_mid_step_restores_the_weights(tmp_path):
     lands on the start of the step up to float32 rounding (about 1e-8 here); bit for bit it
     is what the same three passes give on the replayed weights. The files are exact: base
     + trajectory rebuild the complete steps bit for bit (the resume test above)."""
-    from zoobj.errors import RewardError
     from zoobj.engine.mezo import MeZO
+    from zoobj.errors import RewardError
     from zoobj.run.session import lr_schedule
     from zoobj.run.train import TrainConfig, run
 

@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from zoobj.run import export
-from zoobj.run import plots
-from zoobj.run import train
 from zoobj.engine import trajectory as tj
 from zoobj.errors import ConfigError
 from zoobj.model.loading import load_model
+from zoobj.run import export
+from zoobj.run import plots
+from zoobj.run import train
 from zoobj.run.train import TrainConfig, run
 
 BASE = dict(task="sst2", steps=6, batch_size=4, lr=5e-2, eps=1e-2, eval_limit=8, eval_every=2, dev_limit=8,

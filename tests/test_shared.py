@@ -8,11 +8,11 @@ import torch
 
 from tests.tiny import tiny_gemma, tiny_llama, tiny_tokenizer
 from zoobj import MeZO
-from zoobj.model import blocks
 from zoobj.errors import ConfigError
+from zoobj.model import blocks
 from zoobj.model.params import trainable_parameters
-from zoobj.run.objective import make_objective
 from zoobj.model.prefix import SharedPrefix
+from zoobj.run.objective import make_objective
 from zoobj.tasks import get_task
 
 

@@ -6,13 +6,13 @@ import torch
 
 from tests.tiny import tiny_gemma, tiny_tokenizer
 from zoobj import MeZO
-from zoobj.model import inference, kv
 from zoobj.errors import ConfigError
+from zoobj.model import inference, kv
 from zoobj.model.params import trainable_parameters
 from zoobj.model.params import TemplateParams
 from zoobj.model.tail_probes import PromptBodyStore
-from zoobj.tasks import get_task
 from zoobj.model.template import template_tail
+from zoobj.tasks import get_task
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +111,8 @@ def test_a_template_run_resumes_exports_and_reevaluates_to_its_number(model_dir,
     import json
 
     from tests.test_cli import cli
-    from zoobj.model import template
     from zoobj.engine import trajectory as tj
+    from zoobj.model import template
 
     whole, cut, exported = tmp_path / "whole", tmp_path / "cut", tmp_path / "exported"
     assert cli("train", *SQUAD_RUN, "--model", model_dir, "--steps", "3", "--output", whole) == 0

@@ -17,9 +17,9 @@ import typer
 from rich.markup import escape
 
 import zoobj
+from zoobj.errors import ZoobjError
 from zoobj.run import compare
 from zoobj.run.config import TrainConfig, cli_fields, shown_default
-from zoobj.errors import ZoobjError
 
 app = typer.Typer(
     add_completion=False,

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from zoobj.engine.noise import axpz_param, Kernel
+from zoobj.engine.noise import Kernel, axpz_param
 
 Params = list[tuple[int, torch.Tensor]]  # (index, tensor): the index keys the noise
 

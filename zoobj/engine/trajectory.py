@@ -15,8 +15,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from zoobj.errors import DataError
 from zoobj.engine.mezo import RECORD_KEYS
+from zoobj.errors import DataError
 
 CONFIG, TRAJECTORY, LOG, EVAL, CURVE = "config.json", "trajectory.jsonl", "log.jsonl", "eval.json", "curve.png"
 PREDICTIONS = "predictions.jsonl"

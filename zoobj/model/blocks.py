@@ -13,7 +13,7 @@ choices here".
 - ``swapped_forwards(modules, forwards)``: give modules another ``forward`` for a call
   (``pass_through`` skips a block), without touching model code.
 - ``lowest_trained_block(model, params)``: the cut below which nothing a step perturbs
-  can change the computation (``zoobj.model.shared``), or ``None`` when a trained tensor
+  can change the computation (``zoobj.model.prefix``), or ``None`` when a trained tensor
   lies outside the blocks and below them (embeddings, a prefix).
 
 >>> parse_layers("top:2", 6), parse_layers("1-3", 6), parse_layers("4", 6)

@@ -38,7 +38,8 @@ class ParamSet(Protocol):
     """What a parameter set says about itself.
 
     - ``name``: its ``--peft`` value; ``lr`` and ``eps``: its defaults, in the units of
-      its own tensors (the paper's, Malladi et al. 2023, Tables 15-16, where it has them).
+      its own tensors; ``paper``: whether they are the paper's (Malladi et al. 2023,
+      Tables 15-16) or zoobj's own.
     - ``attach(model, tok) -> (model, [(name, tensor), ...])``: the model to train (a
       peft wrapper, or the model with a template tail attached) and the trained
       tensors in a fixed order (the noise is keyed by that order).
@@ -53,6 +54,7 @@ class ParamSet(Protocol):
     name: str
     lr: float
     eps: float
+    paper: bool
 
     def attach(self, model, tok) -> tuple[object, Named]: ...
 
@@ -81,7 +83,7 @@ class FullParams:
     cost noise time while changing little); ``layers`` (``top:K`` or ``A-B``, see
     ``zoobj.model.blocks``) keeps those decoder blocks plus the final norm."""
 
-    name, lr, eps = "none", 1e-6, 1e-3
+    name, lr, eps, paper = "none", 1e-6, 1e-3, True
 
     def __init__(self, train_embeddings: bool = False, layers: str | None = None) -> None:
         if layers and train_embeddings:
@@ -108,7 +110,7 @@ class LoraParams:
     only those inside ``layers``); the base weights stay frozen. Adapter init is seeded
     by ``seed``. Saved merged into the weights: a plain transformers model."""
 
-    name, lr, eps = "lora", 1e-4, 1e-2
+    name, lr, eps, paper = "lora", 1e-4, 1e-2, True
 
     def __init__(self, seed: int = 0, r: int = 8, alpha: int = 16, layers: str | None = None) -> None:
         self.seed, self.r, self.alpha, self.layers = seed, r, alpha, layers
@@ -186,7 +188,7 @@ class PrefixParams:
     tokenizer's plain words when ``tok`` is given). It cannot be merged into the
     weights: saved as a peft adapter folder (``peft.AutoPeftModelForCausalLM``)."""
 
-    name, lr, eps = "prefix", 1e-2, 1e-1
+    name, lr, eps, paper = "prefix", 1e-2, 1e-1, True
 
     def __init__(self, seed: int = 0, tokens: int = 5) -> None:
         self.seed, self.tokens = seed, tokens
@@ -223,7 +225,7 @@ class TemplateParams:
     ``find_tail()`` when attached (the task's template and training rows). The defaults
     are zoobj's own, from the SQuAD dev sweep (docs/results.md, SQuAD)."""
 
-    name, lr, eps = "template", 0.2, 0.2
+    name, lr, eps, paper = "template", 0.2, 0.2, False
 
     def __init__(self, tail: list[int] | None = None, find_tail: Callable[[object], list[int]] | None = None) -> None:
         self.tail, self.find_tail = tail, find_tail
@@ -263,9 +265,10 @@ PARAM_SETS = {cls.name: cls for cls in (FullParams, LoraParams, PrefixParams, Te
 
 def make_param_set(peft: str = "none", *, train_embeddings: bool = False, seed: int = 0, layers: str | None = None,
                    lora_r: int = 8, lora_alpha: int = 16, prefix_tokens: int = 5, tail: list[int] | None = None,
-                   find_tail: Callable[[object], list[int]] | None = None) -> ParamSet:
+                   find_tail: Callable[[object], list[int]] | None = None, recorded: dict | None = None) -> ParamSet:
     """The parameter set ``--peft`` names, with its options; a ConfigError for an unknown
-    name or an option that does not apply to it."""
+    name or an option that does not apply to it. ``recorded``: a run's ``record()`` (its
+    config.json ``param_set``), whose template tail is used as recorded."""
     if peft not in PARAM_SETS:
         raise ConfigError(f"unknown --peft {peft!r}; choose one of {', '.join(PARAM_SETS)}")
     if layers and peft in ("prefix", "template"):
@@ -277,7 +280,7 @@ def make_param_set(peft: str = "none", *, train_embeddings: bool = False, seed: 
         return LoraParams(seed, lora_r, lora_alpha, layers)
     if peft == "prefix":
         return PrefixParams(seed, prefix_tokens)
-    return TemplateParams(tail, find_tail)
+    return TemplateParams(tail if tail is not None else (recorded or {}).get("tail"), find_tail)
 
 
 def trainable_parameters(model, peft: str = "none", train_embeddings: bool = False, seed: int = 0,

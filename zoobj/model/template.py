@@ -12,7 +12,7 @@ tuning (Lester et al. 2021) with two choices made for zeroth-order training:
   millions;
 - they sit at the *end* of the prompt, not the start: everything before them is the
   same for every perturbation (causal attention), so a probe runs only the tail and
-  the answer over keys and values computed once (``zoobj.model.shared.SharedPromptBody``).
+  the answer over keys and values computed once (``zoobj.model.tail_probes.PromptBodyStore``).
 
 The trained tensor ``delta`` (one row per tail token) is added to the embeddings
 wherever the tail's token sequence occurs in the input, which in a prompt is its end;

@@ -21,17 +21,17 @@ from pathlib import Path
 import torch
 
 from zoobj.engine import trajectory as tj
-from zoobj.errors import ConfigError
 from zoobj.engine.mezo import PERTURB, RULES, SHAPINGS
+from zoobj.errors import ConfigError
+from zoobj.model.params import PARAM_SETS
 from zoobj.run.objective import OBJECTIVES
 
-PEFT = ("none", "lora", "prefix", "template")
+PEFT = tuple(PARAM_SETS)
 PARALLEL = ("data", "query")
 KEEP = ("last", "best")
-# The paper's settings per parameter set (Malladi et al. 2023, Tables 15-16).
-PAPER_DEFAULTS = {"none": (1e-6, 1e-3), "lora": (1e-4, 1e-2), "prefix": (1e-2, 1e-1),
-                  # not in the paper: zoobj's own, from the SQuAD dev sweep (README, SQuAD)
-                  "template": (0.2, 0.2)}
+# lr and eps per parameter set, in its tensors' units: the paper's (Malladi et al. 2023,
+# Tables 15-16), and zoobj's own for the template tail (docs/results.md, SQuAD)
+PAPER_DEFAULTS = {name: (ps.lr, ps.eps) for name, ps in PARAM_SETS.items()}
 AUTO = "auto"  # --eps auto
 # Generation length while training a generation task, at most (answers are short; evaluation keeps the task's).
 TRAIN_MAX_NEW_TOKENS = 24
@@ -48,8 +48,9 @@ def setting(default=dataclasses.MISSING, help: str | None = None, shown: str | N
 
 
 def _paper(i: int) -> str:
-    paper = ", ".join(f"{v[i]:g} ({k})" for k, v in PAPER_DEFAULTS.items() if k != "template")
-    return f"the paper's for the parameter set: {paper}; zoobj's {PAPER_DEFAULTS['template'][i]:g} (template)"
+    paper = ", ".join(f"{PAPER_DEFAULTS[k][i]:g} ({k})" for k, ps in PARAM_SETS.items() if ps.paper)
+    ours = ", ".join(f"{PAPER_DEFAULTS[k][i]:g} ({k})" for k, ps in PARAM_SETS.items() if not ps.paper)
+    return f"the paper's for the parameter set: {paper}; zoobj's {ours}"
 
 
 @dataclass

@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 
 from zoobj.engine import trajectory as tj
-from zoobj.run.config import TrainConfig, load_run_config
 from zoobj.errors import ConfigError
+from zoobj.run.config import TrainConfig, load_run_config
 from zoobj.run.session import Session, prepare, weights_hash
 
 

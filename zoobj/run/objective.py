@@ -40,13 +40,12 @@ class Objective(Protocol):
       given the trained tensors at each point (``MeZO.step(closure, probes=)``), or None
       to have them evaluated one by one through ``__call__``.
     - ``together``: whether ``probes`` can answer at all (for the run's header).
-    - ``note``: one line on the fast path it runs (None: nothing to say).
 
-    Events -- a fast path that stops serving the run -- go to the ``notify`` callback
-    given at construction, once, as a log entry."""
+    Events -- the one line it reports when a fast path goes off (its probes back to one
+    at a time) -- go to the ``notify`` callback given at construction, once, as a log
+    entry."""
 
     together: bool
-    note: str | None
 
     def __call__(self, rows: Sequence[dict]) -> float: ...
 
@@ -173,7 +172,7 @@ class HardMetric:
         self.model, self.tok, self.task, self.metric = model, tok, task, metric
         self.batch_size, self.max_new_tokens, self.world, self.shared = batch_size, max_new_tokens, world, shared
         self._probes = _together(shared, world, self._at_points, notify) if task.kind == "generation" else None
-        self.together, self.note = self._probes is not None, None
+        self.together = self._probes is not None
 
     def _value(self, rows: Sequence[dict], preds: list) -> float:
         refs = [self.task.reference(r) for r in rows]
@@ -213,7 +212,7 @@ class SmoothedChoice:
     """``--smooth T`` for classification: ``-E[metric]`` with predictions drawn from
     ``softmax(scores / T)`` (see ``expected_metric``); its probes run one by one."""
 
-    together, note = False, None
+    together = False
 
     def __init__(self, model, tok, task, metric: Callable, temperature: float, batch_size: int = 16,
                  world=None, shared=None) -> None:
@@ -286,7 +285,7 @@ class SmoothedGeneration:
         self.temperature, self.batch_size, self.max_new_tokens = temperature, batch_size, max_new_tokens
         self.world, self.shared, self.held = world, shared, None
         self._probes = _together(shared, world, self._at_points, notify)
-        self.together, self.note = self._probes is not None, None
+        self.together = self._probes is not None
 
     def _mine(self, rows: Sequence[dict]) -> Sequence[dict]:
         return rows if self.world is None else self.world.shard(rows)
@@ -345,7 +344,7 @@ class CrossEntropy:
         self.model, self.tok, self.task = model, tok, task
         self.batch_size, self.world, self.shared = batch_size, world, shared
         self._probes = _together(shared, world, self._at_points, notify)
-        self.together, self.note = self._probes is not None, None
+        self.together = self._probes is not None
 
     def __call__(self, rows: Sequence[dict]) -> float:
         mine = rows if self.world is None else self.world.shard(rows)

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from zoobj.run.config import TrainConfig
-from zoobj.errors import ConfigError
 from zoobj.engine.mezo import MeZO
 from zoobj.engine.noise import NOISE_VERSIONS
+from zoobj.errors import ConfigError
 from zoobj.model.params import ParamSet, make_param_set
 from zoobj.model.template import template_tail
+from zoobj.run.config import TrainConfig
 
 
 @dataclass
@@ -94,10 +94,9 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict |
 
 
 def param_set_of(cfg: TrainConfig, recorded: dict | None = None) -> ParamSet:
-    """The run's parameter set. ``recorded``: config.json's ``param_set`` (a template run's
-    tail ids, used as recorded); a run made before it was recorded finds its tail again
-    from the task's template and training rows."""
-    tail = (recorded or {}).get("tail") if cfg.peft == "template" else None
+    """The run's parameter set. ``recorded``: config.json's ``param_set`` (what the set
+    needs to be rebuilt exactly); a template run made before it was recorded finds its
+    tail again from the task's template and training rows (``find_tail``)."""
 
     def find_tail(tok) -> list[int]:
         from zoobj.tasks import get_task
@@ -106,7 +105,7 @@ def param_set_of(cfg: TrainConfig, recorded: dict | None = None) -> ParamSet:
         return template_tail(task, tok, task.load("train", cfg.data))
 
     return make_param_set(cfg.peft, train_embeddings=cfg.train_embeddings, seed=cfg.seed, layers=cfg.layers,
-                          tail=tail, find_tail=find_tail)
+                          find_tail=find_tail, recorded=recorded)
 
 
 def _recorded_noise(recorded: dict | None, params: list, run_dir) -> str:

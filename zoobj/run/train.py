@@ -34,13 +34,13 @@ import torch
 
 import zoobj
 from zoobj.engine import trajectory as tj
-from zoobj.model.blocks import trained_blocks
-from zoobj.run.config import AUTO, PAPER_DEFAULTS, TrainConfig, check_same_run, recorded_settings
-from zoobj.errors import ConfigError
-from zoobj.run.export import save_model_dir
 from zoobj.engine.noise import NOISE_VERSION
+from zoobj.errors import ConfigError
+from zoobj.model.blocks import trained_blocks
 from zoobj.model.params import ParamSet
 from zoobj.model.tail_probes import PROBE_ROWS
+from zoobj.run.config import AUTO, PAPER_DEFAULTS, TrainConfig, check_same_run, recorded_settings
+from zoobj.run.export import save_model_dir
 from zoobj.run.objective import Objective, evaluate, make_objective
 from zoobj.run.plots import plot_curve
 from zoobj.run.session import Session, prepare, weights_hash
