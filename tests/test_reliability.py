@@ -463,7 +463,7 @@ PY_FILES = sorted(SOURCE.rglob("*.py"))
 
 
 def test_source_is_found():
-    assert len(PY_FILES) > 20 and SOURCE / "train.py" in PY_FILES
+    assert len(PY_FILES) > 20 and SOURCE / "run" / "train.py" in PY_FILES
 
 
 def test_no_pickle_import_anywhere_in_zoobj():
