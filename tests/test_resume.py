@@ -147,3 +147,24 @@ def test_a_new_run_records_where_its_noise_ran(model_dir, tmp_path):
     assert config["noise_version"] == 1
     assert set(dataclasses.asdict(TrainConfig(task="sst2"))) - set(config) <= {
         "output", "save_model", "zero_shot", "device", "device_map"}
+
+
+def test_a_run_made_before_a_setting_was_recorded_rebuilds_and_resumes(model_dir, tmp_path):
+    """config.json without the keys added later (n, shaping, peft, perturb): rebuild and
+    resume take what the run was made with, not None and not a task recipe."""
+    out = tmp_path / "old"
+    model, tok = load_model(model_dir)
+    run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=2, keep="last", eval_every=0, lr=5e-1)),
+        model=model, tok=tok)
+    trained = _weights(model)
+    config = json.loads((out / tj.CONFIG).read_text())
+    for key in ("n", "shaping", "peft", "perturb"):
+        del config[key]
+    (out / tj.CONFIG).write_text(json.dumps(config))
+
+    _, session = export.rebuild(out)
+    rebuilt = _weights(session.model)
+    assert all(torch.equal(rebuilt[k], trained[k]) for k in trained)
+    resumed = run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=3, keep="last", eval_every=0,
+                                                                         lr=5e-1)), resume=True)
+    assert resumed["steps"] == 3

@@ -232,8 +232,12 @@ def shown_default(f: dataclasses.Field) -> str | None:
 NOT_RECORDED = ("output", "save_model", "zero_shot", "device", "device_map")
 # Settings a resumed run may change: neither alters the trajectory (see resume_config).
 RESUMABLE_CHANGES = ("steps", "keep")
-# What a setting missing from an older run's config.json was: the default of the version that wrote it.
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+# What a setting missing from an older run's config.json was: what the version that wrote it
+# ran with -- a field's own default, or for a setting resolved later the no-recipe default
+# (n 1, shaping none, peft none: the recipes came later) and in-place perturbation.
+BEFORE_RECORDED = {**DEFAULTS, "perturb": "inplace"}
+_DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING},
+             **BEFORE_RECORDED}
 
 
 def recorded_settings(cfg: TrainConfig) -> dict:
@@ -256,9 +260,14 @@ def check_same_run(cfg: TrainConfig, saved: dict, out: Path) -> None:
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """A run's own settings from its config.json; a setting it predates takes the value
+    the run was made with (``BEFORE_RECORDED``), never today's recipe."""
     saved = tj.read_json(Path(run_dir) / tj.CONFIG)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    for key, value in BEFORE_RECORDED.items():  # a run made before the setting was recorded
+        if key not in saved:
+            setattr(cfg, key, value)
     cfg.output = str(run_dir)
     return cfg
 
