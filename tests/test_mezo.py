@@ -422,3 +422,28 @@ def test_probes_that_decline_fall_back_and_a_wrong_count_is_named():
     with pytest.raises(ValueError, match="probes returned 3 losses for 4 points"):
         opt.step(lambda: 0.0, probes=lambda pts: [0.0, 0.0, 0.0])
     assert torch.equal(x, before) and opt.step_count == 1  # nothing was written, no step recorded
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_an_interrupt_between_the_last_probe_and_the_update_restores_the_weights(monkeypatch, together):
+    """n = 1, sgd, in place: the restore is fused into the update, so after the last probe
+    the weights sit at theta - eps z until the commit. An interrupt in between (here from
+    the estimate) must still put them back."""
+    import zoobj.engine.mezo as mezo_module
+
+    w = torch.randn(64)
+    w0 = w.clone()
+    opt = MeZO([w], lr=0.1, eps=0.5, seed=0)
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mezo_module, "coefficients", interrupted)
+    probes = (lambda points: [float((p[0] ** 2).sum()) for p in points]) if together else None
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(lambda: (w**2).sum(), probes=probes)
+    torch.testing.assert_close(w, w0, rtol=0, atol=1e-6)
+    assert opt.trajectory == [] and opt.step_count == 0
+    monkeypatch.undo()
+    opt.step(lambda: (w**2).sum())  # and the next step starts from theta
+    assert opt.trajectory[0]["step"] == 0

@@ -241,18 +241,22 @@ class MeZO:
         together = self._probe_together(seeds, probes) if probes is not None else None
         # (l+, l-) each; restores on error
         plus, minus = together if together is not None else self._probe_all(seeds, closure)
-        grads, skipped = self._estimate(t, plus, minus)  # projected gradients
-        record = {
-            "step": t,
-            "seeds": seeds,
-            "grads": grads,
-            "lr": lr,
-            "loss_plus": [finite_or_none(x) for x in plus],
-            "loss_minus": [finite_or_none(x) for x in minus],
-            "ties": sum(a == b for a, b in zip(plus, minus)),
-            "skipped": skipped,
-        }
-        self._commit(record)  # update and record, together
+        try:  # the weights may still sit at theta - eps z, for the fused update to restore
+            grads, skipped = self._estimate(t, plus, minus)  # projected gradients
+            record = {
+                "step": t,
+                "seeds": seeds,
+                "grads": grads,
+                "lr": lr,
+                "loss_plus": [finite_or_none(x) for x in plus],
+                "loss_minus": [finite_or_none(x) for x in minus],
+                "ties": sum(a == b for a, b in zip(plus, minus)),
+                "skipped": skipped,
+            }
+            self._commit(record)  # update and record, together
+        except BaseException:  # an interrupt before the update: back to theta, nothing recorded
+            self._perturb.restore(seeds[-1])
+            raise
         return sum(plus + minus) / (2 * self.n)
 
     def _probe_all(self, seeds: list[int], closure: Callable[[], Any]) -> tuple[list[float], list[float]]:
