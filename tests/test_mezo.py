@@ -447,3 +447,22 @@ def test_an_interrupt_between_the_last_probe_and_the_update_restores_the_weights
     monkeypatch.undo()
     opt.step(lambda: (w**2).sum())  # and the next step starts from theta
     assert opt.trajectory[0]["step"] == 0
+
+
+def test_probes_that_decline_cost_no_copy_of_the_trained_tensors(monkeypatch):
+    """``MeZO.step(probes=)`` makes the 2n points only when the function looks at them."""
+    from zoobj.engine.perturb import InPlace
+
+    made, real = [], InPlace.points
+
+    def counted(self, seeds):
+        made.append(len(seeds))
+        return real(self, seeds)
+
+    monkeypatch.setattr(InPlace, "points", counted)
+    w = torch.randn(1000)
+    opt = MeZO([w], lr=0.1, eps=1e-2, n=4, seed=0)
+    opt.step(lambda: (w**2).sum(), probes=lambda points: None if len(points) == 8 else 1 / 0)
+    assert made == [] and len(opt.trajectory) == 1
+    opt.step(lambda: (w**2).sum(), probes=lambda points: [float((p[0] ** 2).sum()) for p in points])
+    assert made == [4]

@@ -56,12 +56,56 @@ def test_template_trains_one_small_tensor_and_starts_at_the_base_model(tok):
         trainable_parameters(base, "template", layers="top:1", template_tail=[1])
 
 
-def test_delta_acts_only_where_the_tail_is(tok):
+def _added(emb, ids, **placed):
+    """Per position: how much the tail added to the embedding of ``ids``."""
+    with emb.placed(placed["ends"]) if placed else torch.no_grad():
+        return (emb(ids) - emb.base(ids)).abs().sum(-1)
+
+
+def test_delta_acts_only_at_the_prompts_end(tok):
     task, rows, model, named = tuned(tok)
     emb, tail = model.get_input_embeddings(), model.get_input_embeddings().tail.tolist()
-    ids = torch.tensor([[5, 6, *tail, 7]])
-    diff = (emb(ids) - emb.base(ids)).abs().sum(-1)[0]
-    assert diff[2:2 + len(tail)].gt(0).all() and diff[:2].eq(0).all() and diff[-1] == 0
+    k = len(tail)
+    middle = torch.tensor([[5, 6, *tail, 7]])  # the tail inside the text, the prompt ending elsewhere
+    assert _added(emb, middle).eq(0).all()
+    twice = torch.tensor([[5, *tail, 6, *tail]])  # the row's text holds the tail too: only the end moves
+    diff = _added(emb, twice)[0]
+    assert diff[-k:].gt(0).all() and diff[:-k].eq(0).all()
+    padded = torch.tensor([[0, 0, 5, *tail], [5, 6, 7, *tail]])  # left padding: every prompt ends at the last column
+    assert _added(emb, padded)[:, -k:].gt(0).all() and _added(emb, padded)[:, :-k].eq(0).all()
+    target = _added(emb, torch.tensor([[5, 6, *tail, *tail]]), ends=2 + k)[0]  # a prompt and a target that holds the tail
+    assert target[2:2 + k].gt(0).all() and target[:2].eq(0).all() and target[2 + k:].eq(0).all()
+    assert _added(emb, twice, ends=None).eq(0).all()  # no prompt ends in this input
+
+
+def test_a_one_token_tail_is_never_added_to_generated_tokens(tok):
+    """A one-token tail (":") that the model also generates: the delta goes to the prompt's
+    last token in the prefill and to no decoding step, whichever token it produces."""
+    task, rows = squad()
+    model = tiny_gemma(len(tok), seed=3, layers=2, sliding_window=4096)
+    prompts = [task.prompt(r) for r in rows[:3]]
+    tail = tok(prompts[0], add_special_tokens=False).input_ids[-1:]
+    model, named = trainable_parameters(model, "template", tok=tok, template_tail=tail)
+    with torch.no_grad():
+        named[0][1].add_(3.0)
+    emb = model.get_input_embeddings()
+    assert _added(emb, torch.tensor([tail])).eq(0).all()  # a one-token forward is a decoding step
+    seen = []
+    hook = emb.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(), (out - m.base(args[0])).abs().sum(-1))))
+    try:
+        inference.generate(model, tok, prompts, max_new_tokens=6)
+        ids = torch.tensor([tok(prompts[0]).input_ids])  # and a decoding that is made to produce the tail itself
+        out = model(input_ids=ids, use_cache=True)
+        forced = torch.full_like(out.logits[:, -1], -1e9)
+        forced[:, tail[0]] = 0.0
+        inference.greedy(model, forced, kv.cache_out(out), torch.ones_like(ids), 3, torch.tensor([-1]), 0)
+    finally:
+        hook.remove()
+    prefills = [(ids, d) for ids, d in seen if ids.shape[1] > 1]
+    steps = [(ids, d) for ids, d in seen if ids.shape[1] == 1]
+    assert prefills and any(int(ids[0, 0]) == tail[0] for ids, _ in steps)  # the tail token was generated
+    assert all(d[:, -1].gt(0).all() and d[:, :-1].eq(0).all() for _, d in prefills)
+    assert all(d.eq(0).all() for _, d in steps)
 
 
 def test_shared_body_gives_the_plain_answers_scores_and_nll(tok):
@@ -305,3 +349,73 @@ def test_smoothed_f1_of_the_probes_together_is_each_probe_alone(tok):
     computed = shared.misses
     assert fn.probes(rows, points) == pytest.approx(alone, rel=1e-5, abs=1e-7)
     assert shared.misses == computed  # the prompt bodies the answers were generated over, reused
+
+
+def _moved(delta, points, fn):
+    """``fn()`` with ``delta`` moved to each point in turn (the probes one at a time)."""
+    base, out = delta.detach().clone(), []
+    for p in points:
+        with torch.no_grad():
+            delta.copy_(p)
+        out.append(fn())
+    with torch.no_grad():
+        delta.copy_(base)
+    return out
+
+
+@pytest.mark.parametrize("case", ["context holds the tail", "one-token tail"])
+def test_probes_together_where_the_tail_also_stands_elsewhere(tok, case):
+    """Rows whose own text (and target) holds the tail, and a one-token tail that the text is
+    full of: the probes run together (no fallback) and answer and score as each point alone."""
+    task, rows, model, named = tuned(tok)
+    delta = named[0][1]
+    if case == "context holds the tail":
+        rows = [{**r, "context": r["context"] + "\nAnswer: " + r["context"][:40]} for r in rows]
+        targets = [task.target(r) + "\nAnswer:" for r in rows]
+    else:
+        model = tiny_gemma(len(tok), seed=3, layers=2, sliding_window=4096)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(30.0)
+        model, named = trainable_parameters(model, "template", tok=tok, template_tail=template_tail(task, tok, rows)[-1:])
+        delta = named[0][1]
+        targets = [task.target(r) + ":" for r in rows]
+    prompts = [task.prompt(r) for r in rows]
+    tail = model.get_input_embeddings().tail.tolist()
+    assert all(tok(p).input_ids[:-len(tail)].count(tail[0]) for p in prompts)  # the tail's tokens stand in the text
+    shared, _ = TemplateParams().fast_path(model, [delta])
+    gen = torch.Generator().manual_seed(4)
+    points = torch.stack([delta.detach() + 10.0 * torch.randn(delta.shape, generator=gen) for _ in range(3)])
+    answers = _moved(delta, points, lambda: inference.generate(model, tok, prompts, max_new_tokens=6, batch_size=4))
+    assert len({tuple(a) for a in answers}) > 1
+    assert shared.generate_probes(tok, prompts, points, 6) == answers
+    nll = _moved(delta, points, lambda: inference.target_nll_sum(model, tok, prompts, targets, batch_size=4))
+    got = shared.nll_probes(tok, prompts, targets, points)
+    assert [t for t, _ in got] == pytest.approx([t for t, _ in nll], rel=1e-4) and len({round(t, 3) for t, _ in got}) == 3
+
+
+def test_a_batch_the_store_cannot_serve_falls_back_alone(tok):
+    """A batch with a prompt that does not end with the tail has its probes evaluated one by
+    one; the next batch runs together again, and the fallbacks are counted (was: one such
+    batch turned probes-together off for the rest of the run)."""
+    from zoobj.run.objective import metric_objective
+
+    task, rows, model, named = tuned(tok)
+    delta = named[0][1]
+
+    class Odd:  # SQuAD, except that a row marked odd has text after the template's tail
+        def __getattr__(self, name):
+            return getattr(task, name)
+
+        def prompt(self, row):
+            return task.prompt(row) + (" and more" if row.get("odd") else "")
+
+    shared, _ = TemplateParams().fast_path(model, [delta])
+    events = []
+    fn = metric_objective(model, tok, Odd(), "f1", max_new_tokens=4, shared=shared, notify=events.append)
+    points = [[delta.detach() + 0.1 * k] for k in range(4)]
+    assert fn.together and fn.fallbacks == 0
+    assert fn.probes([{**rows[0], "odd": True}, rows[1]], points) is None
+    assert fn.fallbacks == 1 and len(events) == 1 and "one at a time" in events[0]["message"]
+    assert len(fn.probes(rows[2:4], points)) == 4  # the next batch: together again
+    assert fn.probes([{**rows[2], "odd": True}], points) is None
+    assert fn.fallbacks == 2 and len(events) == 1  # counted, told once

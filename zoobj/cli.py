@@ -242,6 +242,8 @@ def _summary(result: dict, metric: str) -> None:
     table.add_row("steps", str(result["steps"]) if kept == result["steps"] else
                   f"{result['steps']} (kept step {kept}: best dev {metric} {result['best_dev']:.4f})")
     table.add_row("tie rate (l+ == l-)", f"{result['tie_rate']:.1%}")
+    if result.get("probe_fallbacks"):
+        table.add_row("batches with probes one at a time", str(result["probe_fallbacks"]))
     table.add_row("wall time", f"{result['wall_seconds']:.0f} s")
     table.add_row("peak memory (RSS)", f"{result['peak_rss_mib']} MiB")
     table.add_row("run dir", result["run_dir"])

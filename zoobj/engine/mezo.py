@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from zoobj.engine.noise import NOISE_BACKENDS, kernel_for, noise, step_seed
-from zoobj.engine.perturb import Forward, InPlace, Queries, atomic
+from zoobj.engine.perturb import Forward, InPlace, Points, Queries, atomic
 from zoobj.engine.rules import RULES, Stateful, decay_groups, fused_sgd, param_groups, sgd
 from zoobj.engine.shaping import SHAPINGS, as_loss, coefficients, finite_or_none, round8, shaped_coefficients
 
@@ -227,7 +227,8 @@ class MeZO:
 
         ``probes`` (optional): evaluates the step's 2n points together. It gets, for
         each direction in turn, the trained tensors at theta + eps z and then at
-        theta - eps z (new tensors, in parameter order; the weights are not written) and
+        theta - eps z (new tensors, in parameter order, made on first access; the
+        weights are not written) and
         returns the 2n losses in that order, or None to have ``closure`` evaluate them
         one by one as usual. For a small trained set (a template tail) where one batched
         forward over all the probes is much cheaper than 2n forwards. The points are
@@ -285,7 +286,7 @@ class MeZO:
         does not apply or declines. The weight passes follow, as the probes one by one make them."""
         if self.perturb != "inplace" or self.shard is not None:
             return None
-        losses = probes(self.points(seeds))
+        losses = probes(Points(lambda: self.points(seeds), 2 * self.n))  # made only if looked at
         if losses is None:
             return None
         losses = list(losses)

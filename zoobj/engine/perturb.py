@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -227,3 +228,24 @@ class Queries:
         rows = torch.tensor([[k, plus[k], minus[k]] for k in range(len(plus)) if self.mine(k)], dtype=torch.float64)
         for k, lp, lm in self.exchange(rows).tolist():
             plus[int(k)], minus[int(k)] = lp, lm
+
+
+class Points(Sequence):
+    """A step's 2n probe points (``InPlace.points``), computed on first access: a
+    ``probes`` function that declines without looking costs no copy of the tensors."""
+
+    def __init__(self, make, count: int) -> None:
+        self._make, self._count, self._items = make, count, None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i):
+        if self._items is None:
+            self._items = self._make()
+        return self._items[i]
+
+    @property
+    def made(self) -> bool:
+        """Whether the points were computed."""
+        return self._items is not None

@@ -26,6 +26,7 @@ from contextlib import nullcontext
 
 import torch
 
+from zoobj.model import template
 from zoobj.model.blocks import output_head, pass_through, swapped_forwards
 from zoobj.model.kv import (
     FastPathUnavailable,
@@ -167,8 +168,9 @@ def _add_continuations(model, out, mask: torch.Tensor, flat: list, counts: list[
     full_mask = torch.cat([mask.repeat_interleave(per, 0), cmask.to(dev)], dim=1)
     start = mask.sum(-1).repeat_interleave(per, 0)[:, None]
     pos = start + torch.arange(cids.shape[1], device=dev)[None, :]
-    out2 = model(input_ids=cids.to(dev), attention_mask=full_mask, position_ids=pos, use_cache=True,
-                 **{cache_kw(model): cache})
+    with template.placed(model, None):  # candidate tokens: no prompt ends here
+        out2 = model(input_ids=cids.to(dev), attention_mask=full_mask, position_ids=pos, use_cache=True,
+                     **{cache_kw(model): cache})
     logp = torch.log_softmax(out2.logits.float(), dim=-1)
     for k, (r, j, c) in enumerate(flat):
         if len(c) > 1:
@@ -220,7 +222,8 @@ def greedy(model, logits, cache, mask, max_new_tokens: int, stops: torch.Tensor,
         mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], dim=1)
         last = last + 1
         step = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": last[:, None], kw: cache}
-        out = forward(active, nxt, step) if forward is not None else model(**step, use_cache=True)
+        with template.placed(model, None):  # a generated token is never the prompt's tail
+            out = forward(active, nxt, step) if forward is not None else model(**step, use_cache=True)
         logits, cache = out.logits[:, -1], cache_out(out)
     return new
 
@@ -305,8 +308,10 @@ def target_nll_sum(model, tok, prompts: Sequence[str], targets: Sequence[str],
         keep = max(len(t) for t in t_ids) + 1  # left padding: every target ends at the last position
         inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
         use = shared if keeps_whole_prompt(model, ids.shape[1]) else None
-        out = _through_shared(use, lambda: shared.forward(tuple(tuple(s) for s in seqs), logits_to_keep=keep, **inputs),
-                              lambda: model(**inputs, logits_to_keep=keep))
+        with template.placed(model, [ids.shape[1] - len(t) for t in t_ids]):  # each prompt ends before its target
+            out = _through_shared(use, lambda: shared.forward(tuple(tuple(s) for s in seqs), logits_to_keep=keep,
+                                                              **inputs),
+                                  lambda: model(**inputs, logits_to_keep=keep))
         logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # position k predicts token k+1
         for r, t in enumerate(t_ids):
             if not t:

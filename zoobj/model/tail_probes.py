@@ -42,12 +42,12 @@ class PromptBodyStore:
     computed once and reused by every probe while the prompts stay.
 
     Causal attention: a token's keys and values depend only on the tokens up to it, so
-    with only the tail's input vectors trained, the prompt's body (everything before
-    its last occurrence of the tail) is the same for every perturbation. A probe copies
-    the body's cache and runs the tail (and, for a scored target, the target) over it:
-    a few tokens instead of the whole prompt. Rows that do not end with the tail, or
-    whose body holds it too, run whole. Decoding runs the whole model on its one new
-    token, as it always does. Serves the same calls as ``SharedPrefix`` (``store``,
+    with only the tail's input vectors trained -- and applied only at the prompt's end --
+    the prompt's body (everything before its last k tokens) is the same for every
+    perturbation. A probe copies the body's cache and runs the tail (and, for a scored
+    target, the target) over it: a few tokens instead of the whole prompt. Rows whose
+    prompt does not end with the tail run whole. Decoding runs the whole model on its
+    one new token, as it always does. Serves the same calls as ``SharedPrefix`` (``store``,
     ``forward``, ``decode``), so the prediction functions take either.
     """
 
@@ -73,36 +73,44 @@ class PromptBodyStore:
             return cache
         self.misses += 1
         dev = self.tail.delta.device
-        out = self.model(input_ids=torch.tensor([body], device=dev), use_cache=True, logits_to_keep=1)
+        with self.tail.placed(None):  # the body ends before the tail: nothing of it is trained
+            out = self.model(input_ids=torch.tensor([body], device=dev), use_cache=True, logits_to_keep=1)
         self.store.entries[body] = cache = cache_out(out)
         return cache
 
-    def _row(self, ids: list[int], keep: int):
-        """One unpadded row: (logits of its last ``keep`` positions or fewer, its cache)."""
-        dev = self.tail.delta.device
-        starts = self.tail.matches(torch.tensor([ids])).nonzero()[:, 1].tolist()
-        s = starts[-1] if starts else 0
-        if s == 0 or self.tail.matches(torch.tensor([ids[:s]])).any():  # nothing to share, or the body moves too
-            out = self.model(input_ids=torch.tensor([ids], device=dev), use_cache=True, logits_to_keep=keep)
+    def _row(self, ids: list[int], end: int | None, keep: int):
+        """One unpadded row whose prompt ends at ``end`` (None: no prompt end in it): (logits
+        of its last ``keep`` positions or fewer, its cache). Over its stored body where the
+        tail ends the prompt; whole otherwise."""
+        dev, k = self.tail.delta.device, self.tail.tail.numel()
+        s = None if end is None else end - k
+        if s is None or s < 1 or ids[s:end] != self.tail.tail.tolist():  # no tail to run over a body
+            with self.tail.placed(end):
+                out = self.model(input_ids=torch.tensor([ids], device=dev), use_cache=True, logits_to_keep=keep)
             return out.logits, cache_out(out)
         cache = copy.deepcopy(self._body(tuple(ids[:s])))
         rest = torch.tensor([ids[s:]], device=dev)
         pos = torch.arange(s, len(ids), device=dev)[None]
-        out = self.model(input_ids=rest, position_ids=pos, use_cache=True, logits_to_keep=min(keep, rest.shape[1]),
-                         **{cache_kw(self.model): cache})
+        with self.tail.placed(k):  # the tail opens the rest
+            out = self.model(input_ids=rest, position_ids=pos, use_cache=True, logits_to_keep=min(keep, rest.shape[1]),
+                             **{cache_kw(self.model): cache})
         return out.logits, cache_out(out)
 
     def forward(self, key, logits_to_keep: int = 1, input_ids=None, attention_mask=None, position_ids=None, **_):
-        """The model's output over ``input_ids`` (left-padded rows): logits of the last
-        ``logits_to_keep`` positions (zeros where a row's shared body holds them) and a
-        cache of the whole width."""
+        """The model's output over ``input_ids`` (left-padded rows whose prompts end where the
+        tail's ``placed`` says): logits of the last ``logits_to_keep`` positions (zeros where
+        a row's shared body holds them) and a cache of the whole width."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        rows = []
+        ends = self.tail.prompt_ends(input_ids)
+        rows, row_ends = [], []
         for r in range(input_ids.shape[0]):
-            ids = input_ids[r] if attention_mask is None else input_ids[r][attention_mask[r].bool()]
+            keep = None if attention_mask is None else attention_mask[r].bool()
+            ids = input_ids[r] if keep is None else input_ids[r][keep]
+            pad = 0 if keep is None else int((~keep).sum())
             rows.append(ids.tolist())
-        results = [self._row(ids, logits_to_keep) for ids in rows]
+            row_ends.append(None if ends is None else int(ends[r]) - pad)
+        results = [self._row(ids, end, logits_to_keep) for ids, end in zip(rows, row_ends)]
         if len(rows) == 1 and attention_mask is None:
             logits, cache = results[0]
         else:
@@ -110,60 +118,79 @@ class PromptBodyStore:
             logits = results[0][0].new_zeros((len(rows), logits_to_keep, results[0][0].shape[-1]))
             for r, (lg, _) in enumerate(results):
                 logits[r, logits_to_keep - lg.shape[1]:] = lg[0]
-                cache = stack_caches(self.model, [c for _, c in results], [len(ids) for ids in rows], width)
+            cache = stack_caches(self.model, [c for _, c in results], [len(ids) for ids in rows], width)
             if cache is None:
                 raise FastPathUnavailable("a row's cache cannot be stacked (a sliding-window layer cut it)")
-        return CausalLMOutputWithPast(logits=logits, **{"cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values": cache})
+        field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+        return CausalLMOutputWithPast(logits=logits, **{field: cache})
+
+    def unserved(self, prompt_ids: list[list[int]]) -> str | None:
+        """Why a step's probes of these prompts cannot run together (None: they can): each
+        prompt must end with the tail and hold something before it."""
+        tail = self.tail.tail.tolist()
+        k = len(tail)
+        if any(p[-k:] != tail or len(p) == k for p in prompt_ids):
+            return "a prompt that does not end with the tail"
+        return None
 
     def _split(self, ids: list[list[int]], extra: int) -> tuple[list[int], list[int]]:
         """For the probes together: ``(prompts that run over their stored bodies, prompts too
         long for that)``. A prompt whose length plus ``extra`` tokens is more than a
         sliding-window layer keeps has no body cache to stack: it runs whole, once per
-        point. Raises ``FastPathUnavailable`` for a one-token tail or a prompt that does not end
-        with the tail or holds it before its end (see ``generate_probes``)."""
-        tail = self.tail.tail.tolist()
-        k = len(tail)
-        if k < 2:
-            raise FastPathUnavailable("a one-token tail")
-        for p in ids:
-            if p[-k:] != tail or len(p) == k or bool(self.tail.matches(torch.tensor([p[:-k]])).any()):
-                raise FastPathUnavailable("a prompt that does not end with the tail, or holds it before its end")
+        point. Raises ``FastPathUnavailable`` for a prompt that does not end with the tail."""
+        why = self.unserved(ids)
+        if why is not None:
+            raise FastPathUnavailable(why)
         fit = [i for i, p in enumerate(ids) if keeps_whole_prompt(self.model, len(p) + extra)]
         return fit, [i for i in range(len(ids)) if i not in set(fit)]
 
     def _fit(self, positions: int) -> int:
-        """How many groups of ``positions`` positions' logits fit in ``PROBE_LOGITS`` (at least 1)."""
+        """How many groups of ``positions`` positions' logits fit in ``PROBE_LOGITS`` (0: not one)."""
         head = output_head(self.model)
         vocab = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
-        return max(1, PROBE_LOGITS // (positions * vocab))
+        return PROBE_LOGITS // (positions * vocab)
+
+    def _groups(self, prompts: int, points: int, rows: int, positions: int):
+        """``(first point, points, prompt indices)`` per forward: about ``rows`` rows (prompts
+        times points), and at most ``PROBE_LOGITS`` logits of ``positions`` positions per row
+        -- fewer prompts per forward, one point at a time, where one point's rows would pass
+        it (a single row is never split)."""
+        fit = self._fit(positions)
+        if fit >= prompts:  # every prompt of a point in one forward: as many points as fit
+            per = max(1, min(rows // prompts, fit // prompts))
+            for first in range(0, points, per):
+                yield first, min(per, points - first), list(range(prompts))
+            return
+        size = max(1, min(fit, rows))
+        for first in range(points):
+            for start in range(0, prompts, size):
+                yield first, 1, list(range(start, min(prompts, start + size)))
 
     def _points(self, ids: list[list[int]], deltas: torch.Tensor, rows: int, positions: int = 1):
-        """Per group of points: ``(first point, points, stacked body cache, body mask, body
-        lengths)`` -- each prompt's stored body cache once per point, left-padded,
-        probe-major (row ``j * len(ids) + i``: prompt ``i`` at point ``first + j``). A group
-        has about ``rows`` rows, fewer where its ``positions`` logits per row would pass
-        ``PROBE_LOGITS``; at least one point."""
+        """Per forward: ``(first point, points, prompt indices, stacked body cache, body mask,
+        body lengths)`` -- those prompts' stored body caches once per point, left-padded,
+        probe-major (row ``j * len(sel) + i``: prompt ``sel[i]`` at point ``first + j``);
+        grouped by ``_groups``."""
         k, dev = self.tail.tail.numel(), self.tail.delta.device
         bodies = [self._body(tuple(p[:-k])) for p in ids]
-        starts = [len(p) - k for p in ids]
-        width = max(starts)
-        per = max(1, min(rows // len(ids), self._fit(len(ids) * positions)))  # points per forward
-        for first in range(0, deltas.shape[0], per):
-            points = min(per, deltas.shape[0] - first)
-            cache = stack_caches(self.model, bodies * points, starts * points, width)
+        for first, points, sel in self._groups(len(ids), deltas.shape[0], rows, positions):
+            starts = [len(ids[i]) - k for i in sel] * points
+            width = max(starts)
+            cache = stack_caches(self.model, [bodies[i] for i in sel] * points, starts, width)
             if cache is None:
                 raise FastPathUnavailable("a prompt body's cache cannot be stacked")
-            mask = torch.zeros((len(ids) * points, width), dtype=torch.long, device=dev)
-            for r, n in enumerate(starts * points):
+            mask = torch.zeros((len(starts), width), dtype=torch.long, device=dev)
+            for r, n in enumerate(starts):
                 mask[r, width - n:] = 1
-            yield first, points, cache, mask, starts * points
+            yield first, points, sel, cache, mask, starts
 
-    def _whole(self, seq: list[int], deltas: torch.Tensor, keep: int):
-        """A sequence too long for the stored bodies, run whole at every point at once (one
-        row per point, no padding): the model's output and its attention mask."""
+    def _whole(self, seq: list[int], end: int, deltas: torch.Tensor, keep: int):
+        """A sequence (its prompt ending at ``end``) too long for the stored bodies, run whole
+        at every point at once (one row per point, no padding): the model's output and its
+        attention mask."""
         dev = self.tail.delta.device
         inputs = torch.tensor([seq], device=dev).expand(deltas.shape[0], -1)
-        with self.tail.per_row(deltas):
+        with self.tail.per_row(deltas), self.tail.placed(end):
             out = self.model(input_ids=inputs, use_cache=True, logits_to_keep=keep)
         return out, torch.ones_like(inputs)
 
@@ -174,7 +201,8 @@ class PromptBodyStore:
         dev = self.tail.delta.device
         full = torch.cat([mask, new_mask], dim=1)
         pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(new.shape[1], device=dev)[None]
-        with self.tail.per_row(deltas[first : first + points].repeat_interleave(prompts, 0)):
+        with self.tail.per_row(deltas[first : first + points].repeat_interleave(prompts, 0)), \
+                self.tail.placed(self.tail.tail.numel()):  # each row's input opens with the tail
             out = self.model(input_ids=new, attention_mask=full, position_ids=pos, use_cache=True,
                              logits_to_keep=keep, **{cache_kw(self.model): cache})
         return out, full
@@ -188,9 +216,7 @@ class PromptBodyStore:
         ``rows`` rows (prompts times points) per forward: a forward reads the model's
         weights once for all of them, where one probe at a time reads them once per
         probe (per prompt, for the tail). Raises ``FastPathUnavailable`` where a prompt does not
-        end with the tail or also holds it before, for a one-token tail (a generated
-        token could be the tail, which the per-row deltas do not follow), and where a
-        cache cannot be stacked."""
+        end with the tail and where a cache cannot be stacked."""
         ids = encode(tok, prompts, special=True)
         self.store.begin(tuple(p) for p in ids)
         tail, dev = self.tail.tail, self.tail.delta.device
@@ -198,15 +224,15 @@ class PromptBodyStore:
         fit, long = self._split(ids, max_new_tokens)
         answers: list[list[str]] = [[""] * len(ids) for _ in range(deltas.shape[0])]
         some = [ids[i] for i in fit]
-        for first, points, cache, mask, starts in (self._points(some, deltas, rows) if some else ()):
+        for first, points, sel, cache, mask, starts in (self._points(some, deltas, rows) if some else ()):
             n = len(mask)
-            out, full = self._tails(deltas, first, points, len(some), cache, mask, starts, tail[None].expand(n, -1),
+            out, full = self._tails(deltas, first, points, len(sel), cache, mask, starts, tail[None].expand(n, -1),
                                     torch.ones((n, len(tail)), dtype=torch.long, device=dev), keep=1)
             new = greedy(self.model, out.logits[:, -1], cache_out(out), full, max_new_tokens, stops, tok.pad_token_id)
             for r, row in enumerate(new):
-                answers[first + r // len(some)][fit[r % len(some)]] = answer_text(tok, row)
+                answers[first + r // len(sel)][fit[sel[r % len(sel)]]] = answer_text(tok, row)
         for i in long:
-            out, mask = self._whole(ids[i], deltas, keep=1)
+            out, mask = self._whole(ids[i], len(ids[i]), deltas, keep=1)
             new = greedy(self.model, out.logits[:, -1], cache_out(out), mask, max_new_tokens, stops, tok.pad_token_id)
             for j, row in enumerate(new):
                 answers[j][i] = answer_text(tok, row)
@@ -243,19 +269,19 @@ class PromptBodyStore:
                 totals[point][i] = (target_nll(logits, t_ids[i]), len(t_ids[i]))
 
         some = [ids[i] for i in fit]
-        for first, points, cache, mask, starts in (self._points(some, deltas, rows, new.shape[1]) if some else ()):
-            sel = torch.tensor(fit, device=dev)
-            out, _ = self._tails(deltas, first, points, len(some), cache, mask, starts, new[sel].repeat(points, 1),
-                                 new_mask[sel].repeat(points, 1), keep=new.shape[1])
+        for first, points, sel, cache, mask, starts in (self._points(some, deltas, rows, new.shape[1]) if some else ()):
+            chosen = torch.tensor([fit[i] for i in sel], device=dev)
+            out, _ = self._tails(deltas, first, points, len(sel), cache, mask, starts, new[chosen].repeat(points, 1),
+                                 new_mask[chosen].repeat(points, 1), keep=new.shape[1])
             logits = out.logits[:, len(tail) - 1 : -1].float()  # position j predicts target token j
             for r in range(len(logits)):
-                i = fit[r % len(some)]
-                add(first + r // len(some), i, logits[r, : len(t_ids[i])])
+                i = fit[sel[r % len(sel)]]
+                add(first + r // len(sel), i, logits[r, : len(t_ids[i])])
         for i in long:
             t = t_ids[i]
-            per = self._fit(len(t) + 1)
+            per = max(1, self._fit(len(t) + 1))
             for first in range(0, deltas.shape[0], per):
-                out, _ = self._whole(ids[i] + t, deltas[first : first + per], keep=len(t) + 1)
+                out, _ = self._whole(ids[i] + t, len(ids[i]), deltas[first : first + per], keep=len(t) + 1)
                 for j in range(out.logits.shape[0]):
                     add(first + j, i, out.logits[j, : len(t)].float())
         return totals

@@ -14,9 +14,9 @@ tuning (Lester et al. 2021) with two choices made for zeroth-order training:
   same for every perturbation (causal attention), so a probe runs only the tail and
   the answer over keys and values computed once (``zoobj.model.tail_probes.PromptBodyStore``).
 
-The trained tensor ``delta`` (one row per tail token) is added to the embeddings
-wherever the tail's token sequence occurs in the input, which in a prompt is its end;
-generated tokens and the row's text are untouched, and so is the output head.
+The trained tensor ``delta`` (one row per tail token) is added to the embeddings of
+the last k tokens of each prompt, where they are the tail (``TemplateTail.placed``);
+the row's own text, a scored target, generated tokens and the output head are untouched.
 """
 
 from __future__ import annotations
@@ -34,8 +34,18 @@ SAMPLE = 16  # training rows whose prompts must all end with the tail
 FILE = "zoobj_template.json"  # what an exported template-tuned model adds to its folder
 
 
+AT_END = "end"  # where the prompt ends when no caller said: at the end of a forward of more than one token
+
+
 class TemplateTail(torch.nn.Module):
-    """The model's input embedding, plus a trained row added at each tail token."""
+    """The model's input embedding, plus a trained row added at each tail token at the
+    end of the prompt -- and nowhere else: not where the row's own text holds the same
+    tokens, not on a target scored after the prompt, not on generated tokens.
+
+    Where the prompt ends in a forward's input is said by the caller (``placed``): an
+    end column per row, or None for an input that holds no prompt end (a decoding step,
+    a continuation). Unsaid, a forward of more than one token is a prompt's (it ends at
+    the input's last column, left padding) and a one-token forward is a decoding step."""
 
     def __init__(self, base: torch.nn.Module, tail: list[int]) -> None:
         super().__init__()
@@ -47,6 +57,7 @@ class TemplateTail(torch.nn.Module):
         self.delta = torch.nn.Parameter(torch.zeros(len(tail), weight.shape[1], dtype=weight.dtype,
                                                     device=weight.device))
         self._rows: torch.Tensor | None = None  # per-row deltas while ``per_row`` is open
+        self._ends = AT_END  # per-row prompt ends while ``placed`` is open
 
     @contextlib.contextmanager
     def per_row(self, deltas: torch.Tensor):
@@ -59,6 +70,17 @@ class TemplateTail(torch.nn.Module):
         finally:
             self._rows = None
 
+    @contextlib.contextmanager
+    def placed(self, ends):
+        """Within: each row's prompt ends at column ``ends[r]`` (exclusive) of a forward's
+        input -- a sequence or tensor per row, one int for every row, or None: no prompt
+        ends in these inputs (nothing is added)."""
+        before, self._ends = self._ends, ends
+        try:
+            yield
+        finally:
+            self._ends = before
+
     @property
     def weight(self) -> torch.nn.Parameter:  # for callers that read the embedding matrix
         return self.base.weight
@@ -70,21 +92,39 @@ class TemplateTail(torch.nn.Module):
             return input_ids.new_zeros((input_ids.shape[0], 0), dtype=torch.bool)
         return (input_ids.unfold(-1, k, 1) == self.tail).all(-1)
 
+    def prompt_ends(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Each row's prompt end in this input (``placed``, or the default), or None."""
+        ends = self._ends
+        if isinstance(ends, str):  # unsaid
+            ends = input_ids.shape[-1] if input_ids.shape[-1] > 1 else None
+        if ends is None:
+            return None
+        return torch.as_tensor(ends, dtype=torch.long, device=input_ids.device).expand(input_ids.shape[0])
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.base(input_ids)
-        hits = self.matches(input_ids)
-        if not bool(hits.any()):
+        ends = self.prompt_ends(input_ids)
+        if ends is None:
             return out
-        k, width = self.tail.numel(), hits.shape[-1]
+        k, width = self.tail.numel(), input_ids.shape[-1]
+        pos = ends[:, None] - k + torch.arange(k, device=input_ids.device)  # the tail's columns, per row
+        hit = (ends >= k) & (ends <= width) & (input_ids.gather(-1, pos.clamp(0, width - 1)) == self.tail).all(-1)
+        if not bool(hit.any()):
+            return out
         rows = self._rows
         if rows is not None and rows.shape[0] != input_ids.shape[0]:
             raise ValueError(f"per_row: {rows.shape[0]} deltas for a batch of {input_ids.shape[0]} rows")
+        which = hit.nonzero()[:, 0]
+        values = self.delta[None].expand(len(which), -1, -1) if rows is None else rows[which]
         add = torch.zeros_like(out)
-        where = hits.unsqueeze(-1).to(out.dtype)
-        for j in range(k):
-            row = self.delta[j] if rows is None else rows[:, j, None, :]
-            add[:, j : j + width] += where * row.to(out.dtype)
+        add[which[:, None], pos[which]] = values.to(out.dtype)
         return out + add
+
+
+def placed(model, ends):
+    """``TemplateTail.placed`` on the model's tail, or nothing where it has none."""
+    tail = find(model)
+    return tail.placed(ends) if tail is not None else contextlib.nullcontext()
 
 
 def _blank(value):

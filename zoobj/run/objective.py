@@ -21,7 +21,7 @@ import torch
 from zoobj.errors import ConfigError
 from zoobj.metrics import bootstrap_ci, get_metric, per_example_scores
 from zoobj.model import inference
-from zoobj.model.kv import FastPathUnavailable
+from zoobj.model.kv import FastPathUnavailable, encode
 from zoobj.model.tail_probes import PromptBodyStore
 
 OBJECTIVES = ("metric", "ce")
@@ -39,19 +39,21 @@ class Objective(Protocol):
     - ``probes(rows, points) -> list[float] | None``: every probe of a step at once,
       given the trained tensors at each point (``MeZO.step(closure, probes=)``), or None
       to have them evaluated one by one through ``__call__``.
-    - ``together``: whether ``probes`` can answer at all (for the run's header).
+    - ``together``: whether ``probes`` can answer at all (for the run's header);
+      ``fallbacks``: how many batches' probes it left to be evaluated one by one.
 
     Events -- the one line it reports when a fast path goes off (its probes back to one
     at a time) -- go to the ``notify`` callback given at construction, once, as a log
     entry."""
 
     together: bool
+    fallbacks: int
 
     def __call__(self, rows: Sequence[dict]) -> float: ...
 
     def prepare(self, rows: Sequence[dict]) -> object: ...
 
-    def probes(self, rows: Sequence[dict], points: list) -> list[float] | None: ...
+    def probes(self, rows: Sequence[dict], points: Sequence) -> list[float] | None: ...
 
 
 def predict(model, tok, task, rows: Sequence[dict], batch_size: int = 16, max_new_tokens: int | None = None,
@@ -133,30 +135,39 @@ def _mean_over_ranks(world, total: float, counted: float) -> float:
 
 class ProbesTogether:
     """``probes(rows, points)`` for an objective whose store is a ``PromptBodyStore``:
-    ``together(rows, deltas)`` gets the template tail's points stacked. From the first
-    batch the store cannot serve, it returns None (the probes run one by one) and tells
-    ``notify`` why, once."""
+    ``together(rows, deltas)`` gets the template tail's points stacked. A batch the store
+    cannot serve (a prompt that does not end with the tail, a cache that cannot be
+    stacked) has its probes evaluated one by one -- that batch only: the next batch tries
+    together again. ``fallbacks`` counts such batches; ``notify`` hears of the first."""
 
-    def __init__(self, store, together: Callable, notify: Notify | None) -> None:
-        self.store, self.together, self.notify = store, together, notify
-        self.off: str | None = None
+    def __init__(self, store, together: Callable, notify: Notify | None, tok, task) -> None:
+        self.store, self.together, self.notify, self.tok, self.task = store, together, notify, tok, task
+        self.fallbacks = 0
 
-    def __call__(self, rows: Sequence[dict], points: list) -> list[float] | None:
-        if self.off is not None or self.store.store.disabled is not None:
+    def _fall_back(self, why: str) -> None:
+        self.fallbacks += 1
+        if self.fallbacks == 1 and self.notify is not None:
+            self.notify({"event": "shared", "on": True, "message": f"a batch's probes evaluated one at a time ({why}); "
+                         "later batches run together again, and the summary counts such batches"})
+
+    def __call__(self, rows: Sequence[dict], points: Sequence) -> list[float] | None:
+        if self.store.store.disabled is not None:
             return None
-        try:
-            return self.together(rows, torch.stack([p[0] for p in points]))
-        except FastPathUnavailable as exc:
-            self.off = str(exc)
-            if self.notify is not None:
-                self.notify({"event": "shared", "on": True,
-                             "message": f"probes evaluated one at a time from here on ({exc})"})
-            return None
+        why = self.store.unserved(encode(self.tok, [self.task.prompt(r) for r in rows], special=True))
+        if why is None:
+            try:
+                return self.together(rows, torch.stack([p[0] for p in points]))
+            except FastPathUnavailable as exc:
+                why = str(exc)
+        self._fall_back(why)
+        return None
 
 
-def _together(store, world, together: Callable, notify: Notify | None) -> ProbesTogether | None:
+def _together(store, world, together: Callable, notify: Notify | None, tok, task) -> ProbesTogether | None:
     """Probes together where the store is a template tail's and the run is one process."""
-    return ProbesTogether(store, together, notify) if world is None and isinstance(store, PromptBodyStore) else None
+    if world is None and isinstance(store, PromptBodyStore):
+        return ProbesTogether(store, together, notify, tok, task)
+    return None
 
 
 class HardMetric:
@@ -171,7 +182,7 @@ class HardMetric:
                  world=None, shared=None, notify: Notify | None = None) -> None:
         self.model, self.tok, self.task, self.metric = model, tok, task, metric
         self.batch_size, self.max_new_tokens, self.world, self.shared = batch_size, max_new_tokens, world, shared
-        self._probes = _together(shared, world, self._at_points, notify) if task.kind == "generation" else None
+        self._probes = _together(shared, world, self._at_points, notify, tok, task) if task.kind == "generation" else None
         self.together = self._probes is not None
 
     def _value(self, rows: Sequence[dict], preds: list) -> float:
@@ -199,8 +210,12 @@ class HardMetric:
     def prepare(self, rows: Sequence[dict]) -> None:
         """Nothing: a hard metric's probes share no prepared inputs."""
 
-    def probes(self, rows: Sequence[dict], points: list) -> list[float] | None:
+    def probes(self, rows: Sequence[dict], points: Sequence) -> list[float] | None:
         return self._probes(rows, points) if self._probes is not None else None
+
+    @property
+    def fallbacks(self) -> int:
+        return self._probes.fallbacks if self._probes is not None else 0
 
     def _at_points(self, rows: Sequence[dict], deltas) -> list[float]:
         limit = self.max_new_tokens or getattr(self.task, "max_new_tokens", 50)
@@ -212,7 +227,7 @@ class SmoothedChoice:
     """``--smooth T`` for classification: ``-E[metric]`` with predictions drawn from
     ``softmax(scores / T)`` (see ``expected_metric``); its probes run one by one."""
 
-    together = False
+    together, fallbacks = False, 0
 
     def __init__(self, model, tok, task, metric: Callable, temperature: float, batch_size: int = 16,
                  world=None, shared=None) -> None:
@@ -228,7 +243,7 @@ class SmoothedChoice:
     def prepare(self, rows: Sequence[dict]) -> None:
         """Nothing: the candidates are the task's."""
 
-    def probes(self, rows: Sequence[dict], points: list) -> None:
+    def probes(self, rows: Sequence[dict], points: Sequence) -> None:
         return None
 
 
@@ -284,7 +299,7 @@ class SmoothedGeneration:
         self.model, self.tok, self.task, self.metric = model, tok, task, metric
         self.temperature, self.batch_size, self.max_new_tokens = temperature, batch_size, max_new_tokens
         self.world, self.shared, self.held = world, shared, None
-        self._probes = _together(shared, world, self._at_points, notify)
+        self._probes = _together(shared, world, self._at_points, notify, tok, task)
         self.together = self._probes is not None
 
     def _mine(self, rows: Sequence[dict]) -> Sequence[dict]:
@@ -313,8 +328,12 @@ class SmoothedGeneration:
             total, counted = expectation(scores, answers.value, self.temperature, answers.count)
         return _mean_over_ranks(self.world, total, counted)
 
-    def probes(self, rows: Sequence[dict], points: list) -> list[float] | None:
+    def probes(self, rows: Sequence[dict], points: Sequence) -> list[float] | None:
         return self._probes(rows, points) if self._probes is not None else None
+
+    @property
+    def fallbacks(self) -> int:
+        return self._probes.fallbacks if self._probes is not None else 0
 
     def _at_points(self, rows: Sequence[dict], deltas) -> list[float]:
         """Each row's candidates scored at every point at once."""
@@ -343,7 +362,7 @@ class CrossEntropy:
                  notify: Notify | None = None) -> None:
         self.model, self.tok, self.task = model, tok, task
         self.batch_size, self.world, self.shared = batch_size, world, shared
-        self._probes = _together(shared, world, self._at_points, notify)
+        self._probes = _together(shared, world, self._at_points, notify, tok, task)
         self.together = self._probes is not None
 
     def __call__(self, rows: Sequence[dict]) -> float:
@@ -360,8 +379,12 @@ class CrossEntropy:
     def prepare(self, rows: Sequence[dict]) -> None:
         """Nothing: the targets are the task's."""
 
-    def probes(self, rows: Sequence[dict], points: list) -> list[float] | None:
+    def probes(self, rows: Sequence[dict], points: Sequence) -> list[float] | None:
         return self._probes(rows, points) if self._probes is not None else None
+
+    @property
+    def fallbacks(self) -> int:
+        return self._probes.fallbacks if self._probes is not None else 0
 
     def _at_points(self, rows: Sequence[dict], deltas) -> list[float]:
         sums = self.shared.nll_probes(self.tok, [self.task.prompt(r) for r in rows],

@@ -62,7 +62,7 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
         objective, zero = begin(r)
         finish_cut_dev_evaluation(r)
         train_loop(r, objective)
-        result, predictions = finalise(r, zero)
+        result, predictions = finalise(r, zero, objective)
     except Exception:
         discard_unstarted(r)
         raise
@@ -416,10 +416,11 @@ def _logged_dev(out: Path, step: int) -> bool:
     return any(x.get("event") == "dev" and x.get("step") == step for x in tj.read_jsonl(out / tj.LOG))
 
 
-def finalise(r: RunState, zero: dict | None) -> tuple[dict | None, list | None]:
+def finalise(r: RunState, zero: dict | None, objective: Objective) -> tuple[dict | None, list | None]:
     """The weights the run keeps (its last step, or with --keep best its best dev step)
     evaluated on the evaluation rows: the result, logged, and the predictions (rank 0;
-    ``(None, None)`` on the other ranks)."""
+    ``(None, None)`` on the other ranks). With probes together, ``probe_fallbacks``
+    counts the batches (of this call) whose probes ran one at a time."""
     cfg, opt, best = r.cfg, r.session.optimizer, r.best
     kept = len(opt.trajectory)
     if cfg.keep == "best" and best.tensors is not None and best.steps < kept:
@@ -444,6 +445,8 @@ def finalise(r: RunState, zero: dict | None) -> tuple[dict | None, list | None]:
               "run_dir": str(r.out)}
     if r.world is not None:
         result["world_size"] = r.world.size
+    if objective.together:  # the batches whose probes this call could not run together
+        result["probe_fallbacks"] = objective.fallbacks
     r.log.append({"event": "final", **result})
     return result, predictions
 
