@@ -324,6 +324,15 @@ def test_scored_probes_keep_a_forwards_logits_within_the_budget(tok, monkeypatch
         hook.remove()
     assert [t for t, _ in got] == pytest.approx([t for t, _ in unbounded], rel=1e-5)
     assert len(seen) == 2 and max(seen) <= shared_mod.PROBE_LOGITS  # 4 points, two per forward
+    seen.clear()  # a cap below one point's rows: its prompts split over forwards, two rows each
+    hook = model.register_forward_hook(lambda m, args, kw, out: seen.append(out.logits.numel()), with_kwargs=True)
+    try:
+        monkeypatch.setattr(shared_mod, "PROBE_LOGITS", 2 * positions * len(tok))
+        got = shared.nll_probes(tok, prompts, targets, points, rows=64)
+    finally:
+        hook.remove()
+    assert [t for t, _ in got] == pytest.approx([t for t, _ in unbounded], rel=1e-5)
+    assert len(seen) == 4 * ((len(prompts) + 1) // 2) and max(seen) <= shared_mod.PROBE_LOGITS
 
 
 def test_smoothed_f1_of_the_probes_together_is_each_probe_alone(tok):
