@@ -78,8 +78,8 @@ def base_and_eps(task_name: str, seed: int, cache: Path) -> tuple[float, float]:
     cfg = TrainConfig(task=task_name, metric=metric, objective="metric", batch_size=batch, peft="lora", seed=seed,
                       eps="auto", train_max_new_tokens=gen, eval_limit=1).resolved()
     found: dict = {}
-    session = prepare(cfg, calibrate=lambda m, t, p: found.update(
-        calibrate_run_eps(cfg, m, t, p, task, train, None, lambda event, info: print(info.get("message", "")))))
+    session = prepare(cfg, calibrate=lambda m, t, p, ps: found.update(
+        calibrate_run_eps(cfg, m, t, p, ps, task, train, None, lambda event, info: print(info.get("message", "")))))
     out = evaluate(session.model, session.tok, task, metric, rows=dev[:dev_limit], batch_size=32, n_resamples=200)
     out.pop("predictions")
     out["eps_calibration"] = found

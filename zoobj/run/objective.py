@@ -25,6 +25,7 @@ from zoobj.model.kv import FastPathUnavailable, encode
 from zoobj.model.tail_probes import PromptBodyStore
 
 OBJECTIVES = ("metric", "ce")
+HELD = 16  # answer sets the smoothed generation objective keeps (one per batch: --eps auto prepares several)
 Notify = Callable[[dict], None]  # receives a log event: {"event": "shared", "on": bool, "message": str}
 
 
@@ -298,7 +299,8 @@ class SmoothedGeneration:
                  max_new_tokens: int | None = None, world=None, shared=None, notify: Notify | None = None) -> None:
         self.model, self.tok, self.task, self.metric = model, tok, task, metric
         self.temperature, self.batch_size, self.max_new_tokens = temperature, batch_size, max_new_tokens
-        self.world, self.shared, self.held = world, shared, None
+        self.world, self.shared = world, shared
+        self.held: dict[tuple, AnswerSet] = {}  # by batch: the answer sets prepared, the newest HELD
         self._probes = _together(shared, world, self._at_points, notify, tok, task)
         self.together = self._probes is not None
 
@@ -310,13 +312,17 @@ class SmoothedGeneration:
         mine = self._mine(rows)
         greedy = predict(self.model, self.tok, self.task, mine, batch_size=self.batch_size,
                          max_new_tokens=self.max_new_tokens, shared=self.shared)
-        self.held = AnswerSet(self.task, self.metric, mine, greedy)
-        return self.held
+        answers = AnswerSet(self.task, self.metric, mine, greedy)
+        self.held.pop(answers.key, None)
+        self.held[answers.key] = answers
+        while len(self.held) > HELD:  # the oldest batch goes first
+            self.held.pop(next(iter(self.held)))
+        return answers
 
     def answers_of(self, rows: Sequence[dict]) -> AnswerSet:
-        """The answer set held for ``rows``, or one prepared now if it is another batch's."""
-        held = self.held
-        return held if held is not None and held.key == _rows_key(self.task, self._mine(rows)) else self.prepare(rows)
+        """The answer set held for ``rows``, or one prepared now for a batch nobody prepared."""
+        answers = self.held.get(_rows_key(self.task, self._mine(rows)))
+        return answers if answers is not None else self.prepare(rows)
 
     def __call__(self, rows: Sequence[dict]) -> float:
         mine, answers = self._mine(rows), self.answers_of(rows)

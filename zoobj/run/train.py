@@ -365,6 +365,8 @@ def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, param_set: Par
     objective, _ = _objective(cfg, model, tok, task, world, params, param_set)
     batches = [[train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(train_rows))]
                for step in range(PROBES)]
+    for b in batches:  # what each batch's probes share, from the unperturbed weights (as before a step)
+        objective.prepare(b)
     grid = eps_grid(PAPER_DEFAULTS[cfg.peft][1])
     report("status", {"message": f"--eps auto: {PROBES} probe directions at up to 3 of eps "
                                  f"{', '.join(f'{e:g}' for e in grid)} ..."})
