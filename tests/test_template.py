@@ -428,3 +428,38 @@ def test_a_batch_the_store_cannot_serve_falls_back_alone(tok):
     assert len(fn.probes(rows[2:4], points)) == 4  # the next batch: together again
     assert fn.probes([{**rows[2], "odd": True}], points) is None
     assert fn.fallbacks == 2 and len(events) == 1  # counted, told once
+
+
+def _qa_task(folder, template):
+    """A user's generation task in TOML over a few SQuAD rows."""
+    import json
+
+    rows = [{"question": r["question"], "answers": r["answers"]} for r in get_task("squad").load("train")[:12]]
+    for split in ("train", "validation"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "qa.toml").write_text(f'name = "qa"\ndata_files = {{ train = "train.jsonl", validation = "validation.jsonl" }}\n'
+                                    f'template = "{template}"\nanswer_field = "answers"\nmetric = "f1"\n')
+    return folder / "qa.toml"
+
+
+def test_the_tail_is_recorded_and_a_changed_template_is_refused(model_dir, tmp_path):
+    """config.json keeps the tail's token ids and text; rebuild uses them, and refuses a task
+    whose template no longer ends with them, naming the change."""
+    import json
+
+    from zoobj.engine import trajectory as tj
+    from zoobj.errors import ConfigError
+    from zoobj.run.export import rebuild
+    from zoobj.run.train import TrainConfig, run
+
+    task_file = _qa_task(tmp_path, "Question: {question}\\nAnswer:")
+    out = tmp_path / "run"
+    run(TrainConfig(task=str(task_file), model=model_dir, output=str(out), peft="template", steps=2, batch_size=2,
+                    n=2, shaping="zscore", lr=0.5, eps=0.5, eval_limit=2, eval_every=0, train_max_new_tokens=3))
+    recorded = json.loads((out / tj.CONFIG).read_text())["param_set"]
+    assert recorded["kind"] == "template" and recorded["tail"] and recorded["text"].endswith("Answer:")
+    _, session = rebuild(out)
+    assert session.model.get_input_embeddings().tail.tolist() == recorded["tail"]
+    _qa_task(tmp_path, "Question: {question}\\nReply:")  # reworded since the run
+    with pytest.raises(ConfigError, match=r"prompts now end with .*Reply.* but this run trained the tail .*Answer"):
+        rebuild(out)

@@ -72,6 +72,10 @@ def _is_embedding(name: str, model) -> bool:
     return param is not None and any(m is not None and param is m.weight for m in (emb, out))
 
 
+def _text(tok, ids: list[int]) -> str:
+    return tok.decode(list(ids))
+
+
 def _save_plain(model, tok, folder: Path) -> None:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -228,19 +232,27 @@ class TemplateParams:
     name, lr, eps, paper = "template", 0.2, 0.2, False
 
     def __init__(self, tail: list[int] | None = None, find_tail: Callable[[object], list[int]] | None = None) -> None:
-        self.tail, self.find_tail = tail, find_tail
+        self.tail, self.find_tail, self.text = tail, find_tail, None
 
     def attach(self, model, tok) -> tuple[object, Named]:
+        """The tail from the record where there is one -- refused if the task's prompts no
+        longer end with it -- else found from the task."""
+        found = list(self.find_tail(tok)) if self.find_tail is not None and tok is not None else None
         if self.tail is None:
-            if self.find_tail is None:
+            if found is None:
                 raise ConfigError("--peft template needs the task's closing tokens (zoobj.model.template.template_tail)")
-            self.tail = list(self.find_tail(tok))
+            self.tail = found
+        elif found is not None and found[-len(self.tail):] != list(self.tail):
+            raise ConfigError(f"--peft template: the task's prompts now end with {_text(tok, found)!r}, but this run "
+                              f"trained the tail {_text(tok, self.tail)!r} (token ids {list(self.tail)}): the task's "
+                              "template changed since the run was made; use the template it was made with")
+        self.text = _text(tok, self.tail) if tok is not None else None
         model, named = template.attach(model, self.tail)
         model.eval()
         return model, named
 
     def record(self) -> dict:
-        return {"kind": self.name, "tail": self.tail}
+        return {"kind": self.name, "tail": self.tail, "text": self.text}
 
     def fast_path(self, model, params: list, on_disable: OnDisable = None) -> tuple[object | None, str]:
         tail = template.find(model)
