@@ -322,3 +322,17 @@ def test_ctrl_c_in_a_run_without_output_names_the_default_run_directory(model_di
     assert cli("train", "--task", "sst2", "--model", model_dir, "--steps", "2") == 130
     err = capsys.readouterr().err
     assert "Resume with: zoobj train --resume runs/sst2-accuracy-" in err and "internal error" not in err
+
+
+def test_export_of_a_prefix_run_says_it_is_a_peft_adapter(model_dir, tmp_path, capsys):
+    """Prefix tuning has no plain-transformers form: export says so in its one line and in
+    the model card, and writes the peft adapter it is."""
+    run_dir, exported = tmp_path / "run", tmp_path / "exported"
+    assert cli("train", "--task", "sst2", "--model", model_dir, "--peft", "prefix", "--steps", "1",
+               "--batch-size", "2", "--eval-limit", "2", "--eval-every", "0", "--output", run_dir) == 0
+    capsys.readouterr()
+    assert cli("export", run_dir, "--output", exported) == 0
+    said = capsys.readouterr().out
+    assert "a peft adapter, not a plain transformers model" in said and len(said.strip().splitlines()) == 1
+    assert (exported / "adapter_config.json").is_file()
+    assert "no plain-transformers form" in (exported / "README.md").read_text()

@@ -173,8 +173,69 @@ def test_a_template_run_resumes_exports_and_reevaluates_to_its_number(model_dir,
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["value"] == final["value"]
     assert cli("eval", "--run", whole, "--limit", "4", "--json") == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["value"] == final["value"]
-    rows = json.loads((exported / template.FILE).read_text())["delta"]
-    assert any(v != 0 for row in rows for v in row)  # the tail moved
+    record = json.loads((exported / template.FILE).read_text())
+    assert record["tail"] == config["param_set"]["tail"] and len(record["ids"]) == len(record["tail"])
+    assert "How to use it" in (exported / "README.md").read_text()
+
+
+PLAIN = """
+import json, sys
+sys.modules["zoobj"] = None  # this process must not import zoobj
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+folder, job = sys.argv[1], json.loads(open(sys.argv[2]).read())
+tok = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder).eval()
+added = tok.convert_tokens_to_ids(job["tokens"])
+
+
+def greedy(ids):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=job["max_new_tokens"], do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True).split("\\n", 1)[0].strip()
+
+
+trained = [greedy(ids[: len(ids) - len(added)] + added) for ids in job["prompts"]]  # the trained ending
+own = [greedy(ids) for ids in job["prompts"]]  # the template's own closing words
+print(json.dumps([trained, own]))
+"""
+
+
+def test_an_exported_template_run_answers_in_plain_transformers(model_dir, tmp_path):
+    """The exported folder of a template run, loaded by a process that never imports zoobj,
+    gives the trained model's greedy answers when its prompts end with the added tokens --
+    and the base model's with the template's own words."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_cli import cli
+    from zoobj.engine import trajectory as tj
+    from zoobj.model import template
+    from zoobj.model.loading import load_model
+
+    run_dir, exported = tmp_path / "run", tmp_path / "exported"
+    assert cli("train", *SQUAD_RUN, "--model", model_dir, "--steps", "3", "--lr", "2.0", "--output", run_dir) == 0
+    assert cli("export", run_dir, "--output", exported) == 0
+    trained = [x["prediction"] for x in tj.read_jsonl(run_dir / tj.PREDICTIONS)]
+    task, tok = get_task("squad"), tiny_tokenizer()
+    rows = task.load(task.eval_split)[: len(trained)]
+    record = json.loads((exported / template.FILE).read_text())
+    job = {"tokens": record["tokens"], "max_new_tokens": task.max_new_tokens,
+           "prompts": [tok(task.prompt(r)).input_ids for r in rows]}
+    assert all(p[-len(record["tail"]):] == record["tail"] for p in job["prompts"])
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    (tmp_path / "plain.py").write_text(PLAIN)
+    done = subprocess.run([sys.executable, str(tmp_path / "plain.py"), str(exported), str(tmp_path / "job.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain_trained, plain_own = json.loads(done.stdout.strip().splitlines()[-1])
+    base_model, _ = load_model(model_dir)
+    base = inference.generate(base_model, tok, [task.prompt(r) for r in rows], max_new_tokens=task.max_new_tokens)
+    assert trained != base  # the run moved the answers: the comparison can tell the two apart
+    assert plain_trained == trained and plain_own == base
 
 
 def test_a_task_whose_prompt_ends_with_the_row_has_no_tail(tok):

@@ -323,10 +323,17 @@ def export_cmd(
     output: str = typer.Option(..., "--output", help="Folder to write the model and tokenizer into."),
 ) -> None:
     """Rebuild a run's weights from base model + trajectory and save them (safetensors)."""
+    from zoobj.model.params import PARAM_SETS
+    from zoobj.run.config import load_run_config
     from zoobj.run.export import export
 
     path = export(run_dir, output)
-    typer.echo(f"saved {path} (loads with from_pretrained and zoobj eval --model {path})")
+    if PARAM_SETS[load_run_config(run_dir).peft].plain:
+        typer.echo(f"saved {path} (loads with from_pretrained and zoobj eval --model {path}; how to prompt it: "
+                   f"{path / 'README.md'})")
+    else:
+        typer.echo(f"saved {path}: a peft adapter, not a plain transformers model (load it with "
+                   f"peft.AutoPeftModelForCausalLM or zoobj eval --model {path}; see {path / 'README.md'})")
 
 
 @app.command("compare")

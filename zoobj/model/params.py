@@ -48,13 +48,16 @@ class ParamSet(Protocol):
     - ``fast_path(model, params, on_disable) -> (store or None, note)``: the store that
       computes once per batch what its perturbations cannot change (``SharedPrefix`` or
       ``PromptBodyStore``), or None and why not (``""``: nothing to say).
-    - ``save(model, tok, folder)``: the trained model as a folder (``zoobj export``).
+    - ``save(model, tok, folder) -> str``: the trained model as a folder (``zoobj export``)
+      and how to use it (a paragraph of its model card); ``plain``: whether that folder
+      loads with plain transformers as the trained model.
     """
 
     name: str
     lr: float
     eps: float
     paper: bool
+    plain: bool
 
     def attach(self, model, tok) -> tuple[object, Named]: ...
 
@@ -62,7 +65,7 @@ class ParamSet(Protocol):
 
     def fast_path(self, model, params: list, on_disable: OnDisable = None) -> tuple[object | None, str]: ...
 
-    def save(self, model, tok, folder: Path) -> None: ...
+    def save(self, model, tok, folder: Path) -> str: ...
 
 
 def _is_embedding(name: str, model) -> bool:
@@ -76,9 +79,14 @@ def _text(tok, ids: list[int]) -> str:
     return tok.decode(list(ids))
 
 
-def _save_plain(model, tok, folder: Path) -> None:
+PLAIN_USE = ("`AutoModelForCausalLM.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)` load it "
+             "with plain transformers; prompt it with the task's template, as zoobj does.")
+
+
+def _save_plain(model, tok, folder: Path) -> str:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+    return PLAIN_USE
 
 
 class FullParams:
@@ -87,7 +95,7 @@ class FullParams:
     cost noise time while changing little); ``layers`` (``top:K`` or ``A-B``, see
     ``zoobj.model.blocks``) keeps those decoder blocks plus the final norm."""
 
-    name, lr, eps, paper = "none", 1e-6, 1e-3, True
+    name, lr, eps, paper, plain = "none", 1e-6, 1e-3, True, True
 
     def __init__(self, train_embeddings: bool = False, layers: str | None = None) -> None:
         if layers and train_embeddings:
@@ -105,8 +113,8 @@ class FullParams:
     def fast_path(self, model, params: list, on_disable: OnDisable = None) -> tuple[object | None, str]:
         return SharedPrefix.build(model, params, on_disable)
 
-    def save(self, model, tok, folder: Path) -> None:
-        _save_plain(model, tok, folder)
+    def save(self, model, tok, folder: Path) -> str:
+        return _save_plain(model, tok, folder)
 
 
 class LoraParams:
@@ -114,7 +122,7 @@ class LoraParams:
     only those inside ``layers``); the base weights stay frozen. Adapter init is seeded
     by ``seed``. Saved merged into the weights: a plain transformers model."""
 
-    name, lr, eps, paper = "lora", 1e-4, 1e-2, True
+    name, lr, eps, paper, plain = "lora", 1e-4, 1e-2, True, True
 
     def __init__(self, seed: int = 0, r: int = 8, alpha: int = 16, layers: str | None = None) -> None:
         self.seed, self.r, self.alpha, self.layers = seed, r, alpha, layers
@@ -147,8 +155,8 @@ class LoraParams:
     def fast_path(self, model, params: list, on_disable: OnDisable = None) -> tuple[object | None, str]:
         return SharedPrefix.build(model, params, on_disable)
 
-    def save(self, model, tok, folder: Path) -> None:
-        _save_plain(copy.deepcopy(model).merge_and_unload(), tok, folder)
+    def save(self, model, tok, folder: Path) -> str:
+        return _save_plain(copy.deepcopy(model).merge_and_unload(), tok, folder)
 
 
 def _word_ids(tok, vocab_size: int) -> list[int]:
@@ -192,7 +200,7 @@ class PrefixParams:
     tokenizer's plain words when ``tok`` is given). It cannot be merged into the
     weights: saved as a peft adapter folder (``peft.AutoPeftModelForCausalLM``)."""
 
-    name, lr, eps, paper = "prefix", 1e-2, 1e-1, True
+    name, lr, eps, paper, plain = "prefix", 1e-2, 1e-1, True, False
 
     def __init__(self, seed: int = 0, tokens: int = 5) -> None:
         self.seed, self.tokens = seed, tokens
@@ -218,8 +226,14 @@ class PrefixParams:
     def fast_path(self, model, params: list, on_disable: OnDisable = None) -> tuple[object | None, str]:
         return SharedPrefix.build(model, params, on_disable)  # says why not: the prefix acts below every block
 
-    def save(self, model, tok, folder: Path) -> None:
-        _save_plain(model, tok, folder)
+    def save(self, model, tok, folder: Path) -> str:
+        """A peft adapter folder: a prefix is keys and values at every layer, not weights
+        that plain transformers could hold."""
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        return ("Prefix tuning has no plain-transformers form: this folder is a peft adapter. Load it with "
+                "`peft.AutoPeftModelForCausalLM.from_pretrained(folder)` (its base model must be reachable) or "
+                "`zoobj eval --model folder`; prompt it with the task's template.")
 
 
 class TemplateParams:
@@ -229,7 +243,7 @@ class TemplateParams:
     ``find_tail()`` when attached (the task's template and training rows). The defaults
     are zoobj's own, from the SQuAD dev sweep (docs/results.md, SQuAD)."""
 
-    name, lr, eps, paper = "template", 0.2, 0.2, False
+    name, lr, eps, paper, plain = "template", 0.2, 0.2, False, True
 
     def __init__(self, tail: list[int] | None = None, find_tail: Callable[[object], list[int]] | None = None) -> None:
         self.tail, self.find_tail, self.text = tail, find_tail, None
@@ -260,16 +274,21 @@ class TemplateParams:
             return PromptBodyStore.build(model, tail, on_disable)
         return SharedPrefix.build(model, params, on_disable)
 
-    def save(self, model, tok, folder: Path) -> None:
-        """The base model as it is, and the trained tail beside it (``template.FILE``)."""
-        tail = template.find(model)
-        model.set_input_embeddings(tail.base)
-        try:
-            model.save_pretrained(folder)
-        finally:
-            model.set_input_embeddings(tail)
-        template.save(model, folder)
-        tok.save_pretrained(folder)
+    def save(self, model, tok, folder: Path) -> str:
+        """A plain transformers model whose tokenizer has one added token per tail token,
+        their input rows holding the trained vectors (``template.as_added_tokens``); the
+        tail's record beside it (``template.FILE``) lets zoobj's own loading answer the
+        task's usual prompts as the trained model."""
+        plain, plain_tok, record = template.as_added_tokens(model, tok)
+        plain.save_pretrained(folder)
+        plain_tok.save_pretrained(folder)
+        template.save(folder, record)
+        added = "".join(record["tokens"])
+        return (f"`AutoModelForCausalLM.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)` load it "
+                f"with plain transformers. The trained prompt ending is {len(record['tokens'])} added tokens, `{added}`: "
+                f"end each prompt with them in place of the template's closing words {record['text']!r} "
+                f"(token ids {record['tail']} -> {record['ids']}). With the template's own words the model answers "
+                "as the base model did. `zoobj eval --model folder --task ...` puts the trained ending in by itself.")
 
 
 PARAM_SETS = {cls.name: cls for cls in (FullParams, LoraParams, PrefixParams, TemplateParams)}

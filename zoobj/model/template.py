@@ -22,6 +22,7 @@ the row's own text, a scored target, generated tokens and the output head are un
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from pathlib import Path
 
@@ -179,29 +180,90 @@ def find(model) -> TemplateTail | None:
     return emb if isinstance(emb, TemplateTail) else None
 
 
-def save(model, folder: str | Path) -> None:
-    """Write the trained tail next to an exported model (``FILE``: token ids and rows)."""
+TOKEN = "<zoobj_tail_{}>"  # the added tokens of an exported tail, one per tail token
+
+
+def _scale(embedding) -> float:
+    """What an embedding module multiplies its rows by (Gemma's sqrt(hidden); 1 elsewhere)."""
+    scale = getattr(embedding, "scalar_embed_scale", None)
+    if scale is None:
+        scale = getattr(embedding, "embed_scale", 1.0)
+    return float(scale)
+
+
+def as_added_tokens(model, tok):
+    """A plain transformers model and tokenizer (copies) that answer like ``model`` with
+    its trained tail, textual-inversion style: the tail's k tokens get k added tokens
+    whose input rows hold the trained vectors (``base row + delta / scale``), and a prompt
+    ends with them instead of the template's closing words. Their output rows copy the
+    tail tokens' own, and the head is untied from the input embeddings, so an added
+    token never outscores the token it stands for (argmax keeps the lower id: greedy
+    answers are the trained model's). Returns ``(model, tokenizer, record)``."""
     wrapper = find(model)
-    if wrapper is None:
-        return
-    data = {"tail": wrapper.tail.tolist(), "delta": wrapper.delta.detach().float().cpu().tolist()}
-    (Path(folder) / FILE).write_text(json.dumps(data))
+    tail, k = wrapper.tail.tolist(), wrapper.tail.numel()
+    model.set_input_embeddings(wrapper.base)
+    try:
+        plain = copy.deepcopy(model)
+    finally:
+        model.set_input_embeddings(wrapper)
+    tok = copy.deepcopy(tok)
+    names = [TOKEN.format(j) for j in range(k)]
+    if any(name in tok.get_vocab() for name in names):
+        raise ModelError(f"the tokenizer already has a token named like {names[0]!r}: export this run from its base model")
+    tok.add_tokens(names, special_tokens=True)
+    ids = tok.convert_tokens_to_ids(names)
+    emb, head = plain.get_input_embeddings(), plain.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    with torch.no_grad():
+        head_rows = head.weight[tail].clone() if head is not None else None
+        if max(ids) >= emb.weight.shape[0]:
+            plain.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+            emb, head = plain.get_input_embeddings(), plain.get_output_embeddings()
+        if tied:  # the output rows must not learn the added tokens' input vectors
+            head.weight = torch.nn.Parameter(emb.weight.detach().clone())
+            for config in {id(c): c for c in (plain.config, plain.config.get_text_config())}.values():
+                config.tie_word_embeddings = False
+        emb.weight[ids] = emb.weight[tail] + wrapper.delta.detach().to(emb.weight.dtype) / _scale(emb)
+        if head is not None:
+            head.weight[ids] = head_rows
+        wanted = wrapper.base(wrapper.tail[None]) + wrapper.delta
+        got = emb(torch.tensor([ids], device=emb.weight.device))
+        if not torch.allclose(got, wanted, rtol=1e-4, atol=1e-5 * float(wanted.abs().max())):
+            raise ModelError("this model's input embedding is not a scaled table, so the trained tail cannot be "
+                             "written as token rows; use zoobj eval --run with the run directory instead")
+    text = tok.decode(tail)
+    return plain, tok, {"tail": tail, "text": text, "tokens": names, "ids": ids}
+
+
+def save(folder: str | Path, record: dict) -> None:
+    """Write an exported tail's record next to the model (``FILE``), for zoobj's own loading."""
+    (Path(folder) / FILE).write_text(json.dumps(record))
 
 
 def load_into(model, folder: str | Path):
-    """Attach the tail saved in ``folder`` (if any) to ``model``, a model loaded from it."""
+    """Attach the tail saved in ``folder`` (if any) to ``model``, a model loaded from it:
+    the trained vectors are read from the added tokens' rows (or, for a folder exported
+    before those existed, from the record itself), so zoobj's task prompts -- ending with
+    the template's own words -- answer as the trained model."""
     path = Path(folder) / FILE
     if not path.is_file():
         return model
     try:
         data = json.loads(path.read_text())
-        tail, rows = [int(i) for i in data["tail"]], data["delta"]
+        tail = [int(i) for i in data["tail"]]
+        rows = data["delta"] if "delta" in data else [int(i) for i in data["ids"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{path} is not a zoobj template file ({exc}); re-export the run with zoobj export") from None
+    emb = model.get_input_embeddings()
     model, named = attach(model, tail)
     delta = named[0][1]
-    if len(rows) != delta.shape[0] or any(len(r) != delta.shape[1] for r in rows):
-        raise ModelError(f"{path} holds rows of another shape than this model's embeddings; re-export the run")
     with torch.no_grad():
-        delta.copy_(torch.tensor(rows, dtype=delta.dtype))
+        if "delta" in data:
+            values = torch.tensor(rows, dtype=delta.dtype)
+        else:
+            device = emb.weight.device
+            values = emb(torch.tensor([rows], device=device))[0] - emb(torch.tensor([tail], device=device))[0]
+        if values.shape != delta.shape:
+            raise ModelError(f"{path} holds rows of another shape than this model's embeddings; re-export the run")
+        delta.copy_(values.to(delta.device))
     return model

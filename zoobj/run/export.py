@@ -42,21 +42,36 @@ def rebuild(run_dir: str | Path) -> tuple[TrainConfig, Session]:
 
 
 def export(run_dir: str | Path, target: str | Path) -> Path:
-    """Base model + trajectory -> a folder that loads with ``from_pretrained``."""
+    """Base model + trajectory -> a folder that loads with ``from_pretrained`` (see
+    ``ParamSet.save`` for each parameter set's form) and its model card."""
     cfg, session = rebuild(run_dir)
-    save_model_dir(session, target)
+    records = tj.read_trajectory(Path(run_dir) / tj.TRAJECTORY)
+    kept = kept_steps(run_dir, len(records))
+    about = (f"zoobj run `{run_dir}`: task `{cfg.task}`, objective `{cfg.objective}`"
+             f"{f' ({cfg.metric})' if cfg.objective == 'metric' else ''}, base model `{cfg.model}`, "
+             f"parameter set `{session.param_set.name}`, {kept} of {len(records)} steps kept.")
+    save_model_dir(session, target, about)
     return Path(target)
 
 
-def save_model_dir(session: Session, target: str | Path) -> None:
-    """save_pretrained into a temp folder, then rename: the folder is whole or absent."""
+def model_card(about: str, usage: str) -> str:
+    """The README.md of an exported folder: where it came from and how to prompt it."""
+    return (f"# A model fine-tuned with zoobj\n\n{about}\n\nMeZO (Malladi et al., NeurIPS 2023): zeroth-order "
+            f"fine-tuning with forward passes only.\n\n## How to use it\n\n{usage}\n")
+
+
+def save_model_dir(session: Session, target: str | Path, about: str = "") -> str:
+    """The trained model (``session.param_set.save``) and its model card, written into a
+    temp folder and renamed: the folder is whole or absent. Returns how to use it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        session.param_set.save(session.model, session.tok, tmp)
+        usage = session.param_set.save(session.model, session.tok, tmp)
+        (tmp / "README.md").write_text(model_card(about or "A zoobj run's trained weights.", usage))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return usage

@@ -461,7 +461,8 @@ def write_result(r: RunState, result: dict, predictions: list) -> None:
     tj.write_json(r.out / tj.EVAL, result)
     plot_curve(r.out)
     if r.cfg.save_model:
-        save_model_dir(r.session, r.out / "model")
+        save_model_dir(r.session, r.out / "model", f"zoobj run `{r.out}` (--save-model): task `{r.cfg.task}`, "
+                       f"base model `{r.cfg.model}`, parameter set `{r.session.param_set.name}`.")
     r.report("done", result)
 
 
