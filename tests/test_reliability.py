@@ -456,6 +456,33 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(model_dir, referen
         assert_same_tensors(tensors(tmp_path / f"export{trial}"), ref_weights)
 
 
+TEMPLATE_RUN = ["--task", "squad", "--metric", "f1", "--peft", "template", "--n", "4", "--shaping", "zscore",
+                "--lr", "0.5", "--eps", "0.5", "--batch-size", "2", "--eval-limit", "3", "--eval-every", "0",
+                "--train-max-new-tokens", "3", "--steps", "6"]
+
+
+def test_sigkill_of_a_template_population_run_with_probes_together_then_resume(model_dir, tmp_path):
+    """A template-tail run with a population of 4 whose probes run together, SIGKILLed at
+    random steps and resumed, ends with the uninterrupted run's trajectory and numbers."""
+    whole = tmp_path / "whole"
+    out = zoobj_run("train", *TEMPLATE_RUN, "--model", model_dir, "--output", whole)
+    assert out.returncode == 0, out.stderr
+    log = [json.loads(x) for x in (whole / "log.jsonl").read_text().splitlines()]
+    assert any("probes run together" in x.get("message", "") for x in log)  # the path under test ran
+    ref_traj, ref_eval = (whole / "trajectory.jsonl").read_text(), json.loads((whole / "eval.json").read_text())
+    rng = random.Random(KILL_SEED + 1)
+    for trial in range(2):
+        k = rng.randint(1, 5)
+        run_dir = tmp_path / f"cut{trial}"
+        on_disk = kill_at(["train", *TEMPLATE_RUN, "--model", model_dir, "--output", run_dir], run_dir, k)
+        assert k <= on_disk < 6 and ref_traj.startswith((run_dir / "trajectory.jsonl").read_text())
+        out = zoobj_run("train", "--resume", run_dir, "--steps", "6")
+        assert out.returncode == 0, out.stderr
+        assert (run_dir / "trajectory.jsonl").read_text() == ref_traj
+        resumed = json.loads((run_dir / "eval.json").read_text())
+        assert (resumed["value"], resumed["steps"]) == (ref_eval["value"], ref_eval["steps"])
+
+
 # ============================================================================ security
 
 SOURCE = Path(zoobj.__file__).resolve().parent
