@@ -336,3 +336,17 @@ def test_export_of_a_prefix_run_says_it_is_a_peft_adapter(model_dir, tmp_path, c
     assert "a peft adapter, not a plain transformers model" in said and len(said.strip().splitlines()) == 1
     assert (exported / "adapter_config.json").is_file()
     assert "no plain-transformers form" in (exported / "README.md").read_text()
+
+
+@pytest.mark.parametrize("args, said", [
+    (["train", "--task", "sst2", "--lr", "abc"], "Invalid value for '--lr'"),
+    (["train", "--tsak", "sst2"], "No such option: --tsak (Possible options: --task)"),
+    (["trian"], "No such command 'trian'. Did you mean 'train'?"),
+    (["export", "RUN"], "Missing option '--output'"),
+])
+def test_a_usage_mistake_is_one_error_line_and_status_2(args, said, capsys):
+    """click's own usage errors (a bad value, a misspelt option or command, a missing
+    option) read like every other user mistake: ``zoobj: error: ...``, status 2."""
+    assert cli(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zoobj: error: ") and said in err[0] and "--help" in err[0]

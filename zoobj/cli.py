@@ -403,12 +403,12 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):  # usage errors: exit 2
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if _is_a(exc, "ClickException"):  # a usage error (typer may bring its own copy of click): one line, exit 2
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else "zoobj"
+            print(f"zoobj: error: {exc.format_message()} ({where} --help lists what it takes)", file=sys.stderr)
+            sys.exit(2)
+        if _is_a(exc, "Abort"):
             print("zoobj: aborted", file=sys.stderr)
             sys.exit(130)
         if debug:
@@ -419,6 +419,11 @@ def main() -> None:
         sys.exit(1)
     finally:
         warnings.showwarning = shown
+
+
+def _is_a(exc: BaseException, name: str) -> bool:
+    """Whether ``exc`` is click's exception ``name``, from click or from typer's copy of it."""
+    return any(c.__name__ == name and c.__module__.split(".")[0] in ("click", "typer") for c in type(exc).__mro__)
 
 
 def _one_line_warning(default):
