@@ -350,3 +350,16 @@ def test_a_usage_mistake_is_one_error_line_and_status_2(args, said, capsys):
     assert cli(*args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("zoobj: error: ") and said in err[0] and "--help" in err[0]
+
+
+@pytest.mark.parametrize("args, said", [
+    (["train", "--task", "sst2", "--metric", "f1"], "use accuracy or macro_f1"),
+    (["eval", "--task", "sst2", "--metric", "accuracy,em"], "use accuracy or macro_f1"),
+    (["train", "--task", "squad", "--metric", "macro_f1"], "use f1, exact_match or accuracy"),
+])
+def test_a_metric_for_the_other_kind_of_task_is_refused_before_loading(args, said, capsys):
+    """--metric f1 on a classification task (was: an internal TypeError) names the metrics
+    that fit, before any model is loaded."""
+    assert cli(*args, "--model", "/nonexistent/model") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zoobj: error: --metric ") and said in err[0]

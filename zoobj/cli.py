@@ -112,9 +112,11 @@ def eval_cmd(
         raise ZoobjError("--task is required (or --run DIR)")
     t = get_task(task)
     names = [x.strip() for x in (metric or (run_cfg.metric if run_cfg else None) or t.metric).split(",") if x.strip()]
-    from zoobj.metrics import get_metric
+    from zoobj.metrics import check_fits, get_metric
 
     fns = {name: get_metric(name) for name in names}  # fail on a bad name before loading the model
+    for name in names:
+        check_fits(name, t.kind, t.name)
     if run_cfg:
         from zoobj.run.export import rebuild
 

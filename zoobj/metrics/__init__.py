@@ -45,6 +45,7 @@ __all__ = [
     "accuracy",
     "as_metric",
     "bootstrap_ci",
+    "check_fits",
     "exact_match",
     "f1",
     "get_metric",
@@ -64,6 +65,28 @@ METRICS: dict[str, Callable[..., float]] = {
     "exact_match": exact_match,
     "em": exact_match,
 }
+
+# built-in metrics that take one kind of prediction: answer strings, or class indices
+_TEXT, _CLASSES = ("f1", "exact_match", "em"), ("macro_f1",)
+
+
+def check_fits(metric: str, kind: str, task: str) -> None:
+    """Refuse, in one line, a built-in metric that cannot read this kind of task's
+    predictions (generated strings, or class indices) and name the ones that can.
+
+    >>> check_fits("f1", "generation", "squad")
+    >>> check_fits("f1", "classification", "sst2")
+    Traceback (most recent call last):
+    ...
+    zoobj.errors.ConfigError: --metric f1 compares answer strings, but sst2 is a classification task: its predictions are class indices; use accuracy or macro_f1
+    """
+    if kind == "classification" and metric in _TEXT:
+        raise ConfigError(f"--metric {metric} compares answer strings, but {task} is a classification task: its "
+                          "predictions are class indices; use accuracy or macro_f1")
+    if kind == "generation" and metric in _CLASSES:
+        raise ConfigError(f"--metric {metric} compares class indices, but {task} is a generation task: its "
+                          "predictions are answer strings; use f1, exact_match or accuracy")
+
 
 # built-in metrics that are the mean of a per-example score
 _PER_EXAMPLE = {accuracy: correct, f1: squad_f1, exact_match: squad_exact_match}

@@ -145,9 +145,10 @@ class TrainConfig:
         if c.train_max_new_tokens is None and task.kind == "generation":
             # shorter generations while training (answers are short; evaluation keeps the task's length)
             c.train_max_new_tokens = min(getattr(task, "max_new_tokens", 50), TRAIN_MAX_NEW_TOKENS)
-        from zoobj.metrics import get_metric
+        from zoobj.metrics import check_fits, get_metric
 
         get_metric(c.metric)  # a bad name fails here, before any model is loaded
+        check_fits(c.metric, task.kind, task.name)
         lr, eps = PAPER_DEFAULTS[c.peft]
         c.lr = lr if c.lr is None else c.lr
         c.eps = eps if c.eps is None else _eps_value(c.eps)
