@@ -222,3 +222,50 @@ def test_smoothing_a_generation_metric_removes_its_ties_and_improves_it(tok):
             end = objective(rows)
     assert ties[0.0] == 15 and ties[1.0] == 0
     assert end < start - 0.02
+
+
+TRL_REWARDS = '''
+def reward_len(completions, **kwargs):  # from TRL's documentation: answers near 20 characters
+    return [-abs(20 - len(completion)) for completion in completions]
+
+
+def mentions_an_answer(prompts, completions, answers, **kwargs):  # a dataset column by its own name
+    seen.append((list(prompts), list(completions)))
+    return [None if not c else float(any(a.lower() in c.lower() for a in gold)) for c, gold in zip(completions, answers)]
+
+
+seen = []
+'''
+
+
+def test_rewards_written_for_trl_work_unchanged(tok, tmp_path):
+    """A reward in TRL's GRPOTrainer style gets text completions (the candidates' words on a
+    classification task), the prompts, and the data's columns by their own names; None
+    leaves an example out."""
+    from zoobj.tasks import get_task
+
+    (tmp_path / "trl_rewards.py").write_text(TRL_REWARDS)
+    model = tiny_gemma(len(tok), seed=0)
+    squad = get_task("squad")
+    rows = squad.load("train")[:3]
+    value = metric_objective(model, tok, squad, f"{tmp_path}/trl_rewards.py:reward_len", max_new_tokens=4)(rows)
+    assert value > 0  # minus a mean of -|20 - len|: a real number from the reward
+    fn = get_metric(f"{tmp_path}/trl_rewards.py:mentions_an_answer")
+    out = evaluate(model, tok, squad, fn, rows=rows, n_resamples=10)
+    import sys
+
+    module = next(m for name, m in sys.modules.items() if name.startswith("_zoobj_reward_trl_rewards"))
+    prompts, completions = module.seen[0]
+    assert prompts == [squad.prompt(r) for r in rows] and all(isinstance(c, str) for c in completions)
+    assert 0.0 <= out["value"] <= 1.0
+
+    sst2 = get_task("sst2")
+    rows = sst2.load("validation")[:4]
+    module.seen.clear()
+    length = get_metric(f"{tmp_path}/trl_rewards.py:reward_len")
+    assert metric_objective(model, tok, sst2, length)(rows) > 0
+    out = evaluate(model, tok, sst2, length, rows=rows, n_resamples=10)
+    assert all(isinstance(p, int) for p in out["predictions"])  # the predictions themselves stay class indices
+    words = [sst2.choices(r)[p].strip() for r, p in zip(rows, out["predictions"])]
+    assert set(words) <= {"great", "terrible"}
+    assert out["value"] == pytest.approx(sum(-abs(20 - len(w)) for w in words) / len(words))  # read as the words

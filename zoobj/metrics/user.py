@@ -57,6 +57,7 @@ from zoobj.metrics._common import check_batch, mean
 
 __all__ = [
     "FORMS",
+    "import_user_module",
     "PERCENT_SCORES",
     "UserMetric",
     "as_metric",
@@ -332,9 +333,27 @@ def _result_key(result, key: str, spec: str):
     return result[key]
 
 
-def _import(module_name: str, spec: str):
+def import_user_module(module_name: str):
+    """``importlib.import_module``, where a module not found on the import path is also
+    looked for in the current folder (as ``python -m`` would find it; the installed
+    ``zoobj`` command does not put the folder on the path itself). The folder comes last,
+    so it never shadows an installed package."""
     try:
         return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        here = str(Path.cwd())
+        if here in sys.path or not (exc.name and module_name.split(".")[0] == exc.name.split(".")[0]):
+            raise
+        sys.path.append(here)
+        return importlib.import_module(module_name)
+
+
+def _import(module_name: str, spec: str):
+    try:
+        return import_user_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"metric {spec!r}: cannot import {module_name} ({_oneline(exc)}); run zoobj in the folder "
+                          "that holds it, install it (pip install -e .), or add its folder to PYTHONPATH") from exc
     except Exception as exc:
         raise ConfigError(f"metric {spec!r}: cannot import {module_name} ({_oneline(exc)})") from exc
 

@@ -73,6 +73,15 @@ def predict(model, tok, task, rows: Sequence[dict], batch_size: int = 16, max_ne
     return [int(np.argmax(s)) for s in scores]
 
 
+def as_read(metric, task, predictions: list, rows: Sequence[dict]) -> list:
+    """The predictions as ``metric`` reads them: a reward in TRL's form gets text
+    completions, so on a classification task each class index becomes its candidate's
+    text (``task.choices(row)[index]``, stripped); every other metric gets them as they are."""
+    if task.kind != "classification" or getattr(metric, "form", None) != "trl":
+        return predictions
+    return [task.choices(r)[p].strip() for p, r in zip(predictions, rows)]
+
+
 def expected_metric(model, tok, task, metric, rows: Sequence[dict], temperature: float,
                     batch_size: int = 16, shared=None) -> tuple[float, int]:
     """``(sum over rows of E[metric], rows counted)`` with the prediction drawn from
@@ -188,7 +197,8 @@ class HardMetric:
 
     def _value(self, rows: Sequence[dict], preds: list) -> float:
         refs = [self.task.reference(r) for r in rows]
-        return -float(self.metric(preds, refs, prompts=[self.task.prompt(r) for r in rows], rows=list(rows)))
+        return -float(self.metric(as_read(self.metric, self.task, preds, rows), refs,
+                                  prompts=[self.task.prompt(r) for r in rows], rows=list(rows)))
 
     def _predict(self, rows: Sequence[dict]) -> list:
         return predict(self.model, self.tok, self.task, rows, batch_size=self.batch_size,
@@ -448,8 +458,9 @@ def evaluate(model, tok, task, metric: str | Callable | None = None, split: str 
     preds = predictions if predictions is not None else predict(model, tok, task, rows, batch_size=batch_size)
     refs = [task.reference(r) for r in rows]
     extra = {"prompts": [task.prompt(r) for r in rows], "rows": rows}
-    value = float(fn(preds, refs, **extra))
-    low, high = bootstrap_ci(fn, preds, refs, n_resamples=n_resamples, **extra)
+    read = as_read(fn, task, preds, rows)
+    value = float(fn(read, refs, **extra))
+    low, high = bootstrap_ci(fn, read, refs, n_resamples=n_resamples, **extra)
     return {
         "task": task.name,
         "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"),

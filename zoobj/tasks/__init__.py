@@ -13,10 +13,10 @@ A plain dict registry of the built-in tasks, with MeZO's prompts (paper App. E),
 
 from __future__ import annotations
 
-import importlib
 import random
 
 from zoobj.errors import ConfigError, DataError
+from zoobj.metrics.user import import_user_module
 from zoobj.tasks.classification import ClassificationTask
 from zoobj.tasks.generation import GenerationTask
 from zoobj.tasks.protocol import Task, missing_members
@@ -56,11 +56,13 @@ def get_task(spec: str | Task) -> Task:
 def _import_task(spec: str) -> Task:
     module_name, _, attribute = spec.partition(":")
     try:
-        obj = importlib.import_module(module_name)
+        obj = import_user_module(module_name)
         for part in attribute.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(f"cannot import task {spec!r}: {type(e).__name__}: {e}") from None
+        hint = ("; run zoobj in the folder that holds it, install it (pip install -e .), or add its folder to "
+                "PYTHONPATH") if isinstance(e, ModuleNotFoundError) else ""
+        raise ConfigError(f"cannot import task {spec!r}: {type(e).__name__}: {e}{hint}") from None
     if isinstance(obj, type) or (callable(obj) and missing_members(obj)):
         try:
             obj = obj()
