@@ -363,3 +363,28 @@ def test_a_metric_for_the_other_kind_of_task_is_refused_before_loading(args, sai
     assert cli(*args, "--model", "/nonexistent/model") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("zoobj: error: --metric ") and said in err[0]
+
+
+def test_progress_in_a_log_file_is_one_line_per_step_and_the_tie_rates_agree(model_dir, tmp_path, capsys):
+    """Output sent to a file (no terminal): one plain line per step with the step, loss,
+    tie rate, seconds per step and ETA; the tie rate is one number everywhere -- the last
+    progress line, log.jsonl's per-step shares, the curve's definition and the summary."""
+    from zoobj.engine import trajectory as tj
+    from zoobj.run.plots import rolling_ties_and_grad
+
+    run_dir = tmp_path / "run"
+    assert cli("train", "--task", "sst2", "--model", model_dir, "--steps", "4", "--batch-size", "2", "--n", "3",
+               "--eval-limit", "2", "--eval-every", "0", "--output", run_dir) == 0
+    captured = capsys.readouterr()
+    lines = [x for x in captured.err.splitlines() if x.startswith("step ")]
+    assert [x.split()[1] for x in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert all(re.search(r"loss -?[\d.]+ .*tied \d+% .* s/step  ETA \d+:\d\d:\d\d$", x) for x in lines)
+    steps = [x for x in tj.read_jsonl(run_dir / tj.LOG) if x.get("event") == "step"]
+    assert all(x["directions"] == 3 and x["tie_rate"] == x["ties"] / 3 for x in steps)
+    result = json.loads((run_dir / tj.EVAL).read_text())
+    assert result["tie_rate"] == sum(x["ties"] for x in steps) / 12
+    assert lines[-1].split("tied ")[1].startswith(f"{result['tie_rate']:.0%}")
+    rolling, _ = rolling_ties_and_grad(steps, 4)
+    assert rolling.tolist() == [result["tie_rate"]]
+    assert "tie rate (l+ == l-)" in captured.out and f"run dir: {run_dir}" in captured.out
+    assert ("every probe tied" in captured.out) == (result["tie_rate"] >= 1.0)  # the levers, when nothing moved

@@ -194,6 +194,7 @@ def greedy(ids):
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=job["max_new_tokens"], do_sample=False,
                              pad_token_id=tok.pad_token_id)
+    assert not set(out[0, len(ids):].tolist()) & set(added)  # an added token is never an output
     return tok.decode(out[0, len(ids):], skip_special_tokens=True).split("\\n", 1)[0].strip()
 
 
@@ -223,6 +224,7 @@ def test_an_exported_template_run_answers_in_plain_transformers(model_dir, tmp_p
     task, tok = get_task("squad"), tiny_tokenizer()
     rows = task.load(task.eval_split)[: len(trained)]
     record = json.loads((exported / template.FILE).read_text())
+    assert set(record["ids"]) <= set(json.loads((exported / "generation_config.json").read_text())["suppress_tokens"])
     job = {"tokens": record["tokens"], "max_new_tokens": task.max_new_tokens,
            "prompts": [tok(task.prompt(r)).input_ids for r in rows]}
     assert all(p[-len(record["tail"]):] == record["tail"] for p in job["prompts"])

@@ -173,58 +173,89 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
 
 
+PROGRESS_FIELDS = ("Progress fields: loss = the step's mean of l+ and l- (for the metric objective, minus the "
+                   "metric); g = the step's projected gradient (its coefficient, averaged over its directions); "
+                   "tied = the share of directions so far whose l+ == l- (nothing moved along them); spread = the "
+                   "standard deviation of the step's 2n losses; s/step and ETA from the steps of this process.")
+
+
+def _clock(seconds: float) -> str:
+    """``h:mm:ss``.
+
+    >>> _clock(3725.2)
+    '1:02:05'
+    """
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class _Progress:
-    """Rich live bar on stderr: step, loss, projected gradient, tie rate, steps/s, ETA."""
+    """Progress on stderr: rich's live bar in a terminal; elsewhere (a log file, nohup, a
+    cluster job) one plain line per step. Both show the step, loss, projected gradient,
+    tie rate, spread, seconds per step and ETA (``PROGRESS_FIELDS``)."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = _err_console()
+        self.live = self.console.is_terminal
         self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
-                            transient=False)
+                            TimeElapsedColumn(), console=self.console, transient=False)
         self.task_id = None
-        self.ties = self.seen = 0
-        self.t0 = None
+        self.ties = self.directions = self.seen = 0
+        self.t0 = self.total = self.done = None
+
+    def _say(self, text: str) -> None:
+        (self.bar.console if self.task_id is not None and self.live else self.console).print(text, highlight=False)
 
     def __call__(self, event: str, info: dict) -> None:
         import time
 
         if event == "status":
-            (self.bar.console if self.task_id is not None else self.console).print(info["message"])
+            self._say(info["message"])
         elif event == "start":
-            cfg = info["cfg"]
-            self.console.print(f"[bold]zoobj[/] {cfg.task} · objective {cfg.objective}"
-                               f"{' (' + cfg.metric + ')' if cfg.objective == 'metric' else ''} · model {cfg.model} · "
-                               f"{_count(info['trainable'])} trainable ({cfg.peft}) · lr {cfg.lr:g} eps {cfg.eps:g} "
-                               f"· batch {cfg.batch_size}"
-                               f"{f' · population {cfg.n} ({cfg.shaping})' if (cfg.n or 1) > 1 else ''}"
-                               f" · run dir {cfg.output}")
-            if info.get("note"):
-                self.console.print(f"note: {info['note']}")
-            if info.get("zero_shot"):
-                z = info["zero_shot"]
-                self.console.print(f"zero-shot {cfg.metric}: {z['value']:.4f} (n={z['n']})")
-            self.bar.start()
-            self.task_id = self.bar.add_task("train", total=cfg.steps, completed=info["start_step"], info="")
-            self.t0, self.start = time.time(), info["start_step"]
+            self._start(info)
+            self.t0, self.total, self.done = time.time(), info["cfg"].steps, info["start_step"]
+            if self.live:
+                self.bar.start()
+                self.task_id = self.bar.add_task("train", total=self.total, completed=self.done,
+                                                 info="(the first step's numbers and ETA come after it)")
         elif event == "step":
-            self.seen += 1
-            self.ties += info["ties"] > 0
-            rate = self.seen / max(1e-9, time.time() - self.t0)
-            self.bar.update(self.task_id, advance=1, info=(
-                f"loss {info['loss']:.4f} g {info['grad']:+.3g} ties {self.ties / self.seen:.0%} "
-                f"spread {info.get('spread') or 0:.3g} {rate:.2f} step/s"))
+            self.seen, self.done = self.seen + 1, self.done + 1
+            self.ties += info["ties"]
+            self.directions += info.get("directions", 1)
+            per = (time.time() - self.t0) / self.seen
+            fields = (f"loss {info['loss']:.4f}  g {info['grad']:+.3g}  tied {self.ties / self.directions:.0%}  "
+                      f"spread {info.get('spread') or 0:.3g}  {per:.1f} s/step  ETA {_clock(per * (self.total - self.done))}")
+            if self.live:
+                self.bar.update(self.task_id, advance=1, info=fields)
+            else:
+                self._say(f"step {self.done}/{self.total}  {fields}")
         elif event == "dev":
             from zoobj.engine.trajectory import shown_step
 
-            self.bar.console.print(f"step {shown_step(info)}: dev {info['value']:.4f}")
+            self._say(f"step {shown_step(info)}: dev {info['value']:.4f}")
         elif event == "done":
-            self.bar.stop()
+            self.stop()
+
+    def _start(self, info: dict) -> None:
+        cfg = info["cfg"]
+        self.console.print(f"[bold]zoobj[/] {cfg.task} · objective {cfg.objective}"
+                           f"{' (' + cfg.metric + ')' if cfg.objective == 'metric' else ''} · model {cfg.model} · "
+                           f"{_count(info['trainable'])} trainable ({cfg.peft}) · lr {cfg.lr:g} eps {cfg.eps:g} "
+                           f"· batch {cfg.batch_size}"
+                           f"{f' · population {cfg.n} ({cfg.shaping})' if (cfg.n or 1) > 1 else ''}", highlight=False)
+        self.console.print(f"run dir {cfg.output}", highlight=False, soft_wrap=True)  # whole, to copy from a log
+        if info.get("note"):
+            self.console.print(f"note: {info['note']}", highlight=False)
+        if info.get("zero_shot"):
+            z = info["zero_shot"]
+            self.console.print(f"zero-shot {cfg.metric}: {z['value']:.4f} (n={z['n']})", highlight=False)
 
     def stop(self) -> None:
         if self.task_id is not None:
             self.bar.stop()
+            self.task_id = None
 
 
 def _summary(result: dict, metric: str) -> None:
@@ -248,9 +279,13 @@ def _summary(result: dict, metric: str) -> None:
         table.add_row("batches with probes one at a time", str(result["probe_fallbacks"]))
     table.add_row("wall time", f"{result['wall_seconds']:.0f} s")
     table.add_row("peak memory (RSS)", f"{result['peak_rss_mib']} MiB")
-    table.add_row("run dir", result["run_dir"])
     Console().print(table)
-    line = f"{metric}: {result['value']:.4f} after {result['steps']} steps"
+    print(f"run dir: {result['run_dir']}")  # whole, on its own line: a log's width never cuts it
+    if result["steps"] and result["tie_rate"] >= 1.0:
+        print("note: every probe tied (l+ == l- along every direction): the weights never moved. Levers: --eps auto "
+              "(the smallest eps that unties), a larger --batch-size, a population (--n 8 --shaping zscore), or "
+              "--smooth T")
+    line = f"{metric}: {result['value']:.4f} after {result['steps']} step{'s' if result['steps'] != 1 else ''}"
     if z is not None:
         line += f" (zero-shot {metric}: {z:.4f})"
     print(line)
@@ -259,7 +294,7 @@ def _summary(result: dict, metric: str) -> None:
 PLACEMENT = ("device", "device_map")  # where a launch runs: set on the run, never compared with a resumed run's
 
 
-@app.command("train")
+@app.command("train", epilog=PROGRESS_FIELDS)
 @_with_options(*setting_options(), _option("resume", str, None, "--resume",
                                            "Continue the run in this directory (to --steps in all)."))
 def train_cmd(**flags) -> None:

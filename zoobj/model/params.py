@@ -288,7 +288,9 @@ class TemplateParams:
                 f"with plain transformers. The trained prompt ending is {len(record['tokens'])} added tokens, `{added}`: "
                 f"end each prompt with them in place of the template's closing words {record['text']!r} "
                 f"(token ids {record['tail']} -> {record['ids']}). With the template's own words the model answers "
-                "as the base model did. `zoobj eval --model folder --task ...` puts the trained ending in by itself.")
+                "as the base model did. The added tokens are never outputs: `generate` suppresses them "
+                "(generation_config.json); if you take the argmax of the logits yourself, leave their columns out. "
+                "`zoobj eval --model folder --task ...` puts the trained ending in by itself.")
 
 
 PARAM_SETS = {cls.name: cls for cls in (FullParams, LoraParams, PrefixParams, TemplateParams)}

@@ -195,10 +195,12 @@ def as_added_tokens(model, tok):
     """A plain transformers model and tokenizer (copies) that answer like ``model`` with
     its trained tail, textual-inversion style: the tail's k tokens get k added tokens
     whose input rows hold the trained vectors (``base row + delta / scale``), and a prompt
-    ends with them instead of the template's closing words. Their output rows copy the
-    tail tokens' own, and the head is untied from the input embeddings, so an added
-    token never outscores the token it stands for (argmax keeps the lower id: greedy
-    answers are the trained model's). Returns ``(model, tokenizer, record)``."""
+    ends with them instead of the template's closing words. They are never outputs: the
+    head is untied from the input embeddings with zero rows for them, and the generation
+    config suppresses them (``suppress_tokens``), so ``generate`` samples from exactly the
+    trained model's distribution over the real vocabulary. (Copies of the tail tokens'
+    output rows would tie with those tokens only up to the matrix product's rounding,
+    and an added newline then wins now and again.) Returns ``(model, tokenizer, record)``."""
     wrapper = find(model)
     tail, k = wrapper.tail.tolist(), wrapper.tail.numel()
     model.set_input_embeddings(wrapper.base)
@@ -215,7 +217,6 @@ def as_added_tokens(model, tok):
     emb, head = plain.get_input_embeddings(), plain.get_output_embeddings()
     tied = head is not None and head.weight is emb.weight
     with torch.no_grad():
-        head_rows = head.weight[tail].clone() if head is not None else None
         if max(ids) >= emb.weight.shape[0]:
             plain.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
             emb, head = plain.get_input_embeddings(), plain.get_output_embeddings()
@@ -225,12 +226,14 @@ def as_added_tokens(model, tok):
                 config.tie_word_embeddings = False
         emb.weight[ids] = emb.weight[tail] + wrapper.delta.detach().to(emb.weight.dtype) / _scale(emb)
         if head is not None:
-            head.weight[ids] = head_rows
+            head.weight[ids] = 0.0
         wanted = wrapper.base(wrapper.tail[None]) + wrapper.delta
         got = emb(torch.tensor([ids], device=emb.weight.device))
         if not torch.allclose(got, wanted, rtol=1e-4, atol=1e-5 * float(wanted.abs().max())):
             raise ModelError("this model's input embedding is not a scaled table, so the trained tail cannot be "
                              "written as token rows; use zoobj eval --run with the run directory instead")
+    if getattr(plain, "generation_config", None) is not None:
+        plain.generation_config.suppress_tokens = sorted(set(plain.generation_config.suppress_tokens or []) | set(ids))
     text = tok.decode(tail)
     return plain, tok, {"tail": tail, "text": text, "tokens": names, "ids": ids}
 

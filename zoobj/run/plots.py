@@ -12,9 +12,12 @@ from zoobj.engine import trajectory as tj
 
 
 def rolling_ties_and_grad(steps: list[dict], window: int) -> tuple[np.ndarray, list[float]]:
-    """Over each run of ``window`` consecutive step records of a log: the share of steps
-    with a tie (l+ == l-) and the median |projected gradient|, one value per full window."""
-    tie_rate = np.convolve([float(r["ties"] > 0) for r in steps], np.ones(window) / window, mode="valid")
+    """Over each run of ``window`` consecutive step records of a log: the tie rate -- the
+    share of the window's directions with l+ == l-, as the summary counts it -- and the
+    median |projected gradient|, one value per full window."""
+    tied = np.convolve([float(r["ties"]) for r in steps], np.ones(window), mode="valid")
+    directions = np.convolve([float(r.get("directions", 1)) for r in steps], np.ones(window), mode="valid")
+    tie_rate = np.minimum(1.0, tied / directions)
     g = np.abs([r["grad"] for r in steps])
     return tie_rate, [float(np.median(g[i : i + window])) for i in range(len(g) - window + 1)]
 

@@ -54,10 +54,12 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
     ``world`` (``zoobj.run.distributed.World``, from torchrun): every rank trains an
     identical replica; only rank 0 writes the run directory and gets the result
     (the other ranks return ``{}``)."""
+    began = time.time()  # the wall time counts the model's load too
     main = world is None or world.is_main
     report = reporter if reporter and main else _silent
     cfg = _fit_to_world(cfg.resolved(), world)
     r = open_run(cfg, resume, model, tok, world, report)
+    r.started = began
     try:
         objective, zero = begin(r)
         finish_cut_dev_evaluation(r)
@@ -98,13 +100,16 @@ def train_loop(r: RunState, objective: Objective) -> None:
 
 
 def _step_entry(step: int, loss: float, rec: dict, seconds: float) -> dict:
-    """A step's line in log.jsonl: the mean coefficient over its n directions, and the
-    spread (standard deviation) of its 2n losses -- what a metric's jumps look like."""
+    """A step's line in log.jsonl: the mean coefficient over its n directions, how many of
+    them tied (l+ == l-) and that share (the run's tie rate is the same share over all
+    its directions), and the spread (standard deviation) of its 2n losses -- what a
+    metric's jumps look like."""
     grad = rec["grads"][0] if len(rec["grads"]) == 1 else float(np.mean(rec["grads"]))
     losses = [x for x in rec["loss_plus"] + rec["loss_minus"] if x is not None]
-    return {"event": "step", "step": step, "loss": loss, "grad": grad, "ties": rec["ties"],
-            "spread": float(np.std(losses)) if losses else None, "skipped": rec["skipped"],
-            "seconds": round(seconds, 4)}
+    directions = len(rec["seeds"])
+    return {"event": "step", "step": step, "loss": loss, "grad": grad, "ties": rec["ties"], "directions": directions,
+            "tie_rate": rec["ties"] / directions, "spread": float(np.std(losses)) if losses else None,
+            "skipped": rec["skipped"], "seconds": round(seconds, 4)}
 
 
 def batch_indices(seed: int, step: int, size: int, n_rows: int) -> list[int]:
@@ -161,7 +166,7 @@ class RunState:
     best: _Best = field(default_factory=_Best)
     log: tj.JsonlWriter | tj.NullWriter = field(default_factory=tj.NullWriter)
     traj: tj.JsonlWriter | tj.NullWriter = field(default_factory=tj.NullWriter)
-    started: float = 0.0
+    started: float = 0.0  # when run() was called
 
     @property
     def main(self) -> bool:
@@ -231,7 +236,6 @@ def open_run(cfg: TrainConfig, resume: bool, model, tok, world, report) -> RunSt
         _replay(r, saved, records)
     r.log = tj.JsonlWriter(out / tj.LOG) if r.main else tj.NullWriter()
     r.traj = tj.JsonlWriter(out / tj.TRAJECTORY) if r.main else tj.NullWriter()
-    r.started = time.time()
     return r
 
 
