@@ -388,3 +388,20 @@ def test_progress_in_a_log_file_is_one_line_per_step_and_the_tie_rates_agree(mod
     assert rolling.tolist() == [result["tie_rate"]]
     assert "tie rate (l+ == l-)" in captured.out and f"run dir: {run_dir}" in captured.out
     assert ("every probe tied" in captured.out) == (result["tie_rate"] >= 1.0)  # the levers, when nothing moved
+
+
+def test_a_file_path_metric_names_a_flat_run_directory(tmp_path):
+    from pathlib import Path
+
+    from zoobj.run.config import TrainConfig
+
+    (tmp_path / "rw.py").write_text("def strict(prediction, reference):\n    return float(prediction == reference)\n")
+    out = Path(TrainConfig(task="sst2", metric=f"{tmp_path}/rw.py:strict").resolved().output)
+    assert out.parent == Path("runs") and out.name.startswith("sst2-strict-") and ":" not in out.name
+
+
+def test_a_misspelt_model_alias_is_named_at_once(capsys):
+    assert cli("eval", "--task", "sst2", "--model", "gemma3-270m") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"zoobj: error: unknown model 'gemma3-270m'; did you mean gemma-3-270m? (aliases: "
+                   "gemma-3-270m, smollm2-135m; a Hub id is owner/name and needs the network)"]

@@ -87,3 +87,18 @@ def test_a_package_in_the_current_folder_is_found_without_a_path(tmp_path, monke
     else:
         with pytest.raises(ConfigError, match="run zoobj in the folder that holds it"):
             get_metric(f"{name}.rw:one")
+
+
+def test_the_python_task_example_runs_as_written(model_dir, tmp_path):
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    start = docs.index("## Tasks in Python")
+    code = re.search(r"```python\n(.*?)```", docs[start:], flags=re.S).group(1)
+    command = re.search(r"```bash\n(zoobj [^\n#]*)", docs[start:]).group(1).strip()
+    assert code.startswith("# mytasks.py") and command == "zoobj train --task mytasks:topic"
+    (tmp_path / "mytasks.py").write_text(code)
+    rows = [{"text": f"match {i} report" if i % 2 else f"election {i} news", "label": i % 2} for i in range(12)]
+    for name in ("train.jsonl", "validation.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = zoobj(shlex.split(command)[1:] + ["--model", model_dir, "--output", "run", *SHORT[:-2]], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["task"] == "topic"

@@ -14,6 +14,7 @@ is passed explicitly.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
 import os
@@ -141,6 +142,10 @@ def _source(name: str) -> Path | str:
             f"model path {name!r} does not exist; pass a directory saved with save_pretrained, "
             f"a .gguf file, a Hub id, or an alias ({', '.join(ALIASES)})"
         )
+    close = difflib.get_close_matches(name.lower(), ALIASES, n=1, cutoff=0.8)
+    if close and "/" not in name:  # a misspelt alias, not a Hub id: say so before any network retry
+        raise ModelError(f"unknown model {name!r}; did you mean {close[0]}? (aliases: {', '.join(ALIASES)}; "
+                         "a Hub id is owner/name and needs the network)")
     return name  # a Hub id
 
 

@@ -158,7 +158,8 @@ class TrainConfig:
             raise ConfigError(f"--eps must be a finite number > 0 or auto, got {c.eps}")
         if c.output is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            c.output = str(Path("runs") / f"{task.name}-{c.metric if c.objective == 'metric' else 'ce'}-{stamp}")
+            c.output = str(Path("runs") / f"{_plain(task.name)}-{_plain(c.metric) if c.objective == 'metric' else 'ce'}"
+                                          f"-{stamp}")
         return c
 
 
@@ -180,6 +181,19 @@ def _fill_defaults(c: TrainConfig, task) -> None:
     for key, value in DEFAULTS.items():
         if getattr(c, key) is None:
             setattr(c, key, value)
+
+
+def _plain(name: str) -> str:
+    """A metric or task name as one folder name: a user function's own name, anything
+    but letters, digits, '_', '.' and '-' as '-'.
+
+    >>> _plain("mypkg/rewards.py:strict"), _plain("evaluate:squad#f1"), _plain("f1")
+    ('strict', 'squad-f1', 'f1')
+    """
+    import re
+
+    name = name.removeprefix("evaluate:").rsplit(":", 1)[-1]
+    return re.sub(r"[^\w.-]+", "-", name).strip("-.") or "run"
 
 
 def _eps_value(eps: float | str) -> float | str:
