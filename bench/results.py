@@ -13,6 +13,7 @@ arm) and writes ``results.json`` and one curve PNG per task into ``--out``.
     python bench/results.py                      # everything (hours on 2 cores; resumable)
     python bench/results.py --task sst2          # one task
     python bench/results.py --quick              # a small SST-2 slice, under 10 minutes
+    python bench/results.py --quick --slice --model DIR   # the same code on a few rows and steps (a smoke test)
 
 Each trained arm keeps the weights of its best dev evaluation (``--keep best``; dev is
 held out of train), so validation sees one model per arm, chosen without validation.
@@ -57,6 +58,14 @@ QUICK = dict(sst2=dict(TASKS["sst2"], steps=60, eval_limit=200, eval_every=0, ke
                        metric_arm=dict(TASKS["sst2"]["metric_arm"], steps=8, eval_every=0)))  # 128 passes vs CE's 120
 
 
+def sliced(spec: dict) -> dict:
+    """A spec cut down to a few rows and steps: the commands' code paths, not their numbers."""
+    small = dict(steps=2, batch_size=2, eval_limit=4, dev_limit=4, eval_every=1)
+    arm = {k: v for k, v in spec["metric_arm"].items() if k not in ("steps", "eval_every")}
+    return {**spec, **small, "ce": dict(spec["ce"]), "metric_arm": {**arm, "steps": 1, "eval_every": 1},
+            "train_max_new_tokens": 2}
+
+
 def zero_shot(task_name: str, spec: dict, out: Path) -> dict:
     from zoobj.model.loading import load_model
     from zoobj.run.objective import evaluate, predict
@@ -67,7 +76,7 @@ def zero_shot(task_name: str, spec: dict, out: Path) -> dict:
         return json.loads(path.read_text())
     start = time.time()
     task = get_task(task_name)
-    model, tok = load_model("gemma-3-270m")
+    model, tok = load_model(spec.get("model", "gemma-3-270m"))
     rows = task.load(task.eval_split)[: spec["eval_limit"]]
     preds = predict(model, tok, task, rows, batch_size=32)
     result = {}
@@ -89,6 +98,10 @@ def trained(task_name: str, spec: dict, arm: str, out: Path) -> dict:
     # an arm may set its own steps and dev interval: a population of n directions takes 1/n of the steps
     # for the same forward passes
     steps, eval_every = settings.pop("steps", spec["steps"]), settings.pop("eval_every", spec["eval_every"])
+    if "model" in spec:
+        settings["model"] = spec["model"]
+    if "train_max_new_tokens" in spec and objective == "metric" and task_name == "squad":
+        settings["train_max_new_tokens"] = spec["train_max_new_tokens"]
     cfg = TrainConfig(task=task_name, metric=spec["metric"], objective=objective, steps=steps,
                       batch_size=spec["batch_size"], eval_limit=spec["eval_limit"], seed=spec["seed"],
                       eval_every=eval_every, dev_limit=spec["dev_limit"], keep=spec.get("keep", "last"),
@@ -109,7 +122,8 @@ def trained(task_name: str, spec: dict, arm: str, out: Path) -> dict:
                "tie_rate": result["tie_rate"], "train_seconds": round(seconds), "steps": result["steps"],
                "kept_steps": result["kept_steps"], "best_dev": result["best_dev"],
                "last_dev": dev[-1]["value"] if dev else None,  # overshoot: how far the last is from the best
-               "forward_passes": 2 * cfg.n * result["steps"], "wall_seconds": round(_wall(log))}
+               "forward_passes": 2 * tj.read_json(run_dir / tj.CONFIG)["n"] * result["steps"],  # n as the run resolved it
+               "wall_seconds": round(_wall(log))}
     extra = spec.get("extra_metrics", [])
     if extra:
         cached = run_dir / "extra_metrics.json"
@@ -195,12 +209,17 @@ def main() -> int:
     ap.add_argument("--task", choices=sorted(TASKS), action="append")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--model", default=None, help="a model other than the default (e.g. a tiny one for --slice)")
+    ap.add_argument("--slice", action="store_true", help="a few rows and steps per arm: the code, not the numbers "
+                    "(no ordering check)")
     ap.add_argument("--arm", choices=("ce", "metric"), action="append",
                     help="train only this arm (repeatable); the others are read if their run directory has finished")
     args = ap.parse_args()
     if args.quick:
         args.arm = None  # the check needs both arms
     specs = QUICK if args.quick else {k: TASKS[k] for k in (args.task or TASKS)}
+    specs = {k: {**(sliced(v) if args.slice else v), **({"model": args.model} if args.model else {})}
+             for k, v in specs.items()}
     root = Path(args.out or ("runs/results-quick" if args.quick else "runs/results"))
     table = {}
     for name, spec in specs.items():
@@ -236,7 +255,7 @@ def main() -> int:
             last = "" if r.get("last_dev") is None else f", last dev {r['last_dev']:.3f}"
             print(f"{t} {arm}: {r['steps']} steps, {r.get('forward_passes', '?')} training forward passes{kept}{last}, "
                   f"{r['train_seconds']} s of steps, {r.get('wall_seconds', '?')} s in all, tie rate {r['tie_rate']:.0%}")
-    if args.quick:
+    if args.quick and not args.slice:
         r, z = table["sst2"]["metric"]["accuracy"], table["sst2"]["zero-shot"]["accuracy"]
         ok = r["value"] > z["value"]
         print(f"check: MeZO-metric accuracy {r['value']:.3f} > zero-shot {z['value']:.3f}: {'holds' if ok else 'FAILS'}")

@@ -405,3 +405,22 @@ def test_a_misspelt_model_alias_is_named_at_once(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"zoobj: error: unknown model 'gemma3-270m'; did you mean gemma-3-270m? (aliases: "
                    "gemma-3-270m, smollm2-135m; a Hub id is owner/name and needs the network)"]
+
+
+def test_export_never_overwrites_and_writes_what_others_can_read(model_dir, tmp_path, capsys):
+    run_dir, exported = tmp_path / "run", tmp_path / "exported"
+    assert cli("train", "--task", "sst2", "--model", model_dir, "--steps", "1", "--batch-size", "2",
+               "--eval-limit", "2", "--eval-every", "0", "--output", run_dir) == 0
+    exported.mkdir()
+    (exported / "mine.txt").write_text("keep me")
+    capsys.readouterr()
+    assert cli("export", run_dir, "--output", exported) == 2
+    assert "exists and is not empty" in capsys.readouterr().err and (exported / "mine.txt").read_text() == "keep me"
+    fresh = tmp_path / "fresh"
+    old = os.umask(0o022)
+    try:
+        assert cli("export", run_dir, "--output", fresh) == 0
+    finally:
+        os.umask(old)
+    assert fresh.stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in fresh.iterdir() if p.is_file())

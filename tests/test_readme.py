@@ -102,3 +102,19 @@ def test_the_python_task_example_runs_as_written(model_dir, tmp_path):
     out = zoobj(shlex.split(command)[1:] + ["--model", model_dir, "--output", "run", *SHORT[:-2]], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["task"] == "topic"
+
+
+@pytest.mark.parametrize("args", [["--quick"], ["--task", "squad"]])
+def test_the_results_commands_run_on_a_slice(model_dir, tmp_path, args):
+    """docs/results.md's bench/results.py commands, on a tiny model and a few rows (was:
+    --quick stopped with a TypeError at the forward-pass count)."""
+    bench = Path(__file__).resolve().parent.parent / "bench" / "results.py"
+    out = subprocess.run([sys.executable, str(bench), *args, "--slice", "--model", model_dir, "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=ENV, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| zero-shot |" in out.stdout and "| MeZO-metric |" in out.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    task = "sst2" if args == ["--quick"] else "squad"
+    assert set(results[task]) == {"zero-shot", "ce", "metric"}
+    assert results[task]["metric"]["forward_passes"] == 2 * 8 * 1  # a population of 8, one step
+    assert f"{task} metric: 1 steps, 16 training forward passes" in out.stdout

@@ -44,6 +44,10 @@ def rebuild(run_dir: str | Path) -> tuple[TrainConfig, Session]:
 def export(run_dir: str | Path, target: str | Path) -> Path:
     """Base model + trajectory -> a folder that loads with ``from_pretrained`` (see
     ``ParamSet.save`` for each parameter set's form) and its model card."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConfigError(f"output folder {target} exists and is not empty; choose another --output or remove it "
+                          "first (zoobj export never overwrites)")
     cfg, session = rebuild(run_dir)
     records = tj.read_trajectory(Path(run_dir) / tj.TRAJECTORY)
     kept = kept_steps(run_dir, len(records))
@@ -60,6 +64,16 @@ def model_card(about: str, usage: str) -> str:
             f"fine-tuning with forward passes only.\n\n## How to use it\n\n{usage}\n")
 
 
+def _readable(folder: Path) -> None:
+    """The permissions of a folder the user made (a temp folder is its owner's alone):
+    folders 0777 and files 0666, less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def save_model_dir(session: Session, target: str | Path, about: str = "") -> str:
     """The trained model (``session.param_set.save``) and its model card, written into a
     temp folder and renamed: the folder is whole or absent. Returns how to use it."""
@@ -69,6 +83,7 @@ def save_model_dir(session: Session, target: str | Path, about: str = "") -> str
     try:
         usage = session.param_set.save(session.model, session.tok, tmp)
         (tmp / "README.md").write_text(model_card(about or "A zoobj run's trained weights.", usage))
+        _readable(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
