@@ -93,13 +93,13 @@ def _plot(arms: dict, metric: str, path: Path) -> None:
     names = list(arms)
     values = [arms[k]["value"] for k in names]
     errs = [[v - arms[k]["ci95"][0] for k, v in zip(names, values)], [arms[k]["ci95"][1] - v for k, v in zip(names, values)]]
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(names, values, yerr=errs, capsize=6, color=["#999999", "#4C72B0", "#DD8452"])
     ax.set_ylabel(metric)
     ax.set_ylim(0, 1)
     ax.set_title("zero-shot vs MeZO-CE vs MeZO-metric (95% CI)")
     fig.tight_layout()
     tmp = path.with_name("." + path.name)
-    fig.savefig(tmp, dpi=80, format="png")
+    fig.savefig(tmp, dpi=150, format="png")  # 1050 x 600
     plt.close(fig)
     os.replace(tmp, path)

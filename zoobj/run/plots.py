@@ -39,6 +39,10 @@ def plot_curve(run_dir: str | Path) -> None:
     axes[0].set(title="loss (mean of l+ and l-)", xlabel="step")
     if dev:
         axes[1].plot([tj.shown_step(r) for r in dev], [r["value"] for r in dev], marker="o")
+    else:  # say so, rather than an empty 0-1 panel
+        axes[1].text(0.5, 0.5, "no dev evaluation\n(--eval-every 0)", ha="center", va="center",
+                     transform=axes[1].transAxes, color="0.4")
+        axes[1].set_yticks([])
     axes[1].set(title="dev metric (after step)", xlabel="step")
     window = 0
     if steps:
@@ -50,10 +54,19 @@ def plot_curve(run_dir: str | Path) -> None:
         axes[3].plot(xs[window - 1 :], median_g, lw=1.5)
         if (g > 0).any():
             axes[3].set_yscale("symlog", linthresh=max(1e-6, float(np.min(g[g > 0]))))
-    axes[2].set(title=f"tie rate (rolling {window})", xlabel="step", ylim=(-0.05, 1.05))
-    axes[3].set(title=f"|projected gradient| (rolling median {window})", xlabel="step")
+    axes[2].set(title=f"tie rate (rolling {window})", xlabel="step", ylabel="share of directions tied",
+                ylim=(-0.05, 1.05))
+    axes[3].set(title=f"|g| (rolling median {window})", xlabel="step", ylabel="|projected gradient|")
+    from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator
+
+    if axes[3].get_yscale() == "symlog":
+        axes[3].yaxis.set_major_formatter(LogFormatterSciNotation(linthresh=axes[3].yaxis.get_transform().linthresh))
+    last = max(xs + [tj.shown_step(r) for r in dev] + [1])
+    for ax in axes:
+        ax.set_xlim(0.5, last + 0.5)  # every panel over the run's steps
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     fig.tight_layout()
     tmp = run_dir / ".curve.tmp.png"
-    fig.savefig(tmp, dpi=80)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, run_dir / tj.CURVE)
