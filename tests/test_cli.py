@@ -424,3 +424,54 @@ def test_export_never_overwrites_and_writes_what_others_can_read(model_dir, tmp_
         os.umask(old)
     assert fresh.stat().st_mode & 0o777 == 0o755
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in fresh.iterdir() if p.is_file())
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "mlflow", "wandb"])
+def test_report_to_sends_the_logs_numbers_to_the_tracker(model_dir, tmp_path, monkeypatch, tracker):
+    """--report-to (the Trainer's names): the settings as hyperparameters, the step, dev and
+    final numbers, all offline -- TensorBoard event files, an MLflow file store, W&B offline."""
+    from zoobj.engine import trajectory as tj
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    assert cli("train", "--task", "sst2", "--model", model_dir, "--steps", "3", "--batch-size", "2", "--eval-limit",
+               "2", "--eval-every", "2", "--dev-limit", "2", "--report-to", tracker, "--output", run_dir) == 0
+    losses = [x["loss"] for x in tj.read_jsonl(run_dir / tj.LOG) if x.get("event") == "step"]
+    final = json.loads((run_dir / tj.EVAL).read_text())
+    if tracker == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run_dir / "tensorboard"))
+        events.Reload()
+        assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses)
+        assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+        assert [e.step for e in events.Scalars("dev/accuracy")] == [2]
+        assert events.Scalars("eval/accuracy")[0].value == pytest.approx(final["value"])
+    elif tracker == "mlflow":
+        import mlflow
+
+        client = mlflow.tracking.MlflowClient((run_dir / "mlruns").resolve().as_uri())
+        (run,) = client.search_runs([client.get_experiment_by_name("zoobj").experiment_id])
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(losses)
+        assert run.data.params["task"] == "sst2" and run.data.params["batch_size"] == "2"
+        assert run.data.metrics["eval/accuracy"] == pytest.approx(final["value"])
+    else:
+        (offline,) = (run_dir / "wandb").glob("offline-run-*")
+        (records,) = offline.glob("*.wandb")  # the run's records, kept offline (wandb sync sends them later)
+        data = records.read_bytes()
+        assert all(key in data for key in (b"train/loss", b"dev/accuracy", b"eval/accuracy", b"sst2", b"batch_size"))
+
+
+def test_a_tracker_that_is_not_installed_or_unknown_is_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    assert cli("train", "--task", "sst2", "--report-to", "mlflow") == 2
+    assert capsys.readouterr().err.strip() == ("zoobj: error: --report-to mlflow needs the mlflow package: "
+                                               "pip install 'zoobj[mlflow]'")
+    assert cli("train", "--task", "sst2", "--report-to", "comet") == 2
+    assert "unknown --report-to 'comet'; choose from none, tensorboard, mlflow, wandb" in capsys.readouterr().err

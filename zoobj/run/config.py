@@ -110,6 +110,8 @@ class TrainConfig:
                                            "larger than one device.")
     output: str | None = setting(None, "Run directory.", shown="runs/<task>-<metric>-<time>")
     save_model: bool = setting(False, "Also write the weights into <run dir>/model.")
+    report_to: str = setting("none", "Experiment trackers that get the run's numbers: tensorboard, mlflow, wandb "
+                                     "(comma-separated; each an optional extra: pip install 'zoobj[mlflow]'), or none.")
     zero_shot: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -146,6 +148,9 @@ class TrainConfig:
             # shorter generations while training (answers are short; evaluation keeps the task's length)
             c.train_max_new_tokens = min(getattr(task, "max_new_tokens", 50), TRAIN_MAX_NEW_TOKENS)
         from zoobj.metrics import check_fits, get_metric
+        from zoobj.run import trackers
+
+        trackers.parse(c.report_to)  # an unknown or uninstalled tracker fails here, before the model loads
 
         get_metric(c.metric)  # a bad name fails here, before any model is loaded
         check_fits(c.metric, task.kind, task.name)
@@ -244,7 +249,7 @@ def shown_default(f: dataclasses.Field) -> str | None:
 
 
 # Settings of a launch, not of the run: left out of config.json and free to differ on resume.
-NOT_RECORDED = ("output", "save_model", "zero_shot", "device", "device_map")
+NOT_RECORDED = ("output", "save_model", "zero_shot", "device", "device_map", "report_to")
 # Settings a resumed run may change: neither alters the trajectory (see resume_config).
 RESUMABLE_CHANGES = ("steps", "keep")
 # What a setting missing from an older run's config.json was: what the version that wrote it
@@ -294,7 +299,7 @@ def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
     cfg = load_run_config(run_dir)
     calibrated = "eps_calibration" in tj.read_json(Path(run_dir) / tj.CONFIG)
     for key, value in overrides.items():
-        if value is None or key in ("output", "steps", "keep", "save_model"):  # save_model is per invocation, not saved
+        if value is None or key in ("output", "steps", "keep", "save_model", "report_to"):  # per invocation, not saved
             continue
         if key == "eps":  # the command line gives it as text
             value = _eps_value(value)
@@ -307,4 +312,5 @@ def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
         if overrides.get(key) is not None:
             setattr(cfg, key, overrides[key])
     cfg.save_model = bool(overrides.get("save_model"))
+    cfg.report_to = overrides.get("report_to") or "none"
     return cfg

@@ -42,6 +42,7 @@ from zoobj.model.tail_probes import PROBE_ROWS
 from zoobj.run.config import AUTO, PAPER_DEFAULTS, TrainConfig, check_same_run, recorded_settings
 from zoobj.run.export import save_model_dir
 from zoobj.run.objective import Objective, evaluate, make_objective
+from zoobj.run import trackers
 from zoobj.run.plots import plot_curve
 from zoobj.run.session import Session, prepare, weights_hash
 
@@ -164,7 +165,7 @@ class RunState:
     start_step: int = 0  # the steps already on disk (a resumed run)
     created: bool = False  # this call made the run directory (a failure before the first step removes it)
     best: _Best = field(default_factory=_Best)
-    log: tj.JsonlWriter | tj.NullWriter = field(default_factory=tj.NullWriter)
+    log: tj.JsonlWriter | tj.NullWriter | trackers.Tee = field(default_factory=tj.NullWriter)
     traj: tj.JsonlWriter | tj.NullWriter = field(default_factory=tj.NullWriter)
     started: float = 0.0  # when run() was called
 
@@ -235,6 +236,9 @@ def open_run(cfg: TrainConfig, resume: bool, model, tok, world, report) -> RunSt
     if resume:
         _replay(r, saved, records)
     r.log = tj.JsonlWriter(out / tj.LOG) if r.main else tj.NullWriter()
+    names = trackers.parse(cfg.report_to) if r.main else []
+    if names:  # the same numbers to the experiment trackers (--report-to)
+        r.log = trackers.Tee(r.log, trackers.Trackers(names, out, recorded_settings(cfg), cfg.metric))
     r.traj = tj.JsonlWriter(out / tj.TRAJECTORY) if r.main else tj.NullWriter()
     return r
 
