@@ -146,7 +146,7 @@ def test_a_new_run_records_where_its_noise_ran(model_dir, tmp_path):
     assert config["noise_device"] == "cpu" and config["noise_backend"] in ("compiled", "eager")
     assert config["noise_version"] == 1
     assert set(dataclasses.asdict(TrainConfig(task="sst2"))) - set(config) <= {
-        "output", "save_model", "zero_shot", "device", "device_map"}
+        "output", "save_model", "zero_shot", "device", "device_map", "report_to"}
 
 
 def test_a_run_made_before_a_setting_was_recorded_rebuilds_and_resumes(model_dir, tmp_path):
