@@ -9,6 +9,8 @@ one run, interleaved round by round so that machine noise hits every arm alike:
 - one noise pass alone (``p <- p + b*z`` over every parameter), reported in ns per
   element: the part of a step that depends on the CPU's vector unit (the hash works
   in int32 lanes, so AVX2 vectorises it as AVX-512 does),
+- one plain pass over the same weights (``p <- 1.0 * p``, read and written once, no
+  noise): the memory floor a noise pass cannot go below, in ns per element,
 - a zoobj step with ``perturb="forward"`` (the exact scheme for bf16/fp16: the
   perturbed weights are built per module during the forward; run here in fp32 to
   show its cost),
@@ -99,17 +101,24 @@ def timing(shape):
     opt.step(forward)
     exact_step()
     reference_step(params, forward, 0, 1e-7, 1e-3)
-    from zoobj.engine.noise import axpz_param, KERNEL
+    from zoobj.engine.noise import KERNEL, axpz_param
 
     def noise_pass(r):
         sign = 1.0 if r % 2 == 0 else -1.0  # alternate, so the weights wander no further than one pass
         for i, p in enumerate(params):
             axpz_param(p, 12345, i, 1.0, sign * 1e-3, KERNEL)
 
+    def copy_pass(r):
+        with torch.no_grad():
+            for p in params:
+                p.mul_(1.0)  # read and write every element once: the memory traffic of a pass, nothing else
+
     noise_pass(1)
-    two_fwd, zo, fw, ref, npass = [], [], [], [], []
+    copy_pass(0)
+    two_fwd, zo, fw, ref, npass, cpass = [], [], [], [], [], []
     arms = [
         (npass, noise_pass),
+        (cpass, copy_pass),
         (two_fwd, lambda r: (forward(), forward())),
         (zo, lambda r: opt.step(forward)),
         (fw, lambda r: exact_step()),
@@ -133,6 +142,7 @@ def timing(shape):
         "reference_step_s": statistics.median(ref),
         "noise_backend": opt.noise_backend,
         "noise_ns_per_element": statistics.median(npass) * 1e9 / sum(p.numel() for p in params),
+        "copy_ns_per_element": statistics.median(cpass) * 1e9 / sum(p.numel() for p in params),
         "threads": torch.get_num_threads(),
     }
 
@@ -209,7 +219,9 @@ def main() -> None:
     label = "quick" if args.quick else "OPT-125m"
     print(f"shape {label}: {t['params_millions']:.1f}M parameters, batch {shape['batch']} x {shape['seq']}, fp32, "
           f"{t['threads']} threads, noise {t['noise_backend']}, median of {shape['rounds']} rounds (ratios per round)")
-    print(f"CPU: {cpu_label()}; one noise pass: {t['noise_ns_per_element']:.2f} ns per element")
+    print(f"CPU: {cpu_label()}; one noise pass: {t['noise_ns_per_element']:.2f} ns per element, one plain "
+          f"read-modify-write pass: {t['copy_ns_per_element']:.2f} ns per element "
+          f"(noise / plain {t['noise_ns_per_element'] / t['copy_ns_per_element']:.2f}x)")
     print(f"{'':24} {'time':>10} {'/ 2 fwd':>8} {'peak RSS':>11} {'/ infer':>8}")
     for r in rows:
         print(f"{r[0]:24} {r[1]:>10} {r[2]:>8} {r[3]:>11} {r[4]:>8}")
@@ -221,6 +233,9 @@ def main() -> None:
         "forward_perturb_peak_rss_over_inference": round(rss["mezo-forward"] / rss["inference"], 4),
         "adamw_peak_rss_over_inference": round(rss["adamw"] / rss["inference"], 4),
         "noise_ns_per_element": round(t["noise_ns_per_element"], 3),
+        "noise_pass_ns_per_element": round(t["noise_ns_per_element"], 3),
+        "copy_pass_ns_per_element": round(t["copy_ns_per_element"], 3),
+        "noise_over_copy_pass": round(t["noise_ns_per_element"] / t["copy_ns_per_element"], 3),
         "cpu": cpu_label(),
     }))
 
