@@ -14,6 +14,8 @@ one run, interleaved round by round so that machine noise hits every arm alike:
 - a zoobj step with ``perturb="forward"`` (the exact scheme for bf16/fp16: the
   perturbed weights are built per module during the forward; run here in fp32 to
   show its cost),
+- a zoobj step and a noise pass with Rademacher directions (``noise="rademacher"``:
+  +-1 from one hash bit, no Box-Muller),
 - a reference step written as the paper's Algorithm 1 does it (global
   ``torch.manual_seed``, ``torch.normal`` per parameter, four noise passes).
 
@@ -91,6 +93,7 @@ def timing(shape):
     model, _, forward = build(shape)
     params = list(model.parameters())
     opt = MeZO(params, lr=1e-7, eps=1e-3, seed=0)
+    signs = MeZO(params, lr=1e-7, eps=1e-3, seed=2, noise="rademacher")  # the cheaper directions
     exact = MeZO(params, lr=1e-7, eps=1e-3, seed=1, perturb="forward", model=model)
     # its hooks stay on the model but do nothing outside its own steps (they check its offset)
 
@@ -101,12 +104,16 @@ def timing(shape):
     opt.step(forward)
     exact_step()
     reference_step(params, forward, 0, 1e-7, 1e-3)
-    from zoobj.engine.noise import KERNEL, axpz_param
+    signs.step(forward)
+    from zoobj.engine.noise import KERNEL, axpz_param, kernel_for
 
-    def noise_pass(r):
+    def noise_pass(r, kernel=KERNEL):
         sign = 1.0 if r % 2 == 0 else -1.0  # alternate, so the weights wander no further than one pass
         for i, p in enumerate(params):
-            axpz_param(p, 12345, i, 1.0, sign * 1e-3, KERNEL)
+            axpz_param(p, 12345, i, 1.0, sign * 1e-3, kernel)
+
+    rademacher = kernel_for("auto", "rademacher")
+    noise_pass(1, rademacher)
 
     def copy_pass(r):
         with torch.no_grad():
@@ -115,10 +122,12 @@ def timing(shape):
 
     noise_pass(1)
     copy_pass(0)
-    two_fwd, zo, fw, ref, npass, cpass = [], [], [], [], [], []
+    two_fwd, zo, fw, ref, npass, cpass, rpass, zr = [], [], [], [], [], [], [], []
     arms = [
         (npass, noise_pass),
         (cpass, copy_pass),
+        (rpass, lambda r: noise_pass(r, rademacher)),
+        (zr, lambda r: signs.step(forward)),
         (two_fwd, lambda r: (forward(), forward())),
         (zo, lambda r: opt.step(forward)),
         (fw, lambda r: exact_step()),
@@ -143,6 +152,9 @@ def timing(shape):
         "noise_backend": opt.noise_backend,
         "noise_ns_per_element": statistics.median(npass) * 1e9 / sum(p.numel() for p in params),
         "copy_ns_per_element": statistics.median(cpass) * 1e9 / sum(p.numel() for p in params),
+        "rademacher_ns_per_element": statistics.median(rpass) * 1e9 / sum(p.numel() for p in params),
+        "rademacher_ratio": statistics.median(z / t for z, t in zip(zr, two_fwd)),
+        "rademacher_step_s": statistics.median(zr),
         "threads": torch.get_num_threads(),
     }
 
@@ -211,6 +223,7 @@ def main() -> None:
         ("two inference forwards", f"{two:.3f} s", "1.00", f"{rss['inference']:.0f} MiB", "1.00"),
         ("zoobj MeZO step", f"{t['zoobj_step_s']:.3f} s", f"{t['step_ratio']:.3f}",
          f"{rss['mezo']:.0f} MiB", f"{rss['mezo'] / rss['inference']:.3f}"),
+        ("zoobj, rademacher noise", f"{t['rademacher_step_s']:.3f} s", f"{t['rademacher_ratio']:.3f}", "", ""),
         ("zoobj, perturb=forward", f"{t['forward_step_s']:.3f} s", f"{t['forward_ratio']:.3f}",
          f"{rss['mezo-forward']:.0f} MiB", f"{rss['mezo-forward'] / rss['inference']:.3f}"),
         ("paper-style MeZO step", f"{t['reference_step_s']:.3f} s", f"{t['reference_ratio']:.3f}", "", ""),
@@ -221,7 +234,8 @@ def main() -> None:
           f"{t['threads']} threads, noise {t['noise_backend']}, median of {shape['rounds']} rounds (ratios per round)")
     print(f"CPU: {cpu_label()}; one noise pass: {t['noise_ns_per_element']:.2f} ns per element, one plain "
           f"read-modify-write pass: {t['copy_ns_per_element']:.2f} ns per element "
-          f"(noise / plain {t['noise_ns_per_element'] / t['copy_ns_per_element']:.2f}x)")
+          f"(noise / plain {t['noise_ns_per_element'] / t['copy_ns_per_element']:.2f}x); a Rademacher pass: "
+          f"{t['rademacher_ns_per_element']:.2f} ns per element")
     print(f"{'':24} {'time':>10} {'/ 2 fwd':>8} {'peak RSS':>11} {'/ infer':>8}")
     for r in rows:
         print(f"{r[0]:24} {r[1]:>10} {r[2]:>8} {r[3]:>11} {r[4]:>8}")
@@ -236,6 +250,8 @@ def main() -> None:
         "noise_pass_ns_per_element": round(t["noise_ns_per_element"], 3),
         "copy_pass_ns_per_element": round(t["copy_ns_per_element"], 3),
         "noise_over_copy_pass": round(t["noise_ns_per_element"] / t["copy_ns_per_element"], 3),
+        "rademacher_pass_ns_per_element": round(t["rademacher_ns_per_element"], 3),
+        "rademacher_step_over_two_forwards": round(t["rademacher_ratio"], 4),
         "cpu": cpu_label(),
     }))
 

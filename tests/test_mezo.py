@@ -466,3 +466,33 @@ def test_probes_that_decline_cost_no_copy_of_the_trained_tensors(monkeypatch):
     assert made == [] and len(opt.trajectory) == 1
     opt.step(lambda: (w**2).sum(), probes=lambda points: [float((p[0] ** 2).sum()) for p in points])
     assert made == [4]
+
+
+def test_rademacher_directions_are_signs_and_replay_exactly():
+    """noise="rademacher": each probe moves every element by exactly +-eps, the step's
+    record replays bit for bit, and the kernel form may still be named the old way."""
+    from zoobj import replay
+
+    w = torch.randn(4096)
+    w0 = w.clone()
+    seen = []
+    opt = MeZO([w], lr=0.05, eps=0.25, seed=3, noise="rademacher")
+
+    def closure():
+        seen.append((w - w0).clone())
+        return float((w**2).sum())
+
+    for _ in range(3):
+        opt.step(closure)
+    first = seen[0] / 0.25
+    assert set(first.round().tolist()) == {-1.0, 1.0} and torch.allclose(first, first.round(), atol=1e-5)
+    assert abs(float(first.mean())) < 0.05  # about as many +1 as -1
+    again = w0.clone()
+    replay([again], opt.trajectory, lr=0.05, eps=0.25, seed=3, noise="rademacher")
+    assert torch.equal(again, w)
+    gaussian = w0.clone()
+    replay([gaussian], opt.trajectory, lr=0.05, eps=0.25, seed=3)
+    assert not torch.equal(gaussian, w)  # the kind is part of the run
+    assert MeZO([torch.zeros(3)], noise="eager").noise_backend == "eager"  # the older meaning of noise=
+    with pytest.raises(ValueError, match="unknown noise 'uniform'; choose one of gaussian, rademacher"):
+        MeZO([torch.zeros(3)], noise="uniform")

@@ -168,3 +168,20 @@ def test_a_run_made_before_a_setting_was_recorded_rebuilds_and_resumes(model_dir
     resumed = run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=3, keep="last", eval_every=0,
                                                                          lr=5e-1)), resume=True)
     assert resumed["steps"] == 3
+
+
+def test_a_rademacher_run_records_its_noise_rebuilds_and_keeps_it_on_resume(model_dir, tmp_path):
+    out = tmp_path / "signs"
+    model, tok = load_model(model_dir)
+    run(TrainConfig(model=model_dir, output=str(out), noise="rademacher",
+                    **dict(BASE, steps=2, keep="last", eval_every=0, lr=5e-1)), model=model, tok=tok)
+    trained = _weights(model)
+    assert json.loads((out / tj.CONFIG).read_text())["noise"] == "rademacher"
+    _, session = export.rebuild(out)
+    rebuilt = _weights(session.model)
+    assert all(torch.equal(rebuilt[k], trained[k]) for k in trained)
+    with pytest.raises(ConfigError, match="noise 'gaussian' \\(the run's: 'rademacher'\\)"):
+        run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=3, keep="last", eval_every=0, lr=5e-1)),
+            resume=True)
+    with pytest.raises(ConfigError, match="unknown --noise 'uniform'; choose one of gaussian, rademacher"):
+        TrainConfig(task="sst2", noise="uniform").resolved()

@@ -78,13 +78,14 @@ class Calibration:
 
 def calibrate_eps(params: Sequence[torch.Tensor], closures: Sequence[Callable[[], float]], grid: Sequence[float], *,
                   seed: int = 0, max_tie_fraction: float = MAX_TIE_FRACTION, model: torch.nn.Module | None = None,
-                  noise: str = "auto") -> Calibration:
+                  noise: str = "auto", kind: str = "gaussian") -> Calibration:
     """The smallest ``eps`` in ``grid`` at which at most ``max_tie_fraction`` of the
     probe directions (one per closure) leave the loss unchanged; see the module docstring.
 
     ``params``: the trained tensors, in the optimizer's order (the order keys the noise);
     ``model``: the module holding them, to perturb through forward hooks (weights never
-    written); ``noise``: the noise kernel (``zoobj.engine.noise.NOISE_BACKENDS``)."""
+    written); ``noise``: the noise kernel (``zoobj.engine.noise.NOISE_BACKENDS``); ``kind``:
+    the directions (``NOISE_KINDS``), the run's own."""
     grid = sorted(float(e) for e in grid)
     if not grid or not all(math.isfinite(e) and e > 0 for e in grid):
         raise ValueError(f"the eps grid must hold finite values > 0, got {list(grid)!r}")
@@ -96,10 +97,10 @@ def calibrate_eps(params: Sequence[torch.Tensor], closures: Sequence[Callable[[]
     while lo < hi:
         mid = (lo + hi) // 2
         try:
-            row = _probe_round(list(params), closures, base, grid[mid], seed, model, kernel_for(noise))
+            row = _probe_round(list(params), closures, base, grid[mid], seed, model, kernel_for(noise, kind))
         except NotReachable:  # a tensor no module's forward owns: write the shifts, copy back
             model = None
-            row = _probe_round(list(params), closures, base, grid[mid], seed, model, kernel_for(noise))
+            row = _probe_round(list(params), closures, base, grid[mid], seed, model, kernel_for(noise, kind))
         cal.tested.append(row)
         if cal.usable(row):
             best, hi = mid, mid

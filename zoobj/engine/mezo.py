@@ -12,8 +12,8 @@ stored)::
     theta += (eps - lr * g) * z          # restore and update in one pass
 
 so ``z`` is produced three times a step and nothing the size of the model is
-allocated. ``MeZO.step`` reads as those lines do -- seeds, probe, estimate, update
-and record -- and each variation is a piece it calls, chosen once at construction:
+allocated. ``MeZO.step`` reads as those lines do; each variation is a piece it calls,
+chosen once at construction:
 
 - the noise ``z``: ``zoobj.engine.noise`` (counter-based, the same numbers on any thread
   count, compiled where ``torch.compile`` works and eager elsewhere);
@@ -52,24 +52,13 @@ from typing import Any
 
 import torch
 
-from zoobj.engine.noise import NOISE_BACKENDS, kernel_for, noise, step_seed
+from zoobj.engine.noise import NOISE_BACKENDS, NOISE_KINDS, kernel_for, noise, step_seed
 from zoobj.engine.perturb import Forward, InPlace, Points, Queries, atomic
 from zoobj.engine.rules import RULES, Stateful, decay_groups, fused_sgd, param_groups, sgd
 from zoobj.engine.shaping import SHAPINGS, as_loss, coefficients, finite_or_none, round8, shaped_coefficients
 
-__all__ = [
-    "MeZO",
-    "NonFiniteLossError",
-    "PERTURB",
-    "RECORD_KEYS",
-    "RULES",
-    "SHAPINGS",
-    "decay_groups",
-    "noise",
-    "replay",
-    "shaped_coefficients",
-    "step_seed",
-]
+__all__ = ["MeZO", "NonFiniteLossError", "PERTURB", "RECORD_KEYS", "RULES", "SHAPINGS", "decay_groups", "noise",
+           "replay", "shaped_coefficients", "step_seed"]
 
 PERTURB = ("inplace", "forward")
 RECORD_KEYS = ("step", "seeds", "grads", "lr", "loss_plus", "loss_minus", "ties", "skipped")
@@ -126,11 +115,13 @@ class MeZO:
             of the reward; ``rank`` is unchanged by any increasing transform of the
             loss, ``zscore`` by any positive affine one (see ``shaped_coefficients``).
             A step whose ``2n`` losses are all equal moves nothing.
-        noise: which form of the noise kernel runs: ``"auto"`` (compiled where
+        noise: the directions ``z``: ``"gaussian"`` (the paper's) or ``"rademacher"`` (+-1
+            per element, Spall's SPSA; cheaper per element). A kernel form given here
+            (the older meaning) sets ``noise_backend``.
+        noise_backend: which form of the kernel runs: ``"auto"`` (compiled where
             ``torch.compile`` works, else eager), ``"compiled"`` (raise RuntimeError where
-            it does not) or ``"eager"``. The two forms agree only to float32 rounding of
-            ``z``: replaying a trajectory bit for bit needs the form that made it
-            (``noise_backend`` says which one runs).
+            it does not) or ``"eager"``; they agree only to float32 rounding of ``z``, so
+            replaying bit for bit needs the form that made it (property ``noise_backend``).
         shard, exchange: query-parallel n-SPSA. ``shard=(rank, world)`` makes this
             process evaluate only perturbations ``k`` with ``k % world == rank``;
             ``exchange(rows)`` receives this process's ``(k, l+, l-)`` rows as a float64
@@ -165,10 +156,15 @@ class MeZO:
         model: torch.nn.Module | None = None,
         shard: tuple[int, int] | None = None,
         exchange: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        noise: str = "auto",
+        noise: str = "gaussian",
         shaping: str = "none",
+        noise_backend: str = "auto",
     ) -> None:
-        _check_settings(lr, eps, n, rule, on_nonfinite, perturb, shaping, noise, model, shard, exchange)
+        if noise in NOISE_BACKENDS:  # the older meaning of ``noise``: the kernel's form
+            noise, noise_backend = "gaussian", noise
+        _check_settings(lr, eps, n, rule, on_nonfinite, perturb, shaping, noise_backend, model, shard, exchange)
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"unknown noise {noise!r}; choose one of {', '.join(NOISE_KINDS)}")
         self.defaults = {"lr": float(lr), "weight_decay": float(weight_decay)}
         self.eps, self.seed, self.n, self.rule = float(eps), int(seed), n, rule
         self.momentum, self.betas, self.adam_eps = momentum, tuple(betas), adam_eps
@@ -178,8 +174,8 @@ class MeZO:
         self.trajectory: list[dict] = []
         self.step_count = 0
         self.perturb, self.shard, self.exchange = perturb, shard, exchange
-        self._kernel = kernel_for(noise)
-        if noise == "compiled" and self.noise_backend != "compiled":
+        self.noise, self._kernel = noise, kernel_for(noise_backend, noise)
+        if noise_backend == "compiled" and self.noise_backend != "compiled":
             raise RuntimeError("noise='compiled': torch.compile is not available for the noise kernel here "
                                "(ZOOBJ_COMPILE=0, no C++ compiler, or an unsupported device)")
         # the variations, decided once: how to perturb, which directions are ours, how to update

@@ -1,13 +1,16 @@
-"""Counter-based Gaussian noise: the perturbation directions ``z`` of MeZO.
+"""Counter-based noise: the perturbation directions ``z`` of MeZO.
 
 Element ``i`` of parameter ``j`` at step seed ``s`` is a hash of ``(s, j, i)`` turned
-into a normal deviate (Box-Muller), so any slice of ``z`` can be regenerated on its
-own, the result does not depend on the thread count, and the global RNG is never
-touched. Nothing the size of the model is stored: ``z`` is rebuilt on every pass.
+into a normal deviate (Box-Muller; kind ``"gaussian"``, the paper's) or into a sign
+(kind ``"rademacher"``: +-1, the directions of Spall's original SPSA, one hash and no
+transcendental per element), so any slice of ``z`` can be regenerated on its own, the
+result does not depend on the thread count, and the global RNG is never touched.
+Nothing the size of the model is stored: ``z`` is rebuilt on every pass.
 
 - seeds: ``step_seed(seed, step, k)`` names direction ``k`` of a step; ``_param_key``
   derives two 32-bit keys per parameter (and per 2**31-element span of it).
-- the arithmetic: ``_axpz(flat, ...)`` does ``flat <- a * flat + b * z`` in fp32.
+- the arithmetic: ``_axpz(flat, ...)`` does ``flat <- a * flat + b * z`` in fp32 (``_axpr``
+  for the Rademacher kind).
 - the kernel: ``Kernel`` runs ``_axpz`` compiled (``torch.compile``, one fused kernel)
   where that works and eagerly in chunks elsewhere; the two agree to within a float32
   rounding of ``z``. ``KERNEL`` is the process's choice, ``EAGER_KERNEL`` the eager
@@ -30,6 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 NOISE_BACKENDS = ("auto", "compiled", "eager")
+NOISE_KINDS = ("gaussian", "rademacher")  # what z is; recorded in a run's config.json as "noise"
 # The noise function's version, recorded in a run's config.json. 1: Mueller hash of
 # (key, index) twice, Box-Muller on the top 24 bits of each (the int32-lane form here
 # gives the same bits as the int64 form it replaced). A new version must keep the old
@@ -105,16 +109,29 @@ def _axpz(flat: torch.Tensor, k1, k2, offset, a, b) -> None:
     flat.copy_((flat.to(torch.float32) * a + z * b).to(flat.dtype))
 
 
+def _axpr(flat: torch.Tensor, k1, k2, offset, a, b) -> None:
+    """``flat <- a * flat + b * r`` with Rademacher ``r = +-1`` (one bit of one hash per
+    element), in place, computed in fp32. ``k2`` is unused: the sign needs one hash."""
+    i = torch.arange(flat.numel(), device=flat.device, dtype=torch.int32) + offset  # < 2**31
+    r = 1.0 - 2.0 * ((_hash32(i ^ k1) >> 8) & 1).to(torch.float32)
+    flat.copy_((flat.to(torch.float32) * a + r * b).to(flat.dtype))
+
+
+FORMS = {"gaussian": _axpz, "rademacher": _axpr}  # each kind's arithmetic
+
+
 # ----------------------------------------------------------------------------- the kernel
 
 
 class Kernel:
-    """Chooses, once per process and device type, the compiled or the eager form of ``_axpz``."""
+    """Chooses, once per process and device type, the compiled or the eager form of a
+    kind's arithmetic (``FORMS``; ``eager`` is the eager one)."""
 
-    def __init__(self, compile: bool = True) -> None:
+    def __init__(self, compile: bool = True, kind: str = "gaussian") -> None:
         self._compiled: dict[str, Callable | None] = {}
         self.backend = "eager"
         self.compile = compile  # False: always the eager form (replaying a run that ran eagerly)
+        self.kind, self.eager = kind, FORMS[kind]
 
     def compiled_for(self, device_type: str = "cpu") -> Callable | None:
         if device_type not in self._compiled:
@@ -126,7 +143,7 @@ class Kernel:
                     limit = getattr(torch._dynamo.config, "recompile_limit", None)
                     if isinstance(limit, int) and limit < 32:
                         torch._dynamo.config.recompile_limit = 32
-                    fn = torch.compile(_axpz, dynamic=True)
+                    fn = torch.compile(self.eager, dynamic=True)
                     probe = torch.zeros(8, device=device_type)
                     t = _key(0, device_type)
                     fn(probe, t, t, t, torch.ones((), device=device_type), torch.ones((), device=device_type))
@@ -155,17 +172,27 @@ class Kernel:
                 compiled(part, k1, k2, _key(0, dev), fa, fb)
                 continue
             for off in range(0, part.numel(), _EAGER_CHUNK):
-                _axpz(part[off : off + _EAGER_CHUNK], k1, k2, off, fa, fb)
+                self.eager(part[off : off + _EAGER_CHUNK], k1, k2, off, fa, fb)
 
 
 KERNEL = Kernel()
 EAGER_KERNEL = Kernel(compile=False)
 
 
-def kernel_for(backend: str) -> Kernel:
-    """The kernel for a ``NOISE_BACKENDS`` name (looked up at call time, so a patched
-    ``KERNEL`` is the one used)."""
-    return EAGER_KERNEL if backend == "eager" else KERNEL
+_OTHER_KINDS: dict[tuple[str, bool], Kernel] = {}  # the kernels of the kinds other than gaussian
+
+
+def kernel_for(backend: str, kind: str = "gaussian") -> Kernel:
+    """The kernel for a ``NOISE_BACKENDS`` name and a ``NOISE_KINDS`` kind (the Gaussian
+    ones looked up at call time, so a patched ``KERNEL`` is the one used)."""
+    if kind not in FORMS:
+        raise ValueError(f"unknown noise kind {kind!r}; choose one of {', '.join(NOISE_KINDS)}")
+    if kind == "gaussian":
+        return EAGER_KERNEL if backend == "eager" else KERNEL
+    key = (kind, backend != "eager")
+    if key not in _OTHER_KINDS:
+        _OTHER_KINDS[key] = Kernel(compile=key[1], kind=kind)
+    return _OTHER_KINDS[key]
 
 
 # ----------------------------------------------------------------------------- callers
@@ -200,11 +227,12 @@ def chunk_axpz(buf: torch.Tensor, seed: int, index: int, offset: int, b: float, 
     one = torch.ones((), dtype=torch.float32, device=dev)
     fb = torch.tensor(b, dtype=torch.float32, device=dev)
     off = _key(local, dev)
-    fn = kernel.compiled_for(dev.type) or _axpz
+    fn = kernel.compiled_for(dev.type) or kernel.eager
     fn(buf, k1, k2, off, one, fb)
 
 
-def noise(shape: Sequence[int] | int, seed: int, index: int = 0, dtype=torch.float32, device=None) -> torch.Tensor:
+def noise(shape: Sequence[int] | int, seed: int, index: int = 0, dtype=torch.float32, device=None,
+          kind: str = "gaussian") -> torch.Tensor:
     """The perturbation direction ``z`` for parameter ``index`` under step seed ``seed``.
 
     This is exactly what the optimizer adds (scaled by eps); it is materialised here
@@ -215,7 +243,10 @@ def noise(shape: Sequence[int] | int, seed: int, index: int = 0, dtype=torch.flo
     True
     >>> bool((noise(10, seed=7) == z[:10]).all())
     True
+    >>> r = noise(100_000, seed=7, kind="rademacher")
+    >>> sorted(set(r.tolist())), abs(float(r.mean())) < 0.02
+    ([-1.0, 1.0], True)
     """
     out = torch.zeros(shape, dtype=dtype, device=device)
-    KERNEL(out.view(-1), seed, index, 0.0, 1.0)
+    kernel_for("auto", kind)(out.view(-1), seed, index, 0.0, 1.0)
     return out

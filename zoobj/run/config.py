@@ -22,6 +22,7 @@ import torch
 
 from zoobj.engine import trajectory as tj
 from zoobj.engine.mezo import PERTURB, RULES, SHAPINGS
+from zoobj.engine.noise import NOISE_KINDS
 from zoobj.errors import ConfigError
 from zoobj.model.params import PARAM_SETS
 from zoobj.run.objective import OBJECTIVES
@@ -77,6 +78,8 @@ class TrainConfig:
                            "so --lr is a step length per unit of noise, whatever the metric's jumps).",
                            shown="none, or the task's recipe")
     rule: str = setting("sgd", "Update rule: sgd, momentum or adam.")
+    noise: str = setting("gaussian", "Perturbation directions: gaussian (z ~ N(0, I), the paper's) or rademacher "
+                         "(+-1 per element, Spall's SPSA: the same estimator, cheaper noise passes).")
     peft: str | None = setting(None, "Which parameters train: none (full parameters), lora, prefix, or template "
                                      "(the input vectors of the prompt's closing template words).",
                                shown="none, or the task's recipe")
@@ -124,6 +127,7 @@ class TrainConfig:
         _fill_defaults(c, task)
         _one_of(c.peft, PEFT, "--peft")
         _one_of(c.rule, RULES, "--rule")
+        _one_of(c.noise, NOISE_KINDS, "--noise")
         _one_of(c.shaping, SHAPINGS, "--shaping")
         from zoobj.model.loading import resolve_dtype
 

@@ -81,7 +81,7 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict |
         opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, n=cfg.n, rule=cfg.rule, shaping=cfg.shaping,
                    weight_decay=cfg.weight_decay, schedule=lr_schedule, perturb=cfg.perturb or "inplace", model=model,
                    shard=(world.rank, world.size) if query else None,
-                   exchange=world.exchange_rows if query else None, noise=noise)
+                   exchange=world.exchange_rows if query else None, noise=cfg.noise, noise_backend=noise)
     except RuntimeError as exc:  # MeZO's own check: noise="compiled" where torch.compile cannot run
         if noise != "compiled":
             raise

@@ -379,7 +379,7 @@ def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, param_set: Par
     report("status", {"message": f"--eps auto: {PROBES} probe directions at up to 3 of eps "
                                  f"{', '.join(f'{e:g}' for e in grid)} ..."})
     cal = calibrate_eps(params, [lambda b=b: objective(b) for b in batches], grid, seed=cfg.seed, model=model,
-                        max_tie_fraction=MAX_TIE_FRACTION)
+                        max_tie_fraction=MAX_TIE_FRACTION, kind=cfg.noise)
     tested = ", ".join(f"{row['eps']:g}: {row['ties']} tied, {row['saturated']} saturated, {row['nonfinite']} "
                        "not finite" for row in cal.tested)
     if cal.eps is None:
