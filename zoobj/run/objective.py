@@ -180,6 +180,16 @@ def _together(store, world, together: Callable, notify: Notify | None, tok, task
     return None
 
 
+def _probes_of(self, rows: Sequence[dict], points: Sequence) -> list[float] | None:
+    """``Objective.probes`` of an objective holding a ``ProbesTogether`` (or None) in ``_probes``."""
+    return self._probes(rows, points) if self._probes is not None else None
+
+
+def _fallbacks_of(self) -> int:
+    """``Objective.fallbacks`` of the same: the batches its probes left to be run one by one."""
+    return self._probes.fallbacks if self._probes is not None else 0
+
+
 class HardMetric:
     """``batch -> -metric(predictions(batch), references(batch))``.
 
@@ -221,12 +231,8 @@ class HardMetric:
     def prepare(self, rows: Sequence[dict]) -> None:
         """Nothing: a hard metric's probes share no prepared inputs."""
 
-    def probes(self, rows: Sequence[dict], points: Sequence) -> list[float] | None:
-        return self._probes(rows, points) if self._probes is not None else None
-
-    @property
-    def fallbacks(self) -> int:
-        return self._probes.fallbacks if self._probes is not None else 0
+    probes = _probes_of  # ProbesTogether where it applies, else None
+    fallbacks = property(_fallbacks_of)
 
     def _at_points(self, rows: Sequence[dict], deltas) -> list[float]:
         limit = self.max_new_tokens or getattr(self.task, "max_new_tokens", 50)
@@ -344,12 +350,8 @@ class SmoothedGeneration:
             total, counted = expectation(scores, answers.value, self.temperature, answers.count)
         return _mean_over_ranks(self.world, total, counted)
 
-    def probes(self, rows: Sequence[dict], points: Sequence) -> list[float] | None:
-        return self._probes(rows, points) if self._probes is not None else None
-
-    @property
-    def fallbacks(self) -> int:
-        return self._probes.fallbacks if self._probes is not None else 0
+    probes = _probes_of  # ProbesTogether where it applies, else None
+    fallbacks = property(_fallbacks_of)
 
     def _at_points(self, rows: Sequence[dict], deltas) -> list[float]:
         """Each row's candidates scored at every point at once."""
@@ -395,12 +397,8 @@ class CrossEntropy:
     def prepare(self, rows: Sequence[dict]) -> None:
         """Nothing: the targets are the task's."""
 
-    def probes(self, rows: Sequence[dict], points: Sequence) -> list[float] | None:
-        return self._probes(rows, points) if self._probes is not None else None
-
-    @property
-    def fallbacks(self) -> int:
-        return self._probes.fallbacks if self._probes is not None else 0
+    probes = _probes_of  # ProbesTogether where it applies, else None
+    fallbacks = property(_fallbacks_of)
 
     def _at_points(self, rows: Sequence[dict], deltas) -> list[float]:
         sums = self.shared.nll_probes(self.tok, [self.task.prompt(r) for r in rows],
