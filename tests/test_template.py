@@ -491,6 +491,8 @@ def test_a_batch_the_store_cannot_serve_falls_back_alone(tok):
     assert len(fn.probes(rows[2:4], points)) == 4  # the next batch: together again
     assert fn.probes([{**rows[2], "odd": True}], points) is None
     assert fn.fallbacks == 2 and len(events) == 1  # counted, told once
+    shared.store.disable("the one-at-a-time path met a prompt it cannot serve")
+    assert len(fn.probes(rows[2:4], points)) == 4  # that does not turn the probes-together path off either
 
 
 def _qa_task(folder, template):

@@ -161,8 +161,7 @@ class ProbesTogether:
                          "later batches run together again, and the summary counts such batches"})
 
     def __call__(self, rows: Sequence[dict], points: Sequence) -> list[float] | None:
-        if self.store.store.disabled is not None:
-            return None
+        # (a store the one-at-a-time path turned off still serves these: each batch decides for itself)
         why = self.store.unserved(encode(self.tok, [self.task.prompt(r) for r in rows], special=True))
         if why is None:
             try:
