@@ -162,9 +162,7 @@ class MeZO:
     ) -> None:
         if noise in NOISE_BACKENDS:  # the older meaning of ``noise``: the kernel's form
             noise, noise_backend = "gaussian", noise
-        _check_settings(lr, eps, n, rule, on_nonfinite, perturb, shaping, noise_backend, model, shard, exchange)
-        if noise not in NOISE_KINDS:
-            raise ValueError(f"unknown noise {noise!r}; choose one of {', '.join(NOISE_KINDS)}")
+        _check_settings(lr, eps, n, rule, on_nonfinite, perturb, shaping, noise, noise_backend, model, shard, exchange)
         self.defaults = {"lr": float(lr), "weight_decay": float(weight_decay)}
         self.eps, self.seed, self.n, self.rule = float(eps), int(seed), n, rule
         self.momentum, self.betas, self.adam_eps = momentum, tuple(betas), adam_eps
@@ -415,7 +413,7 @@ def replay(params: Iterable, trajectory: Iterable[dict], **settings: Any) -> MeZ
     return opt
 
 
-def _check_settings(lr, eps, n, rule, on_nonfinite, perturb, shaping, noise, model, shard, exchange) -> None:
+def _check_settings(lr, eps, n, rule, on_nonfinite, perturb, shaping, noise, backend, model, shard, exchange) -> None:
     """MeZO's arguments, each refused with one line naming what it takes."""
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
@@ -431,8 +429,10 @@ def _check_settings(lr, eps, n, rule, on_nonfinite, perturb, shaping, noise, mod
         raise ValueError(f"unknown perturb {perturb!r}; choose one of {', '.join(PERTURB)}")
     if shaping not in SHAPINGS:
         raise ValueError(f"unknown shaping {shaping!r}; choose one of {', '.join(SHAPINGS)}")
-    if noise not in NOISE_BACKENDS:
-        raise ValueError(f"unknown noise backend {noise!r}; choose one of {', '.join(NOISE_BACKENDS)}")
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"unknown noise {noise!r}; choose one of {', '.join(NOISE_KINDS)}")
+    if backend not in NOISE_BACKENDS:
+        raise ValueError(f"unknown noise backend {backend!r}; choose one of {', '.join(NOISE_BACKENDS)}")
     if perturb == "forward" and not isinstance(model, torch.nn.Module):
         raise ValueError("perturb='forward' needs model=<the torch.nn.Module that holds the parameters>")
     if shard is not None:

@@ -244,8 +244,3 @@ class Points(Sequence):
         if self._items is None:
             self._items = self._make()
         return self._items[i]
-
-    @property
-    def made(self) -> bool:
-        """Whether the points were computed."""
-        return self._items is not None

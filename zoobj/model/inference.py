@@ -209,22 +209,22 @@ def greedy(model, logits, cache, mask, max_new_tokens: int, stops: torch.Tensor,
     new = torch.full((logits.shape[0], max_new_tokens), pad, dtype=torch.long, device=dev)
     active = torch.arange(logits.shape[0], device=dev)  # rows still generating
     last = mask.sum(-1) - 1
-    for t in range(max_new_tokens):
-        nxt = logits.argmax(-1)
-        new[active, t] = nxt
-        done = torch.isin(nxt, stops)
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        if bool(done.any()):  # stopped rows leave the batch
-            keep = (~done).nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            active, nxt, mask, last = active[keep], nxt[keep], mask[keep], last[keep]
-        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], dim=1)
-        last = last + 1
-        step = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": last[:, None], kw: cache}
-        with template.placed(model, None):  # a generated token is never the prompt's tail
+    with template.placed(model, None):  # a generated token is never the prompt's tail
+        for t in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            new[active, t] = nxt
+            done = torch.isin(nxt, stops)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            if bool(done.any()):  # stopped rows leave the batch
+                keep = (~done).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                active, nxt, mask, last = active[keep], nxt[keep], mask[keep], last[keep]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], dim=1)
+            last = last + 1
+            step = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": last[:, None], kw: cache}
             out = forward(active, nxt, step) if forward is not None else model(**step, use_cache=True)
-        logits, cache = out.logits[:, -1], cache_out(out)
+            logits, cache = out.logits[:, -1], cache_out(out)
     return new
 
 

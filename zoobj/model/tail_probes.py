@@ -124,23 +124,14 @@ class PromptBodyStore:
         field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
         return CausalLMOutputWithPast(logits=logits, **{field: cache})
 
-    def unserved(self, prompt_ids: list[list[int]]) -> str | None:
-        """Why a step's probes of these prompts cannot run together (None: they can): each
-        prompt must end with the tail and hold something before it."""
-        tail = self.tail.tail.tolist()
-        k = len(tail)
-        if any(p[-k:] != tail or len(p) == k for p in prompt_ids):
-            return "a prompt that does not end with the tail"
-        return None
-
     def _split(self, ids: list[list[int]], extra: int) -> tuple[list[int], list[int]]:
         """For the probes together: ``(prompts that run over their stored bodies, prompts too
         long for that)``. A prompt whose length plus ``extra`` tokens is more than a
         sliding-window layer keeps has no body cache to stack: it runs whole, once per
         point. Raises ``FastPathUnavailable`` for a prompt that does not end with the tail."""
-        why = self.unserved(ids)
-        if why is not None:
-            raise FastPathUnavailable(why)
+        tail = self.tail.tail.tolist()
+        if any(p[-len(tail):] != tail or len(p) == len(tail) for p in ids):  # each prompt ends with it, after a body
+            raise FastPathUnavailable("a prompt that does not end with the tail")
         fit = [i for i, p in enumerate(ids) if keeps_whole_prompt(self.model, len(p) + extra)]
         return fit, [i for i in range(len(ids)) if i not in set(fit)]
 

@@ -86,13 +86,6 @@ class TemplateTail(torch.nn.Module):
     def weight(self) -> torch.nn.Parameter:  # for callers that read the embedding matrix
         return self.base.weight
 
-    def matches(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``(batch, length - k + 1)`` booleans: where the tail's k tokens start."""
-        k = self.tail.numel()
-        if input_ids.shape[-1] < k:
-            return input_ids.new_zeros((input_ids.shape[0], 0), dtype=torch.bool)
-        return (input_ids.unfold(-1, k, 1) == self.tail).all(-1)
-
     def prompt_ends(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """Each row's prompt end in this input (``placed``, or the default), or None."""
         ends = self._ends

@@ -21,7 +21,7 @@ import torch
 from zoobj.errors import ConfigError
 from zoobj.metrics import bootstrap_ci, get_metric, per_example_scores
 from zoobj.model import inference
-from zoobj.model.kv import FastPathUnavailable, encode
+from zoobj.model.kv import FastPathUnavailable
 from zoobj.model.tail_probes import PromptBodyStore
 
 OBJECTIVES = ("metric", "ce")
@@ -150,8 +150,8 @@ class ProbesTogether:
     stacked) has its probes evaluated one by one -- that batch only: the next batch tries
     together again. ``fallbacks`` counts such batches; ``notify`` hears of the first."""
 
-    def __init__(self, store, together: Callable, notify: Notify | None, tok, task) -> None:
-        self.store, self.together, self.notify, self.tok, self.task = store, together, notify, tok, task
+    def __init__(self, store, together: Callable, notify: Notify | None) -> None:
+        self.store, self.together, self.notify = store, together, notify
         self.fallbacks = 0
 
     def _fall_back(self, why: str) -> None:
@@ -162,20 +162,17 @@ class ProbesTogether:
 
     def __call__(self, rows: Sequence[dict], points: Sequence) -> list[float] | None:
         # (a store the one-at-a-time path turned off still serves these: each batch decides for itself)
-        why = self.store.unserved(encode(self.tok, [self.task.prompt(r) for r in rows], special=True))
-        if why is None:
-            try:
-                return self.together(rows, torch.stack([p[0] for p in points]))
-            except FastPathUnavailable as exc:
-                why = str(exc)
-        self._fall_back(why)
-        return None
+        try:
+            return self.together(rows, torch.stack([p[0] for p in points]))
+        except FastPathUnavailable as exc:  # the store's own check of the batch's prompts, or a cache
+            self._fall_back(str(exc))
+            return None
 
 
-def _together(store, world, together: Callable, notify: Notify | None, tok, task) -> ProbesTogether | None:
+def _together(store, world, together: Callable, notify: Notify | None) -> ProbesTogether | None:
     """Probes together where the store is a template tail's and the run is one process."""
     if world is None and isinstance(store, PromptBodyStore):
-        return ProbesTogether(store, together, notify, tok, task)
+        return ProbesTogether(store, together, notify)
     return None
 
 
@@ -201,7 +198,7 @@ class HardMetric:
                  world=None, shared=None, notify: Notify | None = None) -> None:
         self.model, self.tok, self.task, self.metric = model, tok, task, metric
         self.batch_size, self.max_new_tokens, self.world, self.shared = batch_size, max_new_tokens, world, shared
-        self._probes = _together(shared, world, self._at_points, notify, tok, task) if task.kind == "generation" else None
+        self._probes = _together(shared, world, self._at_points, notify) if task.kind == "generation" else None
         self.together = self._probes is not None
 
     def _value(self, rows: Sequence[dict], preds: list) -> float:
@@ -316,7 +313,7 @@ class SmoothedGeneration:
         self.temperature, self.batch_size, self.max_new_tokens = temperature, batch_size, max_new_tokens
         self.world, self.shared = world, shared
         self.held: dict[tuple, AnswerSet] = {}  # by batch: the answer sets prepared, the newest HELD
-        self._probes = _together(shared, world, self._at_points, notify, tok, task)
+        self._probes = _together(shared, world, self._at_points, notify)
         self.together = self._probes is not None
 
     def _mine(self, rows: Sequence[dict]) -> Sequence[dict]:
@@ -379,7 +376,7 @@ class CrossEntropy:
                  notify: Notify | None = None) -> None:
         self.model, self.tok, self.task = model, tok, task
         self.batch_size, self.world, self.shared = batch_size, world, shared
-        self._probes = _together(shared, world, self._at_points, notify, tok, task)
+        self._probes = _together(shared, world, self._at_points, notify)
         self.together = self._probes is not None
 
     def __call__(self, rows: Sequence[dict]) -> float:
