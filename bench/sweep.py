@@ -24,7 +24,7 @@ def parse_arm(text: str) -> tuple[str, dict]:
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         settings[key.strip()] = json.loads(value) if value.strip()[0] in "[{\"tf" else float(value)
-    for key in ("n", "batch_size", "train_max_new_tokens"):
+    for key in ("n", "batch_size", "train_max_new_tokens", "seed", "steps", "dev_limit"):
         if key in settings:
             settings[key] = int(settings[key])
     return objective, settings
