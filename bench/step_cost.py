@@ -5,7 +5,11 @@ depend on them), batch 16 x 128, fp32, every parameter perturbed. Side by side i
 one run, interleaved round by round so that machine noise hits every arm alike:
 
 - two inference forwards (the unit: a MeZO step cannot do with less),
-- a zoobj step (``zoobj.MeZO``: counter-based noise, three fused passes),
+- a zoobj step as the training loop makes it (``zoobj.MeZO``, counter-based noise,
+  ``step(closure, settle=False)``: the update held and written in the next step's first
+  pass, so two passes over the weights a step),
+- the same step with ``passes="separate"`` (three passes a step, as zoobj made them
+  before 0.3: +eps z, -2 eps z, then the restore with the update),
 - one noise pass alone (``p <- p + b*z`` over every parameter), reported in ns per
   element: the part of a step that depends on the CPU's vector unit (the hash works
   in int32 lanes, so AVX2 vectorises it as AVX-512 does),
@@ -93,6 +97,7 @@ def timing(shape):
     model, _, forward = build(shape)
     params = list(model.parameters())
     opt = MeZO(params, lr=1e-7, eps=1e-3, seed=0)
+    apart = MeZO(params, lr=1e-7, eps=1e-3, seed=3, passes="separate")  # one pass per move
     signs = MeZO(params, lr=1e-7, eps=1e-3, seed=2, noise="rademacher")  # the cheaper directions
     exact = MeZO(params, lr=1e-7, eps=1e-3, seed=1, perturb="forward", model=model)
     # its hooks stay on the model but do nothing outside its own steps (they check its offset)
@@ -101,10 +106,13 @@ def timing(shape):
         exact.step(forward)
 
     forward()  # warm-up: allocator, kernels, compile
-    opt.step(forward)
+    opt.step(forward, settle=False)
+    opt.step(forward, settle=False)  # the held update joins this step's first pass
+    apart.step(forward)
     exact_step()
     reference_step(params, forward, 0, 1e-7, 1e-3)
-    signs.step(forward)
+    signs.step(forward, settle=False)
+    signs.step(forward, settle=False)
     from zoobj.engine.noise import KERNEL, axpz_param, kernel_for
 
     def noise_pass(r, kernel=KERNEL):
@@ -122,14 +130,15 @@ def timing(shape):
 
     noise_pass(1)
     copy_pass(0)
-    two_fwd, zo, fw, ref, npass, cpass, rpass, zr = [], [], [], [], [], [], [], []
+    two_fwd, zo, zs, fw, ref, npass, cpass, rpass, zr = [], [], [], [], [], [], [], [], []
     arms = [
         (npass, noise_pass),
         (cpass, copy_pass),
         (rpass, lambda r: noise_pass(r, rademacher)),
-        (zr, lambda r: signs.step(forward)),
+        (zr, lambda r: signs.step(forward, settle=False)),
         (two_fwd, lambda r: (forward(), forward())),
-        (zo, lambda r: opt.step(forward)),
+        (zo, lambda r: opt.step(forward, settle=False)),
+        (zs, lambda r: apart.step(forward)),
         (fw, lambda r: exact_step()),
         (ref, lambda r: reference_step(params, forward, r + 1, 1e-7, 1e-3)),
     ]
@@ -145,6 +154,8 @@ def timing(shape):
         # each round's own ratio, then the median: robust to a slow spell on a shared VM
         "step_ratio": statistics.median(z / t for z, t in zip(zo, two_fwd)),
         "reference_ratio": statistics.median(z / t for z, t in zip(ref, two_fwd)),
+        "separate_ratio": statistics.median(z / t for z, t in zip(zs, two_fwd)),
+        "separate_step_s": statistics.median(zs),
         "forward_ratio": statistics.median(z / t for z, t in zip(fw, two_fwd)),
         "zoobj_step_s": statistics.median(zo),
         "forward_step_s": statistics.median(fw),
@@ -184,7 +195,8 @@ def peak(mode, shape):
 
         opt = MeZO(model.parameters(), lr=1e-7, eps=1e-3, seed=0)
         for _ in range(2):
-            opt.step(forward)
+            opt.step(forward, settle=False)
+        opt.settle()
     elif mode == "mezo-forward":
         from zoobj import MeZO
 
@@ -223,6 +235,7 @@ def main() -> None:
         ("two inference forwards", f"{two:.3f} s", "1.00", f"{rss['inference']:.0f} MiB", "1.00"),
         ("zoobj MeZO step", f"{t['zoobj_step_s']:.3f} s", f"{t['step_ratio']:.3f}",
          f"{rss['mezo']:.0f} MiB", f"{rss['mezo'] / rss['inference']:.3f}"),
+        ("zoobj, separate passes", f"{t['separate_step_s']:.3f} s", f"{t['separate_ratio']:.3f}", "", ""),
         ("zoobj, rademacher noise", f"{t['rademacher_step_s']:.3f} s", f"{t['rademacher_ratio']:.3f}", "", ""),
         ("zoobj, perturb=forward", f"{t['forward_step_s']:.3f} s", f"{t['forward_ratio']:.3f}",
          f"{rss['mezo-forward']:.0f} MiB", f"{rss['mezo-forward'] / rss['inference']:.3f}"),
@@ -242,6 +255,7 @@ def main() -> None:
     print(json.dumps({
         "step_over_two_forwards": round(t["step_ratio"], 4),
         "reference_step_over_two_forwards": round(t["reference_ratio"], 4),
+        "separate_passes_step_over_two_forwards": round(t["separate_ratio"], 4),
         "forward_perturb_step_over_two_forwards": round(t["forward_ratio"], 4),
         "peak_rss_over_inference": round(rss["mezo"] / rss["inference"], 4),
         "forward_perturb_peak_rss_over_inference": round(rss["mezo-forward"] / rss["inference"], 4),

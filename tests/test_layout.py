@@ -42,7 +42,7 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_the_three_layers_are_folders():
-    for layer, members in {"engine": ("mezo", "noise", "perturb", "shaping", "rules", "calibrate", "trajectory"),
+    for layer, members in {"engine": ("mezo", "noise", "perturb", "shaping", "rules", "settings", "calibrate", "trajectory"),
                            "model": ("loading", "blocks", "params", "template", "inference", "kv", "prefix",
                                      "tail_probes"),
                            "run": ("config", "objective", "session", "train", "export", "compare", "plots",

@@ -396,7 +396,8 @@ def test_tiny_causal_lm_cross_entropy_falls():
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_probes_together_see_the_points_one_by_one_would_and_leave_the_same_weights():
+@pytest.mark.parametrize("held", [False, True])  # True: each update held for the next step's first pass
+def test_probes_together_see_the_points_one_by_one_would_and_leave_the_same_weights(held):
     seen = {}
     for way in ("closure", "probes"):
         x = torch.linspace(-1.0, 1.0, 7)
@@ -404,8 +405,8 @@ def test_probes_together_see_the_points_one_by_one_would_and_leave_the_same_weig
         got = []
         closure = lambda: (got.append(x.clone()), float((x ** 2).sum()))[1]  # noqa: E731
         probes = lambda pts: [(got.append(p[0]), float((p[0] ** 2).sum()))[1] for p in pts]  # noqa: E731
-        for _ in range(3):
-            opt.step(closure, probes=probes if way == "probes" else None)
+        for t in range(3):
+            opt.step(closure, probes=probes if way == "probes" else None, settle=not held or t == 2)
         seen[way] = (got, x.clone(), [r["grads"] for r in opt.trajectory])
     assert len(seen["probes"][0]) == len(seen["closure"][0]) == 12
     assert all(torch.equal(a, b) for a, b in zip(seen["probes"][0], seen["closure"][0]))
@@ -496,3 +497,117 @@ def test_rademacher_directions_are_signs_and_replay_exactly():
     assert MeZO([torch.zeros(3)], noise="eager").noise_backend == "eager"  # the older meaning of noise=
     with pytest.raises(ValueError, match="unknown noise 'uniform'; choose one of gaussian, rademacher"):
         MeZO([torch.zeros(3)], noise="uniform")
+
+
+# ----------------------------------------------------------------------------- fused passes
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_several_moves_in_one_pass_give_the_bits_of_separate_passes(kind, backend, dtype):
+    from zoobj.engine.noise import axpz_param, kernel_for, moves_param
+
+    kernel = kernel_for(backend, kind)
+    w0 = (torch.randn(50_001, generator=torch.Generator().manual_seed(1)) * 0.05).to(dtype)
+    moves = [(11, 1.0, 1e-3), (12, 0.999, -2e-3 + 1e-4), (13, 1.0, 5e-4), (14, 1.0, 0.0)]
+    apart, together = w0.clone(), w0.clone()
+    for seed, a, b in moves:
+        axpz_param(apart, seed, 4, a, b, kernel)
+    moves_param(together, 4, moves, kernel)
+    assert not torch.equal(apart, w0)
+    assert torch.equal(apart, together)
+    strided = w0.clone().view(-1)[:50_000].view(100, 500).t()  # not contiguous: a copy, written back
+    expect = strided.contiguous()
+    for seed, a, b in moves:
+        axpz_param(expect, seed, 4, a, b, kernel)
+    moves_param(strided, 4, moves, kernel)
+    assert torch.equal(strided, expect)
+
+
+def _count_passes(monkeypatch):
+    """Count passes over the weights (one call of moves_param is one read and write of a tensor)."""
+    import zoobj.engine.perturb as perturb_module
+
+    passes, real = [], perturb_module.moves_param
+    monkeypatch.setattr(perturb_module, "moves_param",
+                        lambda p, i, moves, kernel, fuse=True: (passes.append(len(moves) if fuse else 1),
+                                                                real(p, i, moves, kernel, fuse))[1])
+    return passes
+
+
+@pytest.mark.parametrize("n, settle, per_step", [(1, False, 2), (1, True, 3), (3, False, 6), (3, True, 7)])
+def test_a_step_makes_two_passes_per_direction_where_the_update_is_held(monkeypatch, n, settle, per_step):
+    passes = _count_passes(monkeypatch)
+    w = torch.randn(64)
+    opt = MeZO([w], lr=0.01, eps=1e-3, seed=0, n=n)
+    for _ in range(5):
+        opt.step(lambda: float((w**2).sum()), settle=settle)
+    passes.clear()
+    opt.step(lambda: float((w**2).sum()), settle=settle)  # a step in the middle of a run
+    assert len(passes) == per_step
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(n=3, weight_decay=0.1), dict(rule="momentum", n=2),
+                                    dict(noise="rademacher")])
+def test_fused_passes_give_the_weights_and_trajectory_of_separate_ones(kwargs):
+    """Held moves written with the next pass (the trainer's loop: settle=False, settled
+    now and then) leave the same bits as one pass per move, and replay either way."""
+    torch.manual_seed(0)
+    base = [torch.randn(40), torch.randn(8, 5)]
+    out = {}
+    for passes, settle_every in (("separate", 1), ("fused", 4)):
+        ws = [b.clone() for b in base]
+        opt = MeZO(ws, lr=0.01, eps=1e-3, seed=5, passes=passes, **kwargs)
+        for t in range(10):
+            opt.step(lambda: float(sum((w * w).sum() for w in ws)), settle=(t + 1) % settle_every == 0)
+        opt.settle()
+        out[passes] = ([w.clone() for w in ws], opt.trajectory)
+    assert out["fused"][1] == out["separate"][1]
+    assert all(torch.equal(a, b) for a, b in zip(out["fused"][0], out["separate"][0]))
+    for passes in ("fused", "separate"):  # and a replay in either order gives those weights
+        rebuilt = [b.clone() for b in base]
+        replay(rebuilt, out["fused"][1], lr=0.01, eps=1e-3, seed=5, passes=passes, **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(rebuilt, out["fused"][0]))
+
+
+def test_a_held_update_reads_stale_until_settled_and_joins_the_next_step():
+    w = torch.randn(32)
+    w0 = w.clone()
+    opt = MeZO([w], lr=0.1, eps=1e-2, seed=0)
+    opt.step(lambda: float((w**2).sum()), settle=False)
+    held = w.clone()
+    assert not torch.equal(held, w0)  # at theta - eps z: the update (and restore) is held
+    twin = MeZO([w0], lr=0.1, eps=1e-2, seed=0)
+    twin.step(lambda: float((w0**2).sum()))
+    opt.settle()
+    assert torch.equal(w, w0)  # settled: the weights of the same step taken with settle=True
+    opt.settle()  # nothing held: a no-op
+    assert torch.equal(w, w0)
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+def test_an_exception_in_the_step_after_a_held_update_leaves_the_updated_weights(exc):
+    w = torch.randn(32)
+    ref = w.clone()
+    opt = MeZO([w], lr=0.1, eps=1e-2, seed=0, n=2)
+    twin = MeZO([ref], lr=0.1, eps=1e-2, seed=0, n=2)
+    opt.step(lambda: float((w**2).sum()), settle=False)
+    twin.step(lambda: float((ref**2).sum()))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 3:
+            raise exc()
+        return float((w**2).sum())
+
+    with pytest.raises(exc):
+        opt.step(closure, settle=False)
+    torch.testing.assert_close(w, ref, rtol=0, atol=1e-6)  # theta_1: the held update written, the probe undone
+    assert opt.step_count == 1 and len(opt.trajectory) == 1
+
+
+def test_an_unknown_pass_order_is_refused():
+    with pytest.raises(ValueError, match="unknown passes 'twice'; choose one of fused, separate"):
+        MeZO([torch.zeros(2)], passes="twice")

@@ -145,6 +145,7 @@ def test_a_new_run_records_where_its_noise_ran(model_dir, tmp_path):
     config = json.loads((out / tj.CONFIG).read_text())
     assert config["noise_device"] == "cpu" and config["noise_backend"] in ("compiled", "eager")
     assert config["noise_version"] == 1
+    assert config["passes"] == "fused"
     assert set(dataclasses.asdict(TrainConfig(task="sst2"))) - set(config) <= {
         "output", "save_model", "zero_shot", "device", "device_map", "report_to"}
 
@@ -158,11 +159,12 @@ def test_a_run_made_before_a_setting_was_recorded_rebuilds_and_resumes(model_dir
         model=model, tok=tok)
     trained = _weights(model)
     config = json.loads((out / tj.CONFIG).read_text())
-    for key in ("n", "shaping", "peft", "perturb"):
+    for key in ("n", "shaping", "peft", "perturb", "passes"):
         del config[key]
     (out / tj.CONFIG).write_text(json.dumps(config))
 
     _, session = export.rebuild(out)
+    assert session.optimizer.passes == "separate"  # one pass per move, as runs were made then
     rebuilt = _weights(session.model)
     assert all(torch.equal(rebuilt[k], trained[k]) for k in trained)
     resumed = run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=3, keep="last", eval_every=0,
@@ -185,3 +187,45 @@ def test_a_rademacher_run_records_its_noise_rebuilds_and_keeps_it_on_resume(mode
             resume=True)
     with pytest.raises(ConfigError, match="unknown --noise 'uniform'; choose one of gaussian, rademacher"):
         TrainConfig(task="sst2", noise="uniform").resolved()
+
+
+@pytest.mark.parametrize("settings", [dict(objective="metric"), dict(objective="ce", n=2),
+                                      dict(task="squad", metric="f1", smooth=1.0, train_max_new_tokens=2,
+                                           peft="none", eval_every=2, dev_limit=2, eval_limit=2, batch_size=2,
+                                           steps=3)])
+def test_updates_held_for_the_next_step_change_nothing_a_run_does(model_dir, tmp_path, monkeypatch, settings):
+    """The loop leaves a step's update held for the next step's first pass. Dev evaluations,
+    the kept best step, the smoothed objective's answer sets (prepared from the weights)
+    and the trajectory are those of a run that writes every update at once."""
+    from zoobj.engine.mezo import MeZO
+
+    cfg = dict(BASE, **settings)
+    held = run(TrainConfig(model=model_dir, output=str(tmp_path / "held"), **cfg))
+    real = MeZO.step
+    monkeypatch.setattr(MeZO, "step", lambda self, closure, probes=None, settle=True: real(self, closure, probes))
+    at_once = run(TrainConfig(model=model_dir, output=str(tmp_path / "once"), **cfg))
+    assert (tmp_path / "held" / tj.TRAJECTORY).read_text() == (tmp_path / "once" / tj.TRAJECTORY).read_text()
+    assert dev_events(tmp_path / "held") == dev_events(tmp_path / "once")
+    assert (held["value"], held["kept_steps"]) == (at_once["value"], at_once["kept_steps"])
+
+
+def test_an_interrupt_between_two_steps_leaves_the_trained_weights(model_dir, tmp_path):
+    """Ctrl-C after a step whose update is held (here from the progress reporter): the
+    weights are written before the run stops, equal to the trajectory's rebuild."""
+    out = tmp_path / "cut"
+    model, tok = load_model(model_dir)
+    steps = []
+
+    def reporter(event, info):
+        if event == "step":
+            steps.append(info)
+            if len(steps) == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, keep="last", eval_every=0, lr=5e-1)),
+            reporter=reporter, model=model, tok=tok)
+    assert len(tj.read_trajectory(out / tj.TRAJECTORY)) == 3
+    _, session = export.rebuild(out)
+    rebuilt = _weights(session.model)
+    assert all(torch.equal(v, rebuilt[k]) for k, v in _weights(model).items())

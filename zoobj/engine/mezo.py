@@ -9,10 +9,13 @@ stored)::
     theta += eps * z            l+ = closure()
     theta -= 2 * eps * z        l- = closure()
     g = (l+ - l-) / (2 * eps)
-    theta += (eps - lr * g) * z          # restore and update in one pass
+    theta += (eps - lr * g) * z          # restore and update in one move
 
 so ``z`` is produced three times a step and nothing the size of the model is
-allocated. ``MeZO.step`` reads as those lines do; each variation is a piece it calls,
+allocated. Moves are written in passes over the weights; with ``passes="fused"`` a move
+that no forward waits for (a restore, an update) is held and written in the same pass as
+the next move -- one read and write for both, the same bits -- so a step of a loop that
+calls ``step(closure, settle=False)`` makes two passes. ``MeZO.step`` reads as those lines do; each variation is a piece it calls,
 chosen once at construction:
 
 - the noise ``z``: ``zoobj.engine.noise`` (counter-based, the same numbers on any thread
@@ -23,8 +26,8 @@ chosen once at construction:
   them, or a share in query-parallel n-SPSA, the others' losses arriving by an exchange);
 - how the losses become coefficients: ``zoobj.engine.shaping`` (spsa, zscore, rank);
 - how the update is made: ``MeZO._apply`` with one per-parameter rule from
-  ``zoobj.engine.rules`` (``sgd``, ``momentum``, ``adam``, or the fused restore-and-update
-  above, which needs n = 1, sgd, in-place perturbation and one process: ``MeZO._fused``).
+  ``zoobj.engine.rules`` (``sgd`` moves, ``momentum``, ``adam``; the restore-and-update move
+  above needs n = 1, sgd, in-place perturbation and one process: ``MeZO._fused``).
 
 Every step appends one flat record to ``opt.trajectory``; ``replay`` re-applies
 those records to the base weights with the same weight passes as ``step`` (the
@@ -52,15 +55,15 @@ from typing import Any
 
 import torch
 
-from zoobj.engine.noise import NOISE_BACKENDS, NOISE_KINDS, kernel_for, noise, step_seed
+from zoobj.engine.noise import NOISE_BACKENDS, kernel_for, noise, step_seed
 from zoobj.engine.perturb import Forward, InPlace, Points, Queries, atomic
-from zoobj.engine.rules import RULES, Stateful, decay_groups, fused_sgd, param_groups, sgd
+from zoobj.engine.rules import RULES, Stateful, decay_groups, param_groups, sgd_moves
+from zoobj.engine.settings import PASSES, PERTURB, check_settings
 from zoobj.engine.shaping import SHAPINGS, as_loss, coefficients, finite_or_none, round8, shaped_coefficients
 
-__all__ = ["MeZO", "NonFiniteLossError", "PERTURB", "RECORD_KEYS", "RULES", "SHAPINGS", "decay_groups", "noise",
-           "replay", "shaped_coefficients", "step_seed"]
+__all__ = ["MeZO", "NonFiniteLossError", "PASSES", "PERTURB", "RECORD_KEYS", "RULES", "SHAPINGS", "decay_groups",
+           "noise", "replay", "shaped_coefficients", "step_seed"]
 
-PERTURB = ("inplace", "forward")
 RECORD_KEYS = ("step", "seeds", "grads", "lr", "loss_plus", "loss_minus", "ties", "skipped")
 
 class NonFiniteLossError(FloatingPointError):
@@ -118,6 +121,9 @@ class MeZO:
         noise: the directions ``z``: ``"gaussian"`` (the paper's) or ``"rademacher"`` (+-1
             per element, Spall's SPSA; cheaper per element). A kernel form given here
             (the older meaning) sets ``noise_backend``.
+        passes: ``"fused"`` (a held move joins the next pass: one read and write of the
+            weights for both) or ``"separate"`` (one pass per move, as zoobj before 0.3);
+            the same bits either way.
         noise_backend: which form of the kernel runs: ``"auto"`` (compiled where
             ``torch.compile`` works, else eager), ``"compiled"`` (raise RuntimeError where
             it does not) or ``"eager"``; they agree only to float32 rounding of ``z``, so
@@ -159,10 +165,12 @@ class MeZO:
         noise: str = "gaussian",
         shaping: str = "none",
         noise_backend: str = "auto",
+        passes: str = "fused",
     ) -> None:
         if noise in NOISE_BACKENDS:  # the older meaning of ``noise``: the kernel's form
             noise, noise_backend = "gaussian", noise
-        _check_settings(lr, eps, n, rule, on_nonfinite, perturb, shaping, noise, noise_backend, model, shard, exchange)
+        check_settings(lr, eps, n, rule, on_nonfinite, perturb, shaping, noise, noise_backend, passes, model, shard,
+                       exchange)
         self.defaults = {"lr": float(lr), "weight_decay": float(weight_decay)}
         self.eps, self.seed, self.n, self.rule = float(eps), int(seed), n, rule
         self.momentum, self.betas, self.adam_eps = momentum, tuple(betas), adam_eps
@@ -171,20 +179,20 @@ class MeZO:
         self.param_groups = param_groups(params, self.defaults["lr"], self.defaults["weight_decay"])
         self.trajectory: list[dict] = []
         self.step_count = 0
-        self.perturb, self.shard, self.exchange = perturb, shard, exchange
+        self.perturb, self.shard, self.exchange, self.passes = perturb, shard, exchange, passes
         self.noise, self._kernel = noise, kernel_for(noise_backend, noise)
         if noise_backend == "compiled" and self.noise_backend != "compiled":
             raise RuntimeError("noise='compiled': torch.compile is not available for the noise kernel here "
                                "(ZOOBJ_COMPILE=0, no C++ compiler, or an unsupported device)")
         # the variations, decided once: how to perturb, which directions are ours, how to update
         trained = list(self._params())
-        self._perturb = (InPlace(trained, self.eps, self._kernel) if perturb == "inplace"
-                         else Forward(trained, self.eps, self._kernel, model))
+        fuse = passes == "fused"
+        self._perturb = (InPlace(trained, self.eps, self._kernel, fuse) if perturb == "inplace"
+                         else Forward(trained, self.eps, self._kernel, model, fuse))
         self._queries = Queries(shard, exchange)
         # fused: the probe's third pass (the restore) also applies the update -- in step and in replay
         self._fused = n == 1 and rule == "sgd" and perturb == "inplace" and shard is None
         self._stateful = Stateful(rule, momentum, self.betas, adam_eps)  # its buffers: self.state
-        self._rule = fused_sgd if self._fused else sgd if rule == "sgd" else self._stateful
 
     # -- setup ---------------------------------------------------------------
 
@@ -216,8 +224,13 @@ class MeZO:
 
     # -- the step ----------------------------------------------------------------
 
-    def step(self, closure: Callable[[], Any], probes: Callable[[list], Any] | None = None) -> float:
+    def step(self, closure: Callable[[], Any], probes: Callable[[list], Any] | None = None,
+             settle: bool = True) -> float:
         """One SPSA step; see the class docstring. Returns the mean of l+ and l-.
+
+        ``settle=False`` leaves the step's last move (the update) held, to be written in
+        the next step's first pass: until that step or ``settle()``, the weights read as
+        they were before the update. For a loop that only steps; see ``settle``.
 
         ``probes`` (optional): evaluates the step's 2n points together. It gets, for
         each direction in turn, the trained tensors at theta + eps z and then at
@@ -252,6 +265,8 @@ class MeZO:
         except BaseException:  # an interrupt before the update: back to theta, nothing recorded
             self._perturb.restore(seeds[-1])
             raise
+        if settle:
+            self.settle()
         return sum(plus + minus) / (2 * self.n)
 
     def _probe_all(self, seeds: list[int], closure: Callable[[], Any]) -> tuple[list[float], list[float]]:
@@ -313,9 +328,14 @@ class MeZO:
         self._back(s, finite)
 
     def _back(self, s: int, finite: bool) -> None:
-        """Restore theta now, unless the fused update will (its pass is the restore)."""
+        """Restore theta, unless the update will (its move is the restore): held for the next pass."""
         if not (self._fused and finite):
-            self._perturb.shift(s, +1.0)
+            self._perturb.shift(s, +1.0, write=False)
+
+    def settle(self) -> None:
+        """Write every held move: the weights are then the trained ones of the steps taken
+        (call it after ``step(..., settle=False)`` before reading or saving them)."""
+        self._perturb.flush()
 
     def _estimate(self, t: int, plus: list[float], minus: list[float]) -> tuple[list[float], bool]:
         """The projected gradients (l+ - l-) / (2 eps), and whether the step is skipped (a loss not finite)."""
@@ -342,11 +362,16 @@ class MeZO:
     def _apply(self, seeds: Sequence[int], grads: Sequence[float], lr: float) -> None:
         """theta <- decay * theta - (the rule's step along sum_k g_k z_k / n), group by group."""
         with atomic(), torch.no_grad():
+            if self.rule != "sgd":
+                self._perturb.flush()  # the rule reads the restored weights
             for group in self.param_groups:
                 glr = self._group_lr(group, lr)
                 decay = 1.0 - glr * group["weight_decay"]
                 for i, p in zip(group["index"], group["params"]):
-                    self._rule(i, p, seeds, grads, glr, decay, self.eps, self._kernel)
+                    if self.rule == "sgd":  # moves, written with the next pass where passes are fused
+                        self._perturb.queue(i, p, sgd_moves(seeds, grads, glr, decay, self.eps, self._fused))
+                    else:
+                        self._stateful(i, p, seeds, grads, glr, decay, self.eps, self._kernel)
             if self._fused:
                 self._perturb.offset = 0.0  # that pass was also the restore
 
@@ -371,6 +396,7 @@ class MeZO:
             for s in rec["seeds"]:
                 self._passes(s, finite=not rec["skipped"])  # +eps z, -2 eps z, and the restore unless fused
             self._commit(dict(rec))
+        self.settle()
 
     # -- state -------------------------------------------------------------------
 
@@ -411,33 +437,3 @@ def replay(params: Iterable, trajectory: Iterable[dict], **settings: Any) -> MeZ
     opt = MeZO(params, **settings)
     opt.replay(trajectory)
     return opt
-
-
-def _check_settings(lr, eps, n, rule, on_nonfinite, perturb, shaping, noise, backend, model, shard, exchange) -> None:
-    """MeZO's arguments, each refused with one line naming what it takes."""
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    if not (isinstance(n, int) and n >= 1):
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    if rule not in RULES:
-        raise ValueError(f"unknown update rule {rule!r}; choose one of {', '.join(RULES)}")
-    if on_nonfinite not in ("skip", "raise"):
-        raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
-    if perturb not in PERTURB:
-        raise ValueError(f"unknown perturb {perturb!r}; choose one of {', '.join(PERTURB)}")
-    if shaping not in SHAPINGS:
-        raise ValueError(f"unknown shaping {shaping!r}; choose one of {', '.join(SHAPINGS)}")
-    if noise not in NOISE_KINDS:
-        raise ValueError(f"unknown noise {noise!r}; choose one of {', '.join(NOISE_KINDS)}")
-    if backend not in NOISE_BACKENDS:
-        raise ValueError(f"unknown noise backend {backend!r}; choose one of {', '.join(NOISE_BACKENDS)}")
-    if perturb == "forward" and not isinstance(model, torch.nn.Module):
-        raise ValueError("perturb='forward' needs model=<the torch.nn.Module that holds the parameters>")
-    if shard is not None:
-        rank, world = shard
-        if not (0 <= rank < world) or exchange is None:
-            raise ValueError(f"shard=(rank, world) needs 0 <= rank < world and an exchange function, got {shard!r}")
-        if n % world:
-            raise ValueError(f"query-parallel n-SPSA needs n to be a multiple of the world size ({world}), got n={n}")

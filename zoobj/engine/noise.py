@@ -15,8 +15,12 @@ Nothing the size of the model is stored: ``z`` is rebuilt on every pass.
   where that works and eagerly in chunks elsewhere; the two agree to within a float32
   rounding of ``z``. ``KERNEL`` is the process's choice, ``EAGER_KERNEL`` the eager
   form (to replay a run that ran eagerly); ``kernel_for(backend)`` picks one.
-- callers: ``axpz_param`` (a whole parameter, in place), ``chunk_axpz`` (a slice of
-  ``z`` added to a buffer), ``noise`` (``z`` itself, for inspection and tests).
+- several moves in one pass: ``Kernel.moves`` / ``moves_param`` apply ``(seed, a, b)``
+  moves in turn with one read and one write of the weights, rounding to the weights'
+  dtype after each move as separate passes would: the same bits, fewer passes.
+- callers: ``axpz_param`` (a whole parameter, in place), ``moves_param`` (several moves,
+  one pass), ``chunk_axpz`` (a slice of ``z`` added to a buffer), ``noise`` (``z`` itself,
+  for inspection and tests).
 
 >>> z = noise(5, seed=1)
 >>> bool((noise(5, seed=1) == z).all()), bool((noise(5, seed=2) != z).any())
@@ -98,26 +102,51 @@ def _key(k: int, device) -> torch.Tensor:
     return torch.tensor(k - (1 << 32) if k >= 1 << 31 else k, dtype=torch.int32, device=device)
 
 
-def _axpz(flat: torch.Tensor, k1, k2, offset, a, b) -> None:
-    """``flat <- a * flat + b * z[offset : offset + len(flat)]``, in place, computed in fp32."""
-    i = torch.arange(flat.numel(), device=flat.device, dtype=torch.int32) + offset  # < 2**31
+def _gauss(i: torch.Tensor, k1, k2) -> torch.Tensor:
+    """z for element indices ``i``: two hashes, Box-Muller on the top 24 bits of each."""
     u = _hash32(i ^ k1)
     v = _hash32(u ^ k2)
     u1 = (((u >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (2.0**-24)  # (0, 1): log is finite
     u2 = ((v >> 8) & 0xFFFFFF).to(torch.float32) * (2.0**-24)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
-    flat.copy_((flat.to(torch.float32) * a + z * b).to(flat.dtype))
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
+
+
+def _sign(i: torch.Tensor, k1, k2) -> torch.Tensor:
+    """Rademacher +-1 for element indices ``i``: one bit of one hash (``k2`` unused)."""
+    return 1.0 - 2.0 * ((_hash32(i ^ k1) >> 8) & 1).to(torch.float32)
+
+
+def _axpz(flat: torch.Tensor, k1, k2, offset, a, b) -> None:
+    """``flat <- a * flat + b * z[offset : offset + len(flat)]``, in place, computed in fp32."""
+    i = torch.arange(flat.numel(), device=flat.device, dtype=torch.int32) + offset  # < 2**31
+    flat.copy_((flat.to(torch.float32) * a + _gauss(i, k1, k2) * b).to(flat.dtype))
 
 
 def _axpr(flat: torch.Tensor, k1, k2, offset, a, b) -> None:
-    """``flat <- a * flat + b * r`` with Rademacher ``r = +-1`` (one bit of one hash per
-    element), in place, computed in fp32. ``k2`` is unused: the sign needs one hash."""
+    """``flat <- a * flat + b * r`` with Rademacher ``r = +-1``, in place, computed in fp32."""
     i = torch.arange(flat.numel(), device=flat.device, dtype=torch.int32) + offset  # < 2**31
-    r = 1.0 - 2.0 * ((_hash32(i ^ k1) >> 8) & 1).to(torch.float32)
-    flat.copy_((flat.to(torch.float32) * a + r * b).to(flat.dtype))
+    flat.copy_((flat.to(torch.float32) * a + _sign(i, k1, k2) * b).to(flat.dtype))
 
 
-FORMS = {"gaussian": _axpz, "rademacher": _axpr}  # each kind's arithmetic
+def _moves_form(direction: Callable) -> Callable:
+    """Several moves ``flat <- a_j * flat + b_j * z_j`` in ONE read and write of ``flat``:
+    ``moves`` is ``(k1, k2, a, b)`` four at a time. Each move's result is rounded to
+    ``flat``'s dtype before the next, so the bits are those of the moves made as separate
+    passes (compiled with ``emulate_precision_casts``, which keeps those roundings)."""
+
+    def form(flat: torch.Tensor, offset, *moves) -> None:
+        i = torch.arange(flat.numel(), device=flat.device, dtype=torch.int32) + offset  # < 2**31
+        x = flat.to(torch.float32)
+        for j in range(0, len(moves), 4):
+            k1, k2, a, b = moves[j : j + 4]
+            x = (x * a + direction(i, k1, k2) * b).to(flat.dtype).to(torch.float32)
+        flat.copy_(x.to(flat.dtype))
+
+    return form
+
+
+FORMS = {"gaussian": _axpz, "rademacher": _axpr}  # each kind's arithmetic, one move
+MOVES_FORMS = {"gaussian": _moves_form(_gauss), "rademacher": _moves_form(_sign)}  # several moves, one pass
 
 
 # ----------------------------------------------------------------------------- the kernel
@@ -132,6 +161,8 @@ class Kernel:
         self.backend = "eager"
         self.compile = compile  # False: always the eager form (replaying a run that ran eagerly)
         self.kind, self.eager = kind, FORMS[kind]
+        self.eager_moves = MOVES_FORMS[kind]
+        self._compiled_moves: dict[str, Callable | None] = {}
 
     def compiled_for(self, device_type: str = "cpu") -> Callable | None:
         if device_type not in self._compiled:
@@ -174,6 +205,34 @@ class Kernel:
             for off in range(0, part.numel(), _EAGER_CHUNK):
                 self.eager(part[off : off + _EAGER_CHUNK], k1, k2, off, fa, fb)
 
+    def moves_for(self, device_type: str = "cpu") -> Callable | None:
+        """The compiled several-moves form where the one-move form compiled (else None)."""
+        if device_type not in self._compiled_moves:
+            one = self.compiled_for(device_type)
+            self._compiled_moves[device_type] = None if one is None else torch.compile(
+                self.eager_moves, dynamic=True, options={"emulate_precision_casts": True})
+        return self._compiled_moves[device_type]
+
+    def moves(self, flat: torch.Tensor, index: int, moves: Sequence[tuple[int, float, float]]) -> None:
+        """``flat <- a * flat + b * z(seed, index)`` for each ``(seed, a, b)`` in turn, in one
+        pass over ``flat``: the same bits as one ``__call__`` per move, one read and write."""
+        if len(moves) == 1:
+            self(flat, moves[0][0], index, *moves[0][1:])
+            return
+        dev = flat.device
+        form = self.moves_for(dev.type)
+        for span, start in enumerate(range(0, flat.numel(), _MAX_SPAN)):
+            part = flat[start : start + _MAX_SPAN]
+            args = []
+            for seed, a, b in moves:
+                args += [_key(k, dev) for k in _param_key(seed, index, span)]
+                args += [torch.tensor(a, dtype=torch.float32, device=dev), torch.tensor(b, dtype=torch.float32, device=dev)]
+            if form is not None:
+                form(part, _key(0, dev), *args)
+                continue
+            for off in range(0, part.numel(), _EAGER_CHUNK):
+                self.eager_moves(part[off : off + _EAGER_CHUNK], off, *args)
+
 
 KERNEL = Kernel()
 EAGER_KERNEL = Kernel(compile=False)
@@ -211,6 +270,24 @@ def axpz_param(p: torch.Tensor, seed: int, index: int, a: float, b: float, kerne
     else:  # rare: work on a contiguous copy and write it back
         tmp = p.detach().contiguous()
         kernel(tmp.view(-1), seed, index, a, b)
+        p.detach().copy_(tmp)
+
+
+def moves_param(p: torch.Tensor, index: int, moves: Sequence[tuple[int, float, float]], kernel: Kernel,
+                fuse: bool = True) -> None:
+    """``p <- a * p + b * z(seed, index)`` for each ``(seed, a, b)`` in turn, in place: one
+    pass over ``p`` (``fuse``) or one pass per move, with the same bits either way."""
+    moves = [m for m in moves if not (m[1] == 1.0 and m[2] == 0.0)]  # no-ops (-0.0 stays -0.0)
+    if not moves:
+        return
+    if not fuse:
+        for seed, a, b in moves:
+            axpz_param(p, seed, index, a, b, kernel)
+    elif p.is_contiguous():
+        kernel.moves(flat_view(p), index, moves)
+    else:  # rare: work on a contiguous copy and write it back
+        tmp = p.detach().contiguous()
+        kernel.moves(tmp.view(-1), index, moves)
         p.detach().copy_(tmp)
 
 

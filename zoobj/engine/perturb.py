@@ -2,7 +2,9 @@
 
 Two perturbers share one interface, so the optimizer's step never asks which it has:
 
-- ``shift(seed, coef)``: move by ``coef * eps * z(seed)`` (``+1``, ``-2``, ``+1`` in a step);
+- ``shift(seed, coef, write)``: move by ``coef * eps * z(seed)`` (``+1``, ``-2``, ``+1`` in a
+  step); ``write=False`` lets ``InPlace`` hold the move for the next pass;
+- ``queue(i, p, moves)``: an update's moves for one tensor; ``flush()``: write what is held;
 - ``check_reached()``: after the first perturbed forward, every trained tensor was reached;
 - ``restore(seed)``: back to the step's base point, after an exception;
 - ``release()``: detach from the model (take the hooks off).
@@ -27,9 +29,10 @@ from typing import Any
 
 import torch
 
-from zoobj.engine.noise import Kernel, axpz_param
+from zoobj.engine.noise import Kernel, axpz_param, moves_param
 
 Params = list[tuple[int, torch.Tensor]]  # (index, tensor): the index keys the noise
+Move = tuple[int, float, float]  # (seed, a, b): theta <- a * theta + b * z(seed)
 
 
 @contextlib.contextmanager
@@ -72,6 +75,11 @@ class NotReachable(ValueError):
 class InPlace:
     """Each shift is written into the weights (in bf16/fp16 they do not come back exactly).
 
+    With ``fuse`` a shift may be held (``write=False``) and an update queued (``queue``):
+    they are written with the next written shift, or by ``flush``, in the same pass --
+    one read and write of the weights for several moves, with the bits of separate passes.
+    ``offset`` always counts the held moves: it says where the weights are once written.
+
     >>> import torch
     >>> from zoobj.engine.noise import KERNEL
     >>> w = torch.zeros(4)
@@ -82,40 +90,67 @@ class InPlace:
     (True, 0.0)
     """
 
-    def __init__(self, params: Params, eps: float, kernel: Kernel) -> None:
-        self.params, self.eps, self.kernel = params, eps, kernel
-        self.offset = 0.0  # how many eps*z(seed) the weights are from the step's base point
+    def __init__(self, params: Params, eps: float, kernel: Kernel, fuse: bool = False) -> None:
+        self.params, self.eps, self.kernel, self.fuse = params, eps, kernel, fuse
+        self.offset = 0.0  # how many eps*z(seed) the weights are (or will be, once written) from the step's base point
+        self.held: dict[int, list[Move]] = {i: [] for i, _ in params}  # moves not yet written, per tensor
 
     def _move(self, tensors: Params, seed: int, coef: float) -> None:
         """tensors += coef * eps * z(seed): the shift arithmetic, in one place."""
         for i, p in tensors:
             axpz_param(p, seed, i, 1.0, coef * self.eps, self.kernel)
 
-    def shift(self, seed: int, coef: float) -> None:
-        """theta += coef * eps * z(seed), as one uninterruptible pass."""
+    def shift(self, seed: int, coef: float, write: bool = True) -> None:
+        """theta += coef * eps * z(seed), as one uninterruptible pass (with any held moves);
+        ``write=False`` holds it for the next pass where passes are fused."""
         with atomic(), torch.no_grad():
-            self._move(self.params, seed, coef)
+            for i, _ in self.params:
+                self.held[i].append((seed, 1.0, coef * self.eps))
             self.offset += coef  # inside the atomic block: always matches the weights
+            if write or not self.fuse:
+                self._write()
+
+    def queue(self, i: int, p: torch.Tensor, moves: Sequence[Move]) -> None:
+        """An update's moves for tensor ``i``: held where passes are fused, else written now."""
+        self.held[i].extend(moves)
+        if not self.fuse:
+            moves_param(p, i, self.held[i], self.kernel, fuse=False)
+            self.held[i] = []
+
+    def flush(self) -> None:
+        """Write every held move: afterwards the weights are where ``offset`` says."""
+        with atomic(), torch.no_grad():
+            self._write()
+
+    def _write(self) -> None:
+        for i, p in self.params:
+            if self.held[i]:
+                moves_param(p, i, self.held[i], self.kernel, fuse=self.fuse)
+                self.held[i] = []
 
     def points(self, seeds: list[int]) -> list[list[torch.Tensor]]:
         """Where the probes of these seeds evaluate the trained tensors, bit for bit, as new
-        tensors (the weights are not written): for each seed in turn, after ``+eps z`` and
-        after ``-2 eps z``, then back by ``+eps z`` (so a later direction starts from the
-        same rounded point as in place)."""
+        tensors (the weights are not written): for each seed in turn, after ``+eps z`` (with
+        any held moves) and after ``-2 eps z``, then back by ``+eps z`` (so a later direction
+        starts from the same rounded point as in place)."""
         out = []
         with torch.no_grad():
             cur = [(i, p.detach().clone()) for i, p in self.params]
+            held = {i: list(m) for i, m in self.held.items()}
             for s in seeds:
-                for coef in (1.0, -2.0):
-                    self._move(cur, s, coef)
-                    out.append([q.clone() for _, q in cur])
-                self._move(cur, s, 1.0)
+                for i, q in cur:
+                    moves_param(q, i, [*held[i], (s, 1.0, self.eps)], self.kernel, fuse=self.fuse)
+                out.append([q.clone() for _, q in cur])
+                self._move(cur, s, -2.0)
+                out.append([q.clone() for _, q in cur])
+                held = {i: [(s, 1.0, self.eps)] for i in held}
         return out
 
     def restore(self, seed: int) -> None:
-        """Back to the base point (after an exception)."""
+        """Back to the base point (after an exception), every held move written."""
         if self.offset:
             self.shift(seed, -self.offset)
+        self.flush()
         self.offset = 0.0
 
     def check_reached(self) -> None:
@@ -128,8 +163,8 @@ class InPlace:
 class Forward:
     """Nothing is written: forward hooks add ``offset * eps * z(seed)`` to a temporary."""
 
-    def __init__(self, params: Params, eps: float, kernel: Kernel, model: torch.nn.Module) -> None:
-        self.params, self.eps, self.kernel = params, eps, kernel
+    def __init__(self, params: Params, eps: float, kernel: Kernel, model: torch.nn.Module, fuse: bool = False) -> None:
+        self.params, self.eps, self.kernel, self.fuse = params, eps, kernel, fuse
         self.offset = 0.0  # read by the hooks: 0 means the forward sees the stored weights
         self.seed = 0  # the seed whose perturbation the hooks add
         self._swapped: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -137,10 +172,17 @@ class Forward:
         self._reached: set[int] | None = None
         self._install(model)
 
-    def shift(self, seed: int, coef: float) -> None:
-        """The next forwards see theta + (offset + coef) * eps * z(seed)."""
+    def shift(self, seed: int, coef: float, write: bool = True) -> None:
+        """The next forwards see theta + (offset + coef) * eps * z(seed) (``write``: unused)."""
         self.offset += coef
         self.seed = seed
+
+    def queue(self, i: int, p: torch.Tensor, moves: Sequence[Move]) -> None:
+        """An update's moves for tensor ``i``, written now (in one pass where passes are fused)."""
+        moves_param(p, i, moves, self.kernel, fuse=self.fuse)
+
+    def flush(self) -> None:
+        """Nothing is ever held."""
 
     def restore(self, seed: int) -> None:
         """Put back every original tensor (after an exception inside a forward)."""

@@ -2,8 +2,9 @@
 
 The estimate is ``g_hat = sum_k c_k z_k / n`` over a step's directions (``z_k`` rebuilt
 from its seed, never stored). ``sgd`` subtracts ``lr * g_hat`` one direction at a time
-(no memory); ``fused_sgd`` does it in the pass that also restores the weights from
-``theta - eps z`` (n = 1, in place); ``Stateful`` keeps momentum or adam buffers (fp32,
+(no memory) as moves ``sgd_moves`` hands to the perturber, which writes them in one pass
+(with ``restore``: in the move that also restores the weights from ``theta - eps z``, n = 1,
+in place); ``Stateful`` keeps momentum or adam buffers (fp32,
 the size of the trained tensors: meant for PEFT-sized sets) and builds ``g_hat`` chunk by
 chunk. ``param_groups`` and ``decay_groups`` shape ``MeZO``'s ``params``.
 """
@@ -14,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from zoobj.engine.noise import Kernel, axpz_param, chunk_axpz, flat_view
+from zoobj.engine.noise import Kernel, chunk_axpz, flat_view
 
 RULES = ("sgd", "momentum", "adam")
 STATE_CHUNK = 1 << 20  # elements per chunk for the momentum / adam updates
@@ -81,18 +82,17 @@ def param_groups(params: Iterable, lr: float, weight_decay: float) -> list[dict]
     return groups
 
 
-def fused_sgd(i: int, p: torch.Tensor, seeds: Sequence[int], grads: Sequence[float], glr: float, decay: float,
-              eps: float, kernel: Kernel) -> None:
-    """From theta - eps*z to decay*theta - lr*g*z in one pass (rule sgd, n = 1, in place)."""
-    axpz_param(p, seeds[0], i, decay, decay * eps - glr * grads[0], kernel)
+def sgd_moves(seeds: Sequence[int], grads: Sequence[float], glr: float, decay: float, eps: float,
+              restore: bool) -> list[tuple[int, float, float]]:
+    """The ``(seed, a, b)`` moves of rule sgd for one tensor (``theta <- a * theta + b * z``).
 
-
-def sgd(i: int, p: torch.Tensor, seeds: Sequence[int], grads: Sequence[float], glr: float, decay: float,
-        eps: float, kernel: Kernel) -> None:
-    """At the restored base point: one pass per direction, the decay in the first."""
+    ``restore`` (n = 1, in place): from theta - eps*z to decay*theta - lr*g*z in one move, the
+    probe's restore and the update together. Otherwise, at the restored base point, one move
+    per direction, the decay in the first."""
+    if restore:
+        return [(seeds[0], decay, decay * eps - glr * grads[0])]
     n = len(seeds)
-    for k, (s, g) in enumerate(zip(seeds, grads)):
-        axpz_param(p, s, i, decay if k == 0 else 1.0, -glr * g / n, kernel)
+    return [(s, decay if k == 0 else 1.0, -glr * g / n) for k, (s, g) in enumerate(zip(seeds, grads))]
 
 
 class Stateful:

@@ -42,6 +42,8 @@ class Objective(Protocol):
       to have them evaluated one by one through ``__call__``.
     - ``together``: whether ``probes`` can answer at all (for the run's header);
       ``fallbacks``: how many batches' probes it left to be evaluated one by one.
+    - ``reads_weights``: whether ``prepare`` reads the model (the loop then writes the
+      held update of the previous step first; otherwise it joins the step's first pass).
 
     Events -- the one line it reports when a fast path goes off (its probes back to one
     at a time) -- go to the ``notify`` callback given at construction, once, as a log
@@ -49,6 +51,7 @@ class Objective(Protocol):
 
     together: bool
     fallbacks: int
+    reads_weights: bool
 
     def __call__(self, rows: Sequence[dict]) -> float: ...
 
@@ -194,6 +197,8 @@ class HardMetric:
     loss is exactly the single-process one, for any metric (not only means). On a
     template tail (a ``PromptBodyStore``) a generation task's probes run together."""
 
+    reads_weights = False  # prepare reads nothing of the model
+
     def __init__(self, model, tok, task, metric: Callable, batch_size: int = 16, max_new_tokens: int | None = None,
                  world=None, shared=None, notify: Notify | None = None) -> None:
         self.model, self.tok, self.task, self.metric = model, tok, task, metric
@@ -239,6 +244,8 @@ class HardMetric:
 class SmoothedChoice:
     """``--smooth T`` for classification: ``-E[metric]`` with predictions drawn from
     ``softmax(scores / T)`` (see ``expected_metric``); its probes run one by one."""
+
+    reads_weights = False  # prepare reads nothing of the model
 
     together, fallbacks = False, 0
 
@@ -307,6 +314,8 @@ class SmoothedGeneration:
     tokens to score), so its row weighs only the references. On a template tail the
     probes score every candidate at every point together."""
 
+    reads_weights = True  # prepare reads the model
+
     def __init__(self, model, tok, task, metric: Callable, temperature: float, batch_size: int = 16,
                  max_new_tokens: int | None = None, world=None, shared=None, notify: Notify | None = None) -> None:
         self.model, self.tok, self.task, self.metric = model, tok, task, metric
@@ -371,6 +380,8 @@ class CrossEntropy:
     """``batch -> mean NLL of the gold continuation tokens`` (over every target token of
     the batch; data-parallel ranks all-reduce the sum and the count). On a template tail
     the probes run together."""
+
+    reads_weights = False  # prepare reads nothing of the model
 
     def __init__(self, model, tok, task, batch_size: int = 16, world=None, shared=None,
                  notify: Notify | None = None) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zoobj.engine.mezo import MeZO
+from zoobj.engine.mezo import PASSES, MeZO
 from zoobj.engine.noise import NOISE_VERSIONS
 from zoobj.errors import ConfigError
 from zoobj.model.params import ParamSet, make_param_set
@@ -81,7 +81,8 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict |
         opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, n=cfg.n, rule=cfg.rule, shaping=cfg.shaping,
                    weight_decay=cfg.weight_decay, schedule=lr_schedule, perturb=cfg.perturb or "inplace", model=model,
                    shard=(world.rank, world.size) if query else None,
-                   exchange=world.exchange_rows if query else None, noise=cfg.noise, noise_backend=noise)
+                   exchange=world.exchange_rows if query else None, noise=cfg.noise, noise_backend=noise,
+                   passes=_recorded_passes(recorded, cfg.output))
     except RuntimeError as exc:  # MeZO's own check: noise="compiled" where torch.compile cannot run
         if noise != "compiled":
             raise
@@ -106,6 +107,19 @@ def param_set_of(cfg: TrainConfig, recorded: dict | None = None) -> ParamSet:
 
     return make_param_set(cfg.peft, train_embeddings=cfg.train_embeddings, seed=cfg.seed, layers=cfg.layers,
                           find_tail=find_tail, recorded=recorded)
+
+
+def _recorded_passes(recorded: dict | None, run_dir) -> str:
+    """How the run's moves were grouped into passes: "fused" for a new run, "separate" for
+    one made before config.json recorded it (the same bits either way; kept as made)."""
+    if recorded is None:
+        return "fused"
+    passes = recorded.get("passes", "separate")
+    if passes not in PASSES:
+        raise ConfigError(f"run {run_dir} was made with passes {passes!r}, which this zoobj does not have "
+                          f"(it has {', '.join(PASSES)}); replay it with the zoobj version that made it "
+                          "(config.json: zoobj_version)")
+    return passes
 
 
 def _recorded_noise(recorded: dict | None, params: list, run_dir) -> str:

@@ -78,26 +78,36 @@ def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], 
 
 
 def train_loop(r: RunState, objective: Objective) -> None:
-    """From where the run stands to ``--steps``: sample the batch, step, log, evaluate on dev now and then."""
+    """From where the run stands to ``--steps``: sample the batch, step, log, evaluate on dev now and then.
+
+    A step followed by another leaves its update held, written in the next step's first
+    pass (``MeZO.step(settle=False)``); before a dev evaluation, the end, or an interruption
+    between steps, every held move is written."""
     cfg, opt, world = r.cfg, r.session.optimizer, r.world
-    for step in range(r.start_step, cfg.steps):
-        # sample the (global) batch: a function of (seed, step) only
-        batch = [r.train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(r.train_rows))]
-        # perturb, evaluate l+ and l-, update (the engine restores the weights on any exception)
-        t0, sent = time.time(), world.bytes if world else 0
-        objective.prepare(batch)  # what the step's probes share, from the unperturbed weights
-        together = (lambda points: objective.probes(batch, points)) if objective.together else None  # one batched call
-        loss = opt.step(lambda: objective(batch), probes=together)
-        # log: the trajectory line is the checkpoint; timings go to the log
-        r.traj.append(opt.trajectory[-1])
-        entry = _step_entry(step, loss, opt.trajectory[-1], time.time() - t0)
-        if world is not None:
-            entry["comm_bytes"] = world.bytes - sent
-        r.log.append(entry)
-        r.report("step", entry)
-        # evaluate on dev now and then
-        if dev_due(r, step):
-            dev_evaluation(r, step)
+    try:
+        for step in range(r.start_step, cfg.steps):
+            # sample the (global) batch: a function of (seed, step) only
+            batch = [r.train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(r.train_rows))]
+            # perturb, evaluate l+ and l-, update (the engine restores the weights on any exception)
+            t0, sent = time.time(), world.bytes if world else 0
+            if objective.reads_weights:
+                opt.settle()
+            objective.prepare(batch)  # what the step's probes share, from the unperturbed weights
+            together = (lambda points: objective.probes(batch, points)) if objective.together else None
+            then_step = step + 1 < cfg.steps and not dev_due(r, step)
+            loss = opt.step(lambda: objective(batch), probes=together, settle=not then_step)
+            # log: the trajectory line is the checkpoint; timings go to the log
+            r.traj.append(opt.trajectory[-1])
+            entry = _step_entry(step, loss, opt.trajectory[-1], time.time() - t0)
+            if world is not None:
+                entry["comm_bytes"] = world.bytes - sent
+            r.log.append(entry)
+            r.report("step", entry)
+            # evaluate on dev now and then
+            if dev_due(r, step):
+                dev_evaluation(r, step)
+    finally:
+        opt.settle()
 
 
 def _step_entry(step: int, loss: float, rec: dict, seconds: float) -> dict:
@@ -255,6 +265,7 @@ def _create_run_dir(r: RunState, base_hash: str) -> bool:
         **recorded_settings(cfg), "zoobj_version": zoobj.__version__, "base_weights_sha256": base_hash,
         "noise_version": NOISE_VERSION,
         "noise_backend": session.optimizer.noise_backend, "noise_device": session.params[0].device.type,
+        "passes": session.optimizer.passes,
         "trainable_parameters": sum(p.numel() for p in session.params), "data_note": r.note,
         "trained_blocks": trained_blocks(session.model, session.params),
         "param_set": session.param_set.record(),
