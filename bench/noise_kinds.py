@@ -53,7 +53,7 @@ def compare(arms: list[dict]) -> dict:
               for k in ("gaussian", "rademacher")}
         if not all(at.values()):
             continue
-        overlap = any(ci_g[0] <= ci_r[1] and ci_r[0] <= ci_g[1] for _, ci_g in at["gaussian"] for _, ci_r in at["rademacher"])
+        overlap = any(g[0] <= r[1] and r[0] <= g[1] for _, g in at["gaussian"] for _, r in at["rademacher"])
         rows.append({"passes": p, **{k: round(statistics.mean(v for v, _ in at[k]), 4) for k in at},
                      "intervals_overlap": overlap})
     return {"points": rows,

@@ -15,8 +15,8 @@ so ``z`` is produced three times a step and nothing the size of the model is
 allocated. Moves are written in passes over the weights; with ``passes="fused"`` a move
 that no forward waits for (a restore, an update) is held and written in the same pass as
 the next move -- one read and write for both, the same bits -- so a step of a loop that
-calls ``step(closure, settle=False)`` makes two passes. ``MeZO.step`` reads as those lines do; each variation is a piece it calls,
-chosen once at construction:
+calls ``step(closure, settle=False)`` makes two passes. ``MeZO.step`` reads as those
+lines do; each variation is a piece it calls, chosen once at construction:
 
 - the noise ``z``: ``zoobj.engine.noise`` (counter-based, the same numbers on any thread
   count, compiled where ``torch.compile`` works and eager elsewhere);

@@ -226,7 +226,7 @@ class Kernel:
             args = []
             for seed, a, b in moves:
                 args += [_key(k, dev) for k in _param_key(seed, index, span)]
-                args += [torch.tensor(a, dtype=torch.float32, device=dev), torch.tensor(b, dtype=torch.float32, device=dev)]
+                args += [torch.tensor(x, dtype=torch.float32, device=dev) for x in (a, b)]
             if form is not None:
                 form(part, _key(0, dev), *args)
                 continue
