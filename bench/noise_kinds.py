@@ -7,7 +7,8 @@ passes at each dev evaluation) and prints, per task: each arm's dev metric with 
 intervals overlap at each point, and the median seconds per step. Draws dev metric
 against training forward passes (``--png``). The LAST line is one JSON object.
 
-The runs of docs/benchmarks.md (2 seeds per kind; about 75 minutes on 2 cores):
+The runs of docs/benchmarks.md (2 seeds per kind, the SST-2 and SQuAD settings of the results
+page at equal budgets; about 90 minutes on 2 cores):
 
     python bench/sweep.py --task sst2 --metric accuracy --steps 30 --batch-size 16 --eval-every 5 \\
         --dev-limit 300 --out docs/results/noise/sst2 \\
@@ -15,8 +16,8 @@ The runs of docs/benchmarks.md (2 seeds per kind; about 75 minutes on 2 cores):
         --arm 'metric:lr=1e-3,eps=1e-3,n=8,shaping="zscore",noise="rademacher",seed=0' \\
         --arm 'metric:lr=1e-3,eps=1e-3,n=8,shaping="zscore",noise="gaussian",seed=1' \\
         --arm 'metric:lr=1e-3,eps=1e-3,n=8,shaping="zscore",noise="rademacher",seed=1'
-    python bench/sweep.py --task squad --metric f1 --peft template --steps 20 --batch-size 16 \\
-        --eval-every 5 --dev-limit 64 --out docs/results/noise/squad \\
+    python bench/sweep.py --task squad --metric f1 --peft template --steps 12 --batch-size 16 \\
+        --eval-every 4 --dev-limit 64 --out docs/results/noise/squad \\
         --arm 'metric:noise="gaussian",seed=0' --arm 'metric:noise="rademacher",seed=0' \\
         --arm 'metric:noise="gaussian",seed=1' --arm 'metric:noise="rademacher",seed=1'
     python bench/noise_kinds.py docs/results/noise/sst2 docs/results/noise/squad --png docs/results/noise/kinds.png
