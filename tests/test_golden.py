@@ -56,7 +56,8 @@ def engine_run(name: str) -> dict:
     groups, nan_at, shard = spec.pop("groups", False), spec.pop("nan_at", None), spec.pop("shard", False)
     params = decay_groups(model.named_parameters(), spec.pop("weight_decay")) if groups else model.parameters()
     extra = dict(shard=(0, 1), exchange=lambda rows: rows) if shard else {}
-    opt = MeZO(params, lr=0.05, eps=1e-2, seed=3, model=model, **spec, **extra)
+    # recorded with Gaussian directions, the default then (the default is now rademacher)
+    opt = MeZO(params, lr=0.05, eps=1e-2, seed=3, model=model, noise="gaussian", **spec, **extra)
     calls = [0]
 
     def loss():
@@ -83,7 +84,8 @@ def train_run(name: str, model_dir: str, out: Path) -> dict:
     from zoobj.engine import trajectory as tj
     from zoobj.run.train import TrainConfig, run
 
-    settings = dict(steps=4, batch_size=4, lr=1e-3, eps=1e-2, eval_limit=8, eval_every=0, dev_limit=4)
+    settings = dict(steps=4, batch_size=4, lr=1e-3, eps=1e-2, eval_limit=8, eval_every=0, dev_limit=4,
+                    noise="gaussian")  # recorded with Gaussian directions, the default then
     cfg = TrainConfig(task="sst2", model=model_dir, output=str(out), **{**settings, **TRAIN[name]})
     result = run(cfg)
     events = [(r["event"], r.get("step")) for r in tj.read_jsonl(out / tj.LOG)]

@@ -100,8 +100,8 @@ def test_rebuild_replays_with_the_recorded_noise_kernel(model_dir, tmp_path, mon
     out = tmp_path / "eager"
     model, tok = load_model(model_dir)
     monkeypatch.setattr(zn, "KERNEL", zn.EAGER_KERNEL)  # as under ZOOBJ_COMPILE=0
-    run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, keep="last", eval_every=0, lr=5e-1)),
-        model=model, tok=tok)
+    run(TrainConfig(model=model_dir, output=str(out), noise="gaussian",  # KERNEL: the Gaussian kind's
+                    **dict(BASE, keep="last", eval_every=0, lr=5e-1)), model=model, tok=tok)
     trained = _weights(model)
     assert json.loads((out / tj.CONFIG).read_text())["noise_backend"] == "eager"
     monkeypatch.undo()  # the compiled kernel is back: replaying with it would differ in the last bits
@@ -117,14 +117,14 @@ def test_rebuild_refuses_a_compiled_run_where_compile_is_unavailable(model_dir, 
     import zoobj.engine.noise as zn
 
     out = tmp_path / "compiled"
-    run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=1, keep="last", eval_every=0)))
+    gaussian = dict(BASE, noise="gaussian", keep="last", eval_every=0)  # KERNEL: the Gaussian kind's
+    run(TrainConfig(model=model_dir, output=str(out), **dict(gaussian, steps=1)))
     assert json.loads((out / tj.CONFIG).read_text())["noise_backend"] == "compiled"
     monkeypatch.setattr(zn, "KERNEL", zn.Kernel(compile=False))
     with pytest.raises(ConfigError, match="compiled noise kernel, which cannot run here"):
         export.rebuild(out)
     with pytest.raises(ConfigError, match="compiled noise kernel"):
-        run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=2, keep="last", eval_every=0)),
-            resume=True)
+        run(TrainConfig(model=model_dir, output=str(out), **dict(gaussian, steps=2)), resume=True)
 
 
 def test_a_run_made_with_an_unknown_noise_version_is_refused(model_dir, tmp_path):
@@ -151,40 +151,42 @@ def test_a_new_run_records_where_its_noise_ran(model_dir, tmp_path):
 
 
 def test_a_run_made_before_a_setting_was_recorded_rebuilds_and_resumes(model_dir, tmp_path):
-    """config.json without the keys added later (n, shaping, peft, perturb): rebuild and
-    resume take what the run was made with, not None and not a task recipe."""
+    """config.json without the keys added later (n, shaping, peft, perturb, noise, passes):
+    rebuild and resume take what the run was made with, not None, not a task recipe and
+    not today's default noise (Gaussian then)."""
     out = tmp_path / "old"
     model, tok = load_model(model_dir)
-    run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=2, keep="last", eval_every=0, lr=5e-1)),
-        model=model, tok=tok)
+    run(TrainConfig(model=model_dir, output=str(out), noise="gaussian",
+                    **dict(BASE, steps=2, keep="last", eval_every=0, lr=5e-1)), model=model, tok=tok)
     trained = _weights(model)
     config = json.loads((out / tj.CONFIG).read_text())
-    for key in ("n", "shaping", "peft", "perturb", "passes"):
+    for key in ("n", "shaping", "peft", "perturb", "noise", "passes"):
         del config[key]
     (out / tj.CONFIG).write_text(json.dumps(config))
 
     _, session = export.rebuild(out)
-    assert session.optimizer.passes == "separate"  # one pass per move, as runs were made then
+    assert (session.optimizer.passes, session.optimizer.noise) == ("separate", "gaussian")  # as runs were made then
     rebuilt = _weights(session.model)
     assert all(torch.equal(rebuilt[k], trained[k]) for k in trained)
-    resumed = run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=3, keep="last", eval_every=0,
-                                                                         lr=5e-1)), resume=True)
+    resumed = run(TrainConfig(model=model_dir, output=str(out), noise="gaussian",
+                              **dict(BASE, steps=3, keep="last", eval_every=0, lr=5e-1)), resume=True)
     assert resumed["steps"] == 3
 
 
-def test_a_rademacher_run_records_its_noise_rebuilds_and_keeps_it_on_resume(model_dir, tmp_path):
+@pytest.mark.parametrize("kind, other", [("rademacher", "gaussian"), ("gaussian", "rademacher")])
+def test_a_run_records_its_noise_kind_rebuilds_and_keeps_it_on_resume(model_dir, tmp_path, kind, other):
     out = tmp_path / "signs"
     model, tok = load_model(model_dir)
-    run(TrainConfig(model=model_dir, output=str(out), noise="rademacher",
+    run(TrainConfig(model=model_dir, output=str(out), noise=kind,
                     **dict(BASE, steps=2, keep="last", eval_every=0, lr=5e-1)), model=model, tok=tok)
     trained = _weights(model)
-    assert json.loads((out / tj.CONFIG).read_text())["noise"] == "rademacher"
+    assert json.loads((out / tj.CONFIG).read_text())["noise"] == kind
     _, session = export.rebuild(out)
     rebuilt = _weights(session.model)
     assert all(torch.equal(rebuilt[k], trained[k]) for k in trained)
-    with pytest.raises(ConfigError, match="noise 'gaussian' \\(the run's: 'rademacher'\\)"):
-        run(TrainConfig(model=model_dir, output=str(out), **dict(BASE, steps=3, keep="last", eval_every=0, lr=5e-1)),
-            resume=True)
+    with pytest.raises(ConfigError, match=f"noise '{other}' \\(the run's: '{kind}'\\)"):
+        run(TrainConfig(model=model_dir, output=str(out), noise=other,
+                        **dict(BASE, steps=3, keep="last", eval_every=0, lr=5e-1)), resume=True)
     with pytest.raises(ConfigError, match="unknown --noise 'uniform'; choose one of gaussian, rademacher"):
         TrainConfig(task="sst2", noise="uniform").resolved()
 

@@ -3,8 +3,8 @@
 The algorithm only. It knows nothing of models, tasks or metrics: it moves a list
 of tensors along seeded random directions and asks a closure for a number.
 
-One step with step seed ``s`` (``z ~ N(0, I)`` is regenerated from ``s``, never
-stored)::
+One step with step seed ``s`` (``z``, signs +-1 by default or ``N(0, I)``, is regenerated
+from ``s``, never stored)::
 
     theta += eps * z            l+ = closure()
     theta -= 2 * eps * z        l- = closure()
@@ -118,9 +118,10 @@ class MeZO:
             of the reward; ``rank`` is unchanged by any increasing transform of the
             loss, ``zscore`` by any positive affine one (see ``shaped_coefficients``).
             A step whose ``2n`` losses are all equal moves nothing.
-        noise: the directions ``z``: ``"gaussian"`` (the paper's) or ``"rademacher"`` (+-1
-            per element, Spall's SPSA; cheaper per element). A kernel form given here
-            (the older meaning) sets ``noise_backend``.
+        noise: the directions ``z``: ``"rademacher"`` (+-1 per element, Spall's SPSA; several
+            times cheaper per element) or ``"gaussian"`` (the paper's; the default until
+            0.3). A kernel form given here (the older meaning) sets ``noise_backend``
+            and Gaussian directions.
         passes: ``"fused"`` (a held move joins the next pass: one read and write of the
             weights for both) or ``"separate"`` (one pass per move, as zoobj before 0.3);
             the same bits either way.
@@ -162,7 +163,7 @@ class MeZO:
         model: torch.nn.Module | None = None,
         shard: tuple[int, int] | None = None,
         exchange: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        noise: str = "gaussian",
+        noise: str = "rademacher",
         shaping: str = "none",
         noise_backend: str = "auto",
         passes: str = "fused",

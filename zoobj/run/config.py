@@ -78,8 +78,8 @@ class TrainConfig:
                            "so --lr is a step length per unit of noise, whatever the metric's jumps).",
                            shown="none, or the task's recipe")
     rule: str = setting("sgd", "Update rule: sgd, momentum or adam.")
-    noise: str = setting("gaussian", "Perturbation directions: gaussian (z ~ N(0, I), the paper's) or rademacher "
-                         "(+-1 per element, Spall's SPSA: the same estimator, cheaper noise passes).")
+    noise: str = setting("rademacher", "Perturbation directions: rademacher (+-1 per element, Spall's SPSA: the "
+                         "same estimator, noise passes several times cheaper) or gaussian (z ~ N(0, I), the paper's).")
     peft: str | None = setting(None, "Which parameters train: none (full parameters), lora, prefix, or template "
                                      "(the input vectors of the prompt's closing template words).",
                                shown="none, or the task's recipe")
@@ -258,8 +258,9 @@ NOT_RECORDED = ("output", "save_model", "zero_shot", "device", "device_map", "re
 RESUMABLE_CHANGES = ("steps", "keep")
 # What a setting missing from an older run's config.json was: what the version that wrote it
 # ran with -- a field's own default, or for a setting resolved later the no-recipe default
-# (n 1, shaping none, peft none: the recipes came later) and in-place perturbation.
-BEFORE_RECORDED = {**DEFAULTS, "perturb": "inplace"}
+# (n 1, shaping none, peft none: the recipes came later), in-place perturbation and
+# Gaussian directions (the default until 0.3).
+BEFORE_RECORDED = {**DEFAULTS, "perturb": "inplace", "noise": "gaussian"}
 _DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING},
              **BEFORE_RECORDED}
 
