@@ -492,7 +492,7 @@ def test_rademacher_directions_are_signs_and_replay_exactly():
     replay([again], opt.trajectory, lr=0.05, eps=0.25, seed=3, noise="rademacher")
     assert torch.equal(again, w)
     gaussian = w0.clone()
-    replay([gaussian], opt.trajectory, lr=0.05, eps=0.25, seed=3)
+    replay([gaussian], opt.trajectory, lr=0.05, eps=0.25, seed=3, noise="gaussian")
     assert not torch.equal(gaussian, w)  # the kind is part of the run
     assert MeZO([torch.zeros(3)], noise="eager").noise_backend == "eager"  # the older meaning of noise=
     with pytest.raises(ValueError, match="unknown noise 'uniform'; choose one of gaussian, rademacher"):
