@@ -65,7 +65,8 @@ def test_shaped_populations_reduce_the_loss_and_replay_exactly(shaping, lr):
     assert torch.equal(rebuilt, w)
 
 
-def plateau_run(shaping: str, n: int, lr: float, seed: int, calls: int = 128) -> tuple[float, float]:
+def plateau_run(shaping: str, n: int, lr: float, seed: int, calls: int = 128,
+                noise: str = "gaussian") -> tuple[float, float]:
     """A quadratic rounded down to whole units, eps 0.01: most single probes tie.
     Returns the final loss and the share of tied directions, after ``calls`` closure calls."""
     w, target = torch.zeros(64), torch.linspace(-1, 1, 64)
@@ -73,25 +74,28 @@ def plateau_run(shaping: str, n: int, lr: float, seed: int, calls: int = 128) ->
     def loss():
         return float(math.floor(float(((w - target) ** 2).sum())))
 
-    opt = MeZO([w], lr=lr, eps=1e-2, seed=seed, n=n, shaping=shaping)
+    opt = MeZO([w], lr=lr, eps=1e-2, seed=seed, n=n, shaping=shaping, noise=noise)
     for _ in range(calls // (2 * n)):
         opt.step(loss)
     return loss(), sum(r["ties"] for r in opt.trajectory) / (calls // 2)
 
 
-def test_on_a_plateau_populations_with_shaping_get_down_where_plain_mezo_stays_tied():
-    """Same number of closure calls (128), eight seeds. Plain MeZO ties on ~97% of its
+@pytest.mark.parametrize("noise,shaped_mean", [("gaussian", 16.5), ("rademacher", 17.5)])
+def test_on_a_plateau_populations_with_shaping_get_down_where_plain_mezo_stays_tied(noise, shaped_mean):
+    """Same number of closure calls (128), eight seeds. Plain MeZO ties on ~96% of its
     steps and, at any of these learning rates, ends where it began (21) or above it (an
     untied step is 1 / (2 eps) = 50 times lr long: at lr 1e-2 it overshoots); populations
     of 16 directions shaped by z-score or rank move on the steps where any pair of their
-    32 losses differs, each with a step of bounded length, and get down."""
+    32 losses differs, each with a step of bounded length, and get down. Sign directions
+    (every coordinate +-eps) get down a little less far on this plateau (17.0 against 15.5
+    for Gaussian with z-scores, eight seeds), hence the looser bound."""
     seeds = range(8)
     for lr in (1e-3, 3e-3, 1e-2):
-        finals, ties = zip(*(plateau_run("none", 1, lr, s) for s in seeds))
+        finals, ties = zip(*(plateau_run("none", 1, lr, s, noise=noise) for s in seeds))
         assert sum(finals) / 8 >= 19.5 and sum(ties) / 8 >= 0.9, (lr, finals, ties)
     for shaping, lr in (("zscore", 1.0), ("rank", 4.0)):
-        finals = [plateau_run(shaping, 16, lr, s)[0] for s in seeds]
-        assert sum(finals) / 8 <= 16.5, (shaping, finals)
+        finals = [plateau_run(shaping, 16, lr, s, noise=noise)[0] for s in seeds]
+        assert sum(finals) / 8 <= shaped_mean, (shaping, finals)
 
 
 @pytest.mark.parametrize("shaping", ["zscore", "rank"])
