@@ -261,16 +261,22 @@ def flat_view(p: torch.Tensor) -> torch.Tensor:
     return p.detach().view(-1)
 
 
+def _in_place(p: torch.Tensor, write: Callable[[torch.Tensor], None]) -> None:
+    """Run ``write`` on ``p``'s elements as one flat tensor: a view of ``p``, or for a
+    non-contiguous ``p`` (rare) a contiguous copy that is written back."""
+    if p.is_contiguous():
+        write(flat_view(p))
+    else:
+        tmp = p.detach().contiguous()
+        write(tmp.view(-1))
+        p.detach().copy_(tmp)
+
+
 def axpz_param(p: torch.Tensor, seed: int, index: int, a: float, b: float, kernel: Kernel) -> None:
     """``p <- a * p + b * z(seed, index)``, in place, for a whole parameter."""
     if a == 1.0 and b == 0.0:  # nothing to do (and -0.0 stays -0.0)
         return
-    if p.is_contiguous():
-        kernel(flat_view(p), seed, index, a, b)
-    else:  # rare: work on a contiguous copy and write it back
-        tmp = p.detach().contiguous()
-        kernel(tmp.view(-1), seed, index, a, b)
-        p.detach().copy_(tmp)
+    _in_place(p, lambda flat: kernel(flat, seed, index, a, b))
 
 
 def moves_param(p: torch.Tensor, index: int, moves: Sequence[tuple[int, float, float]], kernel: Kernel,
@@ -278,17 +284,11 @@ def moves_param(p: torch.Tensor, index: int, moves: Sequence[tuple[int, float, f
     """``p <- a * p + b * z(seed, index)`` for each ``(seed, a, b)`` in turn, in place: one
     pass over ``p`` (``fuse``) or one pass per move, with the same bits either way."""
     moves = [m for m in moves if not (m[1] == 1.0 and m[2] == 0.0)]  # no-ops (-0.0 stays -0.0)
-    if not moves:
-        return
     if not fuse:
         for seed, a, b in moves:
             axpz_param(p, seed, index, a, b, kernel)
-    elif p.is_contiguous():
-        kernel.moves(flat_view(p), index, moves)
-    else:  # rare: work on a contiguous copy and write it back
-        tmp = p.detach().contiguous()
-        kernel.moves(tmp.view(-1), index, moves)
-        p.detach().copy_(tmp)
+    elif moves:
+        _in_place(p, lambda flat: kernel.moves(flat, index, moves))
 
 
 def chunk_axpz(buf: torch.Tensor, seed: int, index: int, offset: int, b: float, kernel: Kernel) -> None:

@@ -111,11 +111,12 @@ class InPlace:
                 self._write()
 
     def queue(self, i: int, p: torch.Tensor, moves: Sequence[Move]) -> None:
-        """An update's moves for tensor ``i``: held where passes are fused, else written now."""
-        self.held[i].extend(moves)
-        if not self.fuse:
-            moves_param(p, i, self.held[i], self.kernel, fuse=False)
-            self.held[i] = []
+        """An update's moves for tensor ``i``: held where passes are fused, else written now
+        (nothing is ever held then: every shift is written)."""
+        if self.fuse:
+            self.held[i].extend(moves)
+        else:
+            moves_param(p, i, moves, self.kernel, fuse=False)
 
     def flush(self) -> None:
         """Write every held move: afterwards the weights are where ``offset`` says."""

@@ -94,8 +94,8 @@ def train_loop(r: RunState, objective: Objective) -> None:
                 opt.settle()
             objective.prepare(batch)  # what the step's probes share, from the unperturbed weights
             together = (lambda points: objective.probes(batch, points)) if objective.together else None
-            then_step = step + 1 < cfg.steps and not dev_due(r, step)
-            loss = opt.step(lambda: objective(batch), probes=together, settle=not then_step)
+            due = dev_due(r, step)
+            loss = opt.step(lambda: objective(batch), probes=together, settle=due or step + 1 == cfg.steps)
             # log: the trajectory line is the checkpoint; timings go to the log
             r.traj.append(opt.trajectory[-1])
             entry = _step_entry(step, loss, opt.trajectory[-1], time.time() - t0)
@@ -104,7 +104,7 @@ def train_loop(r: RunState, objective: Objective) -> None:
             r.log.append(entry)
             r.report("step", entry)
             # evaluate on dev now and then
-            if dev_due(r, step):
+            if due:
                 dev_evaluation(r, step)
     finally:
         opt.settle()
