@@ -5,21 +5,22 @@ depend on them), batch 16 x 128, fp32, every parameter perturbed. Side by side i
 one run, interleaved round by round so that machine noise hits every arm alike:
 
 - two inference forwards (the unit: a MeZO step cannot do with less),
-- a zoobj step as the training loop makes it (``zoobj.MeZO``, counter-based noise,
-  ``step(closure, settle=False)``: the update held and written in the next step's first
-  pass, so two passes over the weights a step),
+- a zoobj step as the training loop makes it (``zoobj.MeZO`` with its defaults:
+  Rademacher directions, ``step(closure, settle=False)``: the update held and written in
+  the next step's first pass, so two passes over the weights a step),
 - the same step with ``passes="separate"`` (three passes a step, as zoobj made them
-  before 0.3: +eps z, -2 eps z, then the restore with the update),
-- one noise pass alone (``p <- p + b*z`` over every parameter), reported in ns per
-  element: the part of a step that depends on the CPU's vector unit (the hash works
-  in int32 lanes, so AVX2 vectorises it as AVX-512 does),
+  before: +eps z, -2 eps z, then the restore with the update),
+- one noise pass alone (``p <- p + b*z`` over every parameter, as a step makes it: small
+  tensors grouped into one call), reported in ns per element: the part of a step that
+  depends on the CPU's vector unit (the hash works in int32 lanes, so AVX2 vectorises
+  it as AVX-512 does),
 - one plain pass over the same weights (``p <- 1.0 * p``, read and written once, no
   noise): the memory floor a noise pass cannot go below, in ns per element,
 - a zoobj step with ``perturb="forward"`` (the exact scheme for bf16/fp16: the
   perturbed weights are built per module during the forward; run here in fp32 to
   show its cost),
-- a zoobj step and a noise pass with Rademacher directions (``noise="rademacher"``:
-  +-1 from one hash bit, no Box-Muller),
+- a zoobj step and a noise pass with Gaussian directions (``noise="gaussian"``, the
+  paper's, the default before: two hashes and a Box-Muller transform per element),
 - a reference step written as the paper's Algorithm 1 does it (global
   ``torch.manual_seed``, ``torch.normal`` per parameter, four noise passes).
 
@@ -96,9 +97,9 @@ def timing(shape):
 
     model, _, forward = build(shape)
     params = list(model.parameters())
-    opt = MeZO(params, lr=1e-7, eps=1e-3, seed=0)
+    opt = MeZO(params, lr=1e-7, eps=1e-3, seed=0)  # the defaults
     apart = MeZO(params, lr=1e-7, eps=1e-3, seed=3, passes="separate")  # one pass per move
-    signs = MeZO(params, lr=1e-7, eps=1e-3, seed=2, noise="rademacher")  # the cheaper directions
+    gauss = MeZO(params, lr=1e-7, eps=1e-3, seed=2, noise="gaussian")  # the paper's directions
     exact = MeZO(params, lr=1e-7, eps=1e-3, seed=1, perturb="forward", model=model)
     # its hooks stay on the model but do nothing outside its own steps (they check its offset)
 
@@ -111,17 +112,18 @@ def timing(shape):
     apart.step(forward)
     exact_step()
     reference_step(params, forward, 0, 1e-7, 1e-3)
-    signs.step(forward, settle=False)
-    signs.step(forward, settle=False)
-    from zoobj.engine.noise import KERNEL, axpz_param, kernel_for
+    gauss.step(forward, settle=False)
+    gauss.step(forward, settle=False)
+    from zoobj.engine.noise import kernel_for, moves_params
 
-    def noise_pass(r, kernel=KERNEL):
+    default = kernel_for("auto", opt.noise)
+    gaussian = kernel_for("auto", "gaussian")
+
+    def noise_pass(r, kernel=default):
         sign = 1.0 if r % 2 == 0 else -1.0  # alternate, so the weights wander no further than one pass
-        for i, p in enumerate(params):
-            axpz_param(p, 12345, i, 1.0, sign * 1e-3, kernel)
+        moves_params([(i, p, [(12345, 1.0, sign * 1e-3)]) for i, p in enumerate(params)], kernel)
 
-    rademacher = kernel_for("auto", "rademacher")
-    noise_pass(1, rademacher)
+    noise_pass(1, gaussian)
 
     def copy_pass(r):
         with torch.no_grad():
@@ -130,12 +132,12 @@ def timing(shape):
 
     noise_pass(1)
     copy_pass(0)
-    two_fwd, zo, zs, fw, ref, npass, cpass, rpass, zr = [], [], [], [], [], [], [], [], []
+    two_fwd, zo, zs, fw, ref, npass, cpass, gpass, zg = [], [], [], [], [], [], [], [], []
     arms = [
         (npass, noise_pass),
         (cpass, copy_pass),
-        (rpass, lambda r: noise_pass(r, rademacher)),
-        (zr, lambda r: signs.step(forward, settle=False)),
+        (gpass, lambda r: noise_pass(r, gaussian)),
+        (zg, lambda r: gauss.step(forward, settle=False)),
         (two_fwd, lambda r: (forward(), forward())),
         (zo, lambda r: opt.step(forward, settle=False)),
         (zs, lambda r: apart.step(forward)),
@@ -161,11 +163,12 @@ def timing(shape):
         "forward_step_s": statistics.median(fw),
         "reference_step_s": statistics.median(ref),
         "noise_backend": opt.noise_backend,
+        "noise_kind": opt.noise,
         "noise_ns_per_element": statistics.median(npass) * 1e9 / sum(p.numel() for p in params),
         "copy_ns_per_element": statistics.median(cpass) * 1e9 / sum(p.numel() for p in params),
-        "rademacher_ns_per_element": statistics.median(rpass) * 1e9 / sum(p.numel() for p in params),
-        "rademacher_ratio": statistics.median(z / t for z, t in zip(zr, two_fwd)),
-        "rademacher_step_s": statistics.median(zr),
+        "gaussian_ns_per_element": statistics.median(gpass) * 1e9 / sum(p.numel() for p in params),
+        "gaussian_ratio": statistics.median(z / t for z, t in zip(zg, two_fwd)),
+        "gaussian_step_s": statistics.median(zg),
         "threads": torch.get_num_threads(),
     }
 
@@ -236,7 +239,7 @@ def main() -> None:
         ("zoobj MeZO step", f"{t['zoobj_step_s']:.3f} s", f"{t['step_ratio']:.3f}",
          f"{rss['mezo']:.0f} MiB", f"{rss['mezo'] / rss['inference']:.3f}"),
         ("zoobj, separate passes", f"{t['separate_step_s']:.3f} s", f"{t['separate_ratio']:.3f}", "", ""),
-        ("zoobj, rademacher noise", f"{t['rademacher_step_s']:.3f} s", f"{t['rademacher_ratio']:.3f}", "", ""),
+        ("zoobj, gaussian noise", f"{t['gaussian_step_s']:.3f} s", f"{t['gaussian_ratio']:.3f}", "", ""),
         ("zoobj, perturb=forward", f"{t['forward_step_s']:.3f} s", f"{t['forward_ratio']:.3f}",
          f"{rss['mezo-forward']:.0f} MiB", f"{rss['mezo-forward'] / rss['inference']:.3f}"),
         ("paper-style MeZO step", f"{t['reference_step_s']:.3f} s", f"{t['reference_ratio']:.3f}", "", ""),
@@ -244,11 +247,11 @@ def main() -> None:
     ]
     label = "quick" if args.quick else "OPT-125m"
     print(f"shape {label}: {t['params_millions']:.1f}M parameters, batch {shape['batch']} x {shape['seq']}, fp32, "
-          f"{t['threads']} threads, noise {t['noise_backend']}, median of {shape['rounds']} rounds (ratios per round)")
+          f"{t['threads']} threads, {t['noise_kind']} noise {t['noise_backend']}, median of {shape['rounds']} rounds (ratios per round)")
     print(f"CPU: {cpu_label()}; one noise pass: {t['noise_ns_per_element']:.2f} ns per element, one plain "
           f"read-modify-write pass: {t['copy_ns_per_element']:.2f} ns per element "
-          f"(noise / plain {t['noise_ns_per_element'] / t['copy_ns_per_element']:.2f}x); a Rademacher pass: "
-          f"{t['rademacher_ns_per_element']:.2f} ns per element")
+          f"(noise / plain {t['noise_ns_per_element'] / t['copy_ns_per_element']:.2f}x); a Gaussian pass: "
+          f"{t['gaussian_ns_per_element']:.2f} ns per element")
     print(f"{'':24} {'time':>10} {'/ 2 fwd':>8} {'peak RSS':>11} {'/ infer':>8}")
     for r in rows:
         print(f"{r[0]:24} {r[1]:>10} {r[2]:>8} {r[3]:>11} {r[4]:>8}")
@@ -264,8 +267,9 @@ def main() -> None:
         "noise_pass_ns_per_element": round(t["noise_ns_per_element"], 3),
         "copy_pass_ns_per_element": round(t["copy_ns_per_element"], 3),
         "noise_over_copy_pass": round(t["noise_ns_per_element"] / t["copy_ns_per_element"], 3),
-        "rademacher_pass_ns_per_element": round(t["rademacher_ns_per_element"], 3),
-        "rademacher_step_over_two_forwards": round(t["rademacher_ratio"], 4),
+        "noise_kind": t["noise_kind"],
+        "gaussian_pass_ns_per_element": round(t["gaussian_ns_per_element"], 3),
+        "gaussian_step_over_two_forwards": round(t["gaussian_ratio"], 4),
         "cpu": cpu_label(),
     }))
 

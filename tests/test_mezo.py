@@ -469,6 +469,29 @@ def test_probes_that_decline_cost_no_copy_of_the_trained_tensors(monkeypatch):
     assert made == [4]
 
 
+def _mueller(x: int) -> int:
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_a_rademacher_direction_is_bit_8_of_the_mueller_hash_of_its_index(backend):
+    """The definition runs record: element i of z is -1 where bit 8 of the unsigned 32-bit
+    Mueller hash of (i xor k1) is set, k1 the parameter's first key; written here in plain
+    Python, so a faster form of the kernel cannot change a recorded run's directions."""
+    from zoobj.engine.noise import _param_key, kernel_for
+
+    for seed, index in ((7, 0), (2**40 + 3, 5)):
+        k1 = _param_key(seed, index, 0)[0]
+        z = torch.zeros(70_001)
+        kernel_for(backend, "rademacher")(z, seed, index, 0.0, 1.0)
+        for i in (0, 1, 2, 255, 4096, 65_537, 70_000):
+            assert z[i].item() == (-1.0 if (_mueller(i ^ k1) >> 8) & 1 else 1.0), (seed, index, i)
+        bits = torch.tensor([(_mueller(i ^ k1) >> 8) & 1 for i in range(2000)])
+        assert torch.equal(z[:2000], 1.0 - 2.0 * bits.float())
+
+
 def test_rademacher_directions_are_signs_and_replay_exactly():
     """noise="rademacher": each probe moves every element by exactly +-eps, the step's
     record replays bit for bit, and the kernel form may still be named the old way."""
@@ -525,14 +548,56 @@ def test_several_moves_in_one_pass_give_the_bits_of_separate_passes(kind, backen
     assert torch.equal(strided, expect)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_small_tensors_grouped_in_one_call_get_the_bits_of_one_call_each(monkeypatch, kind, backend, dtype, fuse):
+    """moves_params sends small tensors with the same moves through one grouped call: the
+    weights are bit for bit those of moves_param per tensor, large, strided and odd ones
+    included; tensors whose moves differ are grouped apart."""
+    import zoobj.engine.noise as noise_module
+    from zoobj.engine.noise import SMALL, kernel_for, moves_param, moves_params
+
+    kernel = kernel_for(backend, kind)
+    g = torch.Generator().manual_seed(2)
+    shapes = [(640,), (3, 7), (1,), (SMALL,), (SMALL + 1,), (257, 3), (5,), (64, 64)]
+    ws = [(torch.randn(s, generator=g) * 0.05).to(dtype) for s in shapes] + [
+        (torch.randn(30, 20, generator=g) * 0.05).to(dtype).t()]  # small but strided: on its own
+    two = [(21, 1.0, 1e-3), (22, 0.999, -2e-3)]
+    other = [(21, 1.0, 1e-3), (23, 0.99, 4e-3)]  # same first move, different second: another group
+    moves = [two if k % 3 else other for k in range(len(ws))]
+    one_each = [w.clone() for w in ws]
+    for k, w in enumerate(one_each):
+        moves_param(w, 10 + k, moves[k], kernel, fuse)
+    calls = []
+    real = noise_module.Kernel.grouped
+    monkeypatch.setattr(noise_module.Kernel, "grouped",
+                        lambda self, flats, *a: (calls.append(len(flats)), real(self, flats, *a))[1])
+    grouped = [w.clone() for w in ws]
+    moves_params([(10 + k, w, moves[k]) for k, w in enumerate(grouped)], kernel, fuse)
+    assert all(torch.equal(a, b) for a, b in zip(grouped, one_each))
+    assert not any(torch.equal(a, b) for a, b in zip(grouped, ws))
+    small = [k for k, w in enumerate(ws) if w.numel() <= SMALL and w.is_contiguous()]
+    in_groups = sorted(calls)
+    expect = sorted(n for n in (sum(1 for k in small if moves[k] is two), sum(1 for k in small if moves[k] is other)))
+    assert in_groups == (expect if fuse else sorted(expect * 2))
+
+
 def _count_passes(monkeypatch):
-    """Count passes over the weights (one call of moves_param is one read and write of a tensor)."""
+    """Count passes over the weights (one call of moves_param is one read and write of a
+    tensor; a tensor alone goes there from moves_params too)."""
+    import zoobj.engine.noise as noise_module
     import zoobj.engine.perturb as perturb_module
 
-    passes, real = [], perturb_module.moves_param
-    monkeypatch.setattr(perturb_module, "moves_param",
-                        lambda p, i, moves, kernel, fuse=True: (passes.append(len(moves) if fuse else 1),
-                                                                real(p, i, moves, kernel, fuse))[1])
+    passes, real = [], noise_module.moves_param
+
+    def counted(p, i, moves, kernel, fuse=True):
+        passes.append(len(moves) if fuse else 1)
+        return real(p, i, moves, kernel, fuse)
+
+    monkeypatch.setattr(perturb_module, "moves_param", counted)
+    monkeypatch.setattr(noise_module, "moves_param", counted)
     return passes
 
 

@@ -97,9 +97,13 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 16) & 0xFFFF)
 
 
+def _signed32(k: int) -> int:
+    return k - (1 << 32) if k >= 1 << 31 else k
+
+
 def _key(k: int, device) -> torch.Tensor:
     """A 32-bit key (or offset) as an int32 tensor holding the same bits."""
-    return torch.tensor(k - (1 << 32) if k >= 1 << 31 else k, dtype=torch.int32, device=device)
+    return torch.tensor(_signed32(k), dtype=torch.int32, device=device)
 
 
 def _gauss(i: torch.Tensor, k1, k2) -> torch.Tensor:
@@ -111,24 +115,46 @@ def _gauss(i: torch.Tensor, k1, k2) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
 
 
+def _sign_bit(i: torch.Tensor, k1) -> torch.Tensor:
+    """Bit 8 of the Mueller hash of ``i ^ k1``, as 0 or 1: the sign of a Rademacher ``z``.
+    The hash's last step, ``x ^ (x >>> 16)``, is needed only at bit 8 here, where the
+    arithmetic shift's fill (bits 16 and up) never reaches: no mask."""
+    x = i ^ k1
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _HASH_MUL
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _HASH_MUL
+    return ((x ^ (x >> 16)) >> 8) & 1
+
+
 def _sign(i: torch.Tensor, k1, k2) -> torch.Tensor:
-    """Rademacher +-1 for element indices ``i``: one bit of one hash (``k2`` unused)."""
-    return 1.0 - 2.0 * ((_hash32(i ^ k1) >> 8) & 1).to(torch.float32)
+    """Rademacher +-1 for element indices ``i`` (``k2`` unused): -1 where the bit is set."""
+    return 1.0 - 2.0 * _sign_bit(i, k1).to(torch.float32)
+
+
+def _gauss_times(i: torch.Tensor, k1, k2, b) -> torch.Tensor:
+    return _gauss(i, k1, k2) * b
+
+
+def _sign_times(i: torch.Tensor, k1, k2, b) -> torch.Tensor:
+    """``b * r`` as a choice between ``b`` and ``-b`` (exactly the product: r is +-1),
+    with no conversion or multiply per element."""
+    return torch.where(_sign_bit(i, k1) == 0, b, -b)
 
 
 def _axpz(flat: torch.Tensor, k1, k2, offset, a, b) -> None:
     """``flat <- a * flat + b * z[offset : offset + len(flat)]``, in place, computed in fp32."""
     i = torch.arange(flat.numel(), device=flat.device, dtype=torch.int32) + offset  # < 2**31
-    flat.copy_((flat.to(torch.float32) * a + _gauss(i, k1, k2) * b).to(flat.dtype))
+    flat.copy_((flat.to(torch.float32) * a + _gauss_times(i, k1, k2, b)).to(flat.dtype))
 
 
 def _axpr(flat: torch.Tensor, k1, k2, offset, a, b) -> None:
     """``flat <- a * flat + b * r`` with Rademacher ``r = +-1``, in place, computed in fp32."""
     i = torch.arange(flat.numel(), device=flat.device, dtype=torch.int32) + offset  # < 2**31
-    flat.copy_((flat.to(torch.float32) * a + _sign(i, k1, k2) * b).to(flat.dtype))
+    flat.copy_((flat.to(torch.float32) * a + _sign_times(i, k1, k2, b)).to(flat.dtype))
 
 
-def _moves_form(direction: Callable) -> Callable:
+def _moves_form(times: Callable) -> Callable:
     """Several moves ``flat <- a_j * flat + b_j * z_j`` in ONE read and write of ``flat``:
     ``moves`` is ``(k1, k2, a, b)`` four at a time. Each move's result is rounded to
     ``flat``'s dtype before the next, so the bits are those of the moves made as separate
@@ -139,14 +165,14 @@ def _moves_form(direction: Callable) -> Callable:
         x = flat.to(torch.float32)
         for j in range(0, len(moves), 4):
             k1, k2, a, b = moves[j : j + 4]
-            x = (x * a + direction(i, k1, k2) * b).to(flat.dtype).to(torch.float32)
+            x = (x * a + times(i, k1, k2, b)).to(flat.dtype).to(torch.float32)
         flat.copy_(x.to(flat.dtype))
 
     return form
 
 
 FORMS = {"gaussian": _axpz, "rademacher": _axpr}  # each kind's arithmetic, one move
-MOVES_FORMS = {"gaussian": _moves_form(_gauss), "rademacher": _moves_form(_sign)}  # several moves, one pass
+MOVES_FORMS = {"gaussian": _moves_form(_gauss_times), "rademacher": _moves_form(_sign_times)}  # several moves, one pass
 
 
 # ----------------------------------------------------------------------------- the kernel
@@ -234,6 +260,36 @@ class Kernel:
                 self.eager_moves(part[off : off + _EAGER_CHUNK], off, *args)
 
 
+    def grouped(self, flats: Sequence[torch.Tensor], indices: Sequence[int],
+                moves: Sequence[tuple[int, float, float]]) -> None:
+        """``moves`` on several small flat tensors (one dtype and device, each under 2**31
+        elements) in ONE call: copied into one buffer whose elements carry their own
+        tensor's keys and their index within it, so ``z`` and the bits are those of one
+        call per tensor. For tensors so small that a call costs more than its arithmetic."""
+        sizes = [f.numel() for f in flats]
+        buf = torch.cat(list(flats))
+        dev = buf.device
+        seg = torch.repeat_interleave(torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev))
+        starts = [0]
+        for n in sizes[:-1]:
+            starts.append(starts[-1] + n)
+        offset = torch.tensor([-x for x in starts], dtype=torch.int32, device=dev)[seg]  # arange + offset: own index
+        args = []
+        for seed, a, b in moves:
+            keys = [_param_key(seed, index, 0) for index in indices]
+            for part in zip(*keys):
+                args.append(torch.tensor([_signed32(k) for k in part], dtype=torch.int32, device=dev)[seg])
+            args += [torch.tensor(x, dtype=torch.float32, device=dev) for x in (a, b)]
+        if len(moves) == 1:
+            form = self.compiled_for(dev.type) or self.eager
+            form(buf, args[0], args[1], offset, args[2], args[3])
+        else:
+            form = self.moves_for(dev.type) or self.eager_moves
+            form(buf, offset, *args)
+        for f, part in zip(flats, buf.split(sizes)):
+            f.copy_(part)
+
+
 KERNEL = Kernel()
 EAGER_KERNEL = Kernel(compile=False)
 
@@ -289,6 +345,41 @@ def moves_param(p: torch.Tensor, index: int, moves: Sequence[tuple[int, float, f
             axpz_param(p, seed, index, a, b, kernel)
     elif moves:
         _in_place(p, lambda flat: kernel.moves(flat, index, moves))
+
+
+SMALL = 1 << 16  # elements: a tensor this small costs more in call overhead than in arithmetic
+_GROUP = 1 << 20  # elements per grouped call (the eager form's temporaries stay this size)
+
+
+def moves_params(items: Sequence[tuple[int, torch.Tensor, Sequence[tuple[int, float, float]]]], kernel: Kernel,
+                 fuse: bool = True) -> None:
+    """``moves_param`` for each ``(index, p, moves)``, the same bits, fewer calls: small
+    contiguous tensors that share dtype, device and moves go through ``Kernel.grouped``
+    together (a model's norms and biases are most of its tensors and almost none of its
+    elements; one call each cost more than the noise over all the rest)."""
+    groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+    for index, p, moves in items:
+        moves = [m for m in moves if not (m[1] == 1.0 and m[2] == 0.0)]
+        if not moves:
+            continue
+        if p.numel() <= SMALL and p.is_contiguous():
+            groups.setdefault((p.dtype, p.device, tuple(moves)), []).append((index, p))
+        else:
+            moves_param(p, index, moves, kernel, fuse)
+    for (_, _, moves), members in groups.items():
+        if len(members) == 1:
+            moves_param(members[0][1], members[0][0], moves, kernel, fuse)
+            continue
+        chunks, size = [[]], 0
+        for index, p in members:
+            if size and size + p.numel() > _GROUP:
+                chunks, size = [*chunks, []], 0
+            chunks[-1].append((index, p))
+            size += p.numel()
+        for chunk in chunks:
+            flats, indices = [flat_view(p) for _, p in chunk], [i for i, _ in chunk]
+            for part in ([moves] if fuse else [[m] for m in moves]):
+                kernel.grouped(flats, indices, part)
 
 
 def chunk_axpz(buf: torch.Tensor, seed: int, index: int, offset: int, b: float, kernel: Kernel) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from zoobj.engine.noise import Kernel, axpz_param, moves_param
+from zoobj.engine.noise import Kernel, moves_param, moves_params
 
 Params = list[tuple[int, torch.Tensor]]  # (index, tensor): the index keys the noise
 Move = tuple[int, float, float]  # (seed, a, b): theta <- a * theta + b * z(seed)
@@ -97,8 +97,7 @@ class InPlace:
 
     def _move(self, tensors: Params, seed: int, coef: float) -> None:
         """tensors += coef * eps * z(seed): the shift arithmetic, in one place."""
-        for i, p in tensors:
-            axpz_param(p, seed, i, 1.0, coef * self.eps, self.kernel)
+        moves_params([(i, p, [(seed, 1.0, coef * self.eps)]) for i, p in tensors], self.kernel)
 
     def shift(self, seed: int, coef: float, write: bool = True) -> None:
         """theta += coef * eps * z(seed), as one uninterruptible pass (with any held moves);
@@ -124,10 +123,9 @@ class InPlace:
             self._write()
 
     def _write(self) -> None:
-        for i, p in self.params:
-            if self.held[i]:
-                moves_param(p, i, self.held[i], self.kernel, fuse=self.fuse)
-                self.held[i] = []
+        moves_params([(i, p, self.held[i]) for i, p in self.params if self.held[i]], self.kernel, fuse=self.fuse)
+        for i in self.held:
+            self.held[i] = []
 
     def points(self, seeds: list[int]) -> list[list[torch.Tensor]]:
         """Where the probes of these seeds evaluate the trained tensors, bit for bit, as new
@@ -139,8 +137,7 @@ class InPlace:
             cur = [(i, p.detach().clone()) for i, p in self.params]
             held = {i: list(m) for i, m in self.held.items()}
             for s in seeds:
-                for i, q in cur:
-                    moves_param(q, i, [*held[i], (s, 1.0, self.eps)], self.kernel, fuse=self.fuse)
+                moves_params([(i, q, [*held[i], (s, 1.0, self.eps)]) for i, q in cur], self.kernel, fuse=self.fuse)
                 out.append([q.clone() for _, q in cur])
                 self._move(cur, s, -2.0)
                 out.append([q.clone() for _, q in cur])
