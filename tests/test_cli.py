@@ -169,7 +169,8 @@ def test_resume_and_export_refuse_a_different_base_model(tmp_path, capsys):
 def test_keep_best_evaluates_saves_and_exports_the_best_dev_step(model_dir, tmp_path, capsys):
     run_dir = tmp_path / "best"
     args = ["--task", "sst2", "--batch-size", "4", "--eval-limit", "8", "--eval-every", "1", "--dev-limit", "8",
-            "--lr", "5e-2", "--eps", "1e-2", "--model", model_dir, "--keep", "best"]
+            "--lr", "5e-2", "--eps", "1e-2", "--model", model_dir, "--no-dev-at-start", "--keep", "best"]
+    # (the model as given ties this run's best dev step; the test after this one keeps it)
     assert cli("train", *args, "--steps", "6", "--output", run_dir, "--save-model") == 0
     dev = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
     dev = [r for r in dev if r.get("event") == "dev"]
@@ -177,7 +178,8 @@ def test_keep_best_evaluates_saves_and_exports_the_best_dev_step(model_dir, tmp_
     top = max(dev, key=lambda r: (r["value"], -r["step"]))  # the first of the best
     assert final["kept_steps"] == top["step"] + 1 and final["best_dev"] == top["value"] and final["steps"] == 6
     assert final["kept_steps"] < 6  # this seed's dev curve peaks early: the kept weights are not the last ones
-    assert len(dev) == 6 and all(r["seconds"] > 0 for r in dev) and 0 < final["eval_seconds"] <= final["wall_seconds"]
+    assert [r["step"] for r in dev] == [0, 1, 2, 3, 4, 5]  # after each step
+    assert all(r["seconds"] > 0 for r in dev) and 0 < final["eval_seconds"] <= final["wall_seconds"]
     assert f"kept step {final['kept_steps']}" in capsys.readouterr().out
 
     from transformers import AutoModelForCausalLM
@@ -211,13 +213,66 @@ def test_keep_best_evaluates_saves_and_exports_the_best_dev_step(model_dir, tmp_
 
     # trained keeping the last step, then re-finalised with --keep best: nothing retrained, the same result
     later = tmp_path / "later"
-    assert cli("train", *args[:-2], "--steps", "6", "--output", later) == 0
+    assert cli("train", *args[:-2], "--keep", "last", "--steps", "6", "--output", later) == 0
     assert json.loads((later / "eval.json").read_text())["kept_steps"] == 6
     assert cli("train", "--resume", later, "--steps", "6", "--keep", "best") == 0
     third = json.loads((later / "eval.json").read_text())
     assert (third["kept_steps"], third["value"]) == (final["kept_steps"], final["value"])
     assert json.loads((later / "config.json").read_text())["keep"] == "best"
     assert (later / "trajectory.jsonl").read_text() == (run_dir / "trajectory.jsonl").read_text()
+
+
+def test_a_run_whose_steps_never_beat_the_model_as_given_returns_that_model(model_dir, tmp_path, capsys, monkeypatch):
+    """By default (dev evaluations on) the model as given is evaluated on dev before the
+    first step and kept unless a step beats it: here every dev evaluation after a step
+    reads lower, so the run keeps none of its steps -- the final evaluation, eval --run
+    and export all give the base model -- and the summary says so in words."""
+    import zoobj.run.train as train_module
+    from zoobj.model.loading import load_model
+
+    real = train_module._evaluate
+    dev_values = iter([0.6, 0.5, 0.55, 0.4])  # before the first step, then after steps 2, 4, 6
+
+    def evaluate(session, task, metric, rows, world, keep_predictions=False, **kw):
+        got = real(session, task, metric, rows, world, keep_predictions=keep_predictions, **kw)
+        if kw.get("n_resamples") == 200:  # a dev evaluation
+            got["value"] = next(dev_values)
+        return got
+
+    monkeypatch.setattr(train_module, "_evaluate", evaluate)
+    run_dir = tmp_path / "run"
+    assert cli("train", "--task", "sst2", "--steps", "6", "--batch-size", "4", "--eval-every", "2", "--dev-limit", "8",
+               "--eval-limit", "8", "--lr", "5e-2", "--eps", "1e-2", "--model", model_dir, "--output", run_dir) == 0
+    out = capsys.readouterr().out
+    final = json.loads((run_dir / "eval.json").read_text())
+    assert (final["kept_steps"], final["best_dev"], final["steps"]) == (0, 0.6, 6)
+    assert "kept none: the model as given" in out and "no step beat the model you gave on dev" in out
+    assert json.loads((run_dir / "config.json").read_text())["keep"] == "best"  # the default, with dev evaluations
+    base, tok = load_model(model_dir)
+    from zoobj.run.objective import evaluate as plain_evaluate
+    from zoobj.tasks import get_task
+
+    task = get_task("sst2")
+    want = plain_evaluate(base, tok, task, limit=8)
+    assert final["value"] == want["value"]
+    assert [json.loads(x)["prediction"] for x in (run_dir / "predictions.jsonl").read_text().splitlines()] == \
+        want["predictions"]
+    assert cli("export", run_dir, "--output", tmp_path / "exported") == 0
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    assert all(torch.equal(a, b) for a, b in zip(exported.parameters(), base.parameters()))
+    assert "0 of 6 steps kept" in (tmp_path / "exported" / "README.md").read_text()
+
+
+def test_by_default_a_run_keeps_its_best_dev_step_chosen_on_enough_rows():
+    from zoobj.run.config import DEV_LIMITS, TrainConfig
+
+    c = TrainConfig(task="sst2").resolved()
+    assert (c.keep, c.dev_limit, c.dev_at_start) == ("best", DEV_LIMITS["classification"], True)
+    assert TrainConfig(task="squad").resolved().dev_limit == DEV_LIMITS["generation"]
+    assert TrainConfig(task="sst2", eval_every=0).resolved().keep == "last"  # nothing to choose by
+    assert TrainConfig(task="sst2", keep="last", dev_limit=8).resolved().keep == "last"  # a flag wins
 
 
 def test_keep_best_needs_dev_evaluations(model_dir, tmp_path, capsys):

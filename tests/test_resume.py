@@ -25,7 +25,12 @@ def dev_events(run_dir):
     return [(r["step"], r["value"]) for r in tj.read_jsonl(run_dir / tj.LOG) if r.get("event") == "dev"]
 
 
-def test_ctrl_c_during_a_dev_evaluation_then_resume_makes_the_same_dev_evaluations(model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cut_at, steps_done, logged", [(1, 0, 0), (3, 4, 2)])
+def test_ctrl_c_during_a_dev_evaluation_then_resume_makes_the_same_dev_evaluations(model_dir, tmp_path, monkeypatch,
+                                                                                    cut_at, steps_done, logged):
+    """Cut during the dev evaluation of the model as given (the first), or during the one
+    after step 4 (its trajectory line already written): the resumed run makes the same dev
+    evaluations, keeps the same step and ends with the same result."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     run(TrainConfig(model=model_dir, output=str(whole), **BASE))
 
@@ -34,18 +39,18 @@ def test_ctrl_c_during_a_dev_evaluation_then_resume_makes_the_same_dev_evaluatio
     def interrupted(*args, **kw):
         if kw.get("n_resamples") == 200:  # the dev evaluations
             calls[0] += 1
-            if calls[0] == 2:  # the one after step 4 (index 3): its trajectory line is already written
+            if calls[0] == cut_at:
                 raise KeyboardInterrupt
         return real(*args, **kw)
 
     monkeypatch.setattr(train, "_evaluate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(TrainConfig(model=model_dir, output=str(cut), **BASE))
-    assert len(tj.read_trajectory(cut / tj.TRAJECTORY)) == 4 and len(dev_events(cut)) == 1
+    assert len(tj.read_trajectory(cut / tj.TRAJECTORY)) == steps_done and len(dev_events(cut)) == logged
     monkeypatch.setattr(train, "_evaluate", real)
 
     result = run(TrainConfig(model=model_dir, output=str(cut), **BASE), resume=True)
-    assert dev_events(cut) == dev_events(whole) and [s for s, _ in dev_events(whole)] == [1, 3, 5]
+    assert dev_events(cut) == dev_events(whole) and [s for s, _ in dev_events(whole)] == [-1, 1, 3, 5]
     reference = json.loads((whole / tj.EVAL).read_text())
     assert (result["kept_steps"], result["best_dev"], result["value"]) == (
         reference["kept_steps"], reference["best_dev"], reference["value"])
@@ -86,7 +91,8 @@ def test_curve_plots_steps_and_dev_points_counted_from_1(model_dir, tmp_path, mo
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, x, *a, **k: plotted.append(list(x)) or real(ax, x, *a, **k))
     plots.plot_curve(out)
     assert plotted[0] == [1, 2, 3, 4, 5, 6]  # the loss of each step
-    assert plotted[1] == [2, 4, 6]  # dev after steps 2, 4 and 6, as the progress line and eval.json count them
+    assert plotted[1] == [0, 2, 4, 6]  # dev on the model as given, then after steps 2, 4 and 6, as the progress
+    # line and eval.json count them
     assert json.loads((out / tj.EVAL).read_text())["kept_steps"] == 6
 
 
@@ -151,25 +157,30 @@ def test_a_new_run_records_where_its_noise_ran(model_dir, tmp_path):
 
 
 def test_a_run_made_before_a_setting_was_recorded_rebuilds_and_resumes(model_dir, tmp_path):
-    """config.json without the keys added later (n, shaping, peft, perturb, noise, passes):
-    rebuild and resume take what the run was made with, not None, not a task recipe and
-    not today's default noise (Gaussian then)."""
+    """config.json without the keys added later (n, shaping, peft, perturb, noise, passes,
+    keep, dev_at_start, dev_limit): rebuild and resume take what the run was made with, not
+    None, not a task recipe and not today's defaults (Gaussian noise, the best dev step
+    kept, the model as given evaluated first, 256 dev rows)."""
     out = tmp_path / "old"
     model, tok = load_model(model_dir)
     run(TrainConfig(model=model_dir, output=str(out), noise="gaussian",
                     **dict(BASE, steps=2, keep="last", eval_every=0, lr=5e-1)), model=model, tok=tok)
     trained = _weights(model)
     config = json.loads((out / tj.CONFIG).read_text())
-    for key in ("n", "shaping", "peft", "perturb", "noise", "passes"):
+    for key in ("n", "shaping", "peft", "perturb", "noise", "passes", "keep", "dev_at_start", "dev_limit"):
         del config[key]
     (out / tj.CONFIG).write_text(json.dumps(config))
+    from zoobj.run.config import load_run_config
+
+    old = load_run_config(out)
+    assert (old.keep, old.dev_at_start, old.dev_limit) == ("last", False, 32)
 
     _, session = export.rebuild(out)
     assert (session.optimizer.passes, session.optimizer.noise) == ("separate", "gaussian")  # as runs were made then
     rebuilt = _weights(session.model)
     assert all(torch.equal(rebuilt[k], trained[k]) for k in trained)
-    resumed = run(TrainConfig(model=model_dir, output=str(out), noise="gaussian",
-                              **dict(BASE, steps=3, keep="last", eval_every=0, lr=5e-1)), resume=True)
+    resumed = run(TrainConfig(model=model_dir, output=str(out), noise="gaussian", dev_at_start=False,
+                              **dict(BASE, steps=3, keep="last", eval_every=0, lr=5e-1, dev_limit=32)), resume=True)
     assert resumed["steps"] == 3
 
 

@@ -32,8 +32,9 @@ app = typer.Typer(
 def _option(name: str, kind: type, default, decl: str, help: str, shown: str | None = None) -> inspect.Parameter:
     """A command-line option as typer reads it from a command's signature; ``shown``:
     the default its help ends with, ``[default: ...]``."""
+    help = escape(help)  # rich markup would swallow brackets: 'zoobj[mlflow]', '[default: ...]'
     if shown is not None:
-        help += " " + escape(f"[default: {shown}]")  # rich markup would swallow the brackets
+        help += " " + escape(f"[default: {shown}]")
     option = typer.Option(default, decl, help=help, show_default=False)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
 
@@ -273,7 +274,8 @@ def _summary(result: dict, metric: str) -> None:
         table.add_row(f"zero-shot {metric}", f"{z:.4f}  [{zl:.4f}, {zh:.4f}]")
     kept = result.get("kept_steps", result["steps"])
     table.add_row("steps", str(result["steps"]) if kept == result["steps"] else
-                  f"{result['steps']} (kept step {kept}: best dev {metric} {result['best_dev']:.4f})")
+                  f"{result['steps']} (kept step {kept}: best dev {metric} {result['best_dev']:.4f})" if kept else
+                  f"{result['steps']} (kept none: the model as given, dev {metric} {result['best_dev']:.4f})")
     table.add_row("tie rate (l+ == l-)", f"{result['tie_rate']:.1%}")
     if result.get("probe_fallbacks"):
         table.add_row("batches with probes one at a time", str(result["probe_fallbacks"]))
@@ -285,7 +287,13 @@ def _summary(result: dict, metric: str) -> None:
         print("note: every probe tied (l+ == l- along every direction): the weights never moved. Levers: --eps auto "
               "(the smallest eps that unties), a larger --batch-size, a population (--n 8 --shaping zscore), or "
               "--smooth T")
+    if result["steps"] and kept == 0:
+        print(f"note: no step beat the model you gave on dev ({metric} {result['best_dev']:.4f} before the first "
+              "step), so the result is that model, unchanged. Levers: more --steps, --eps auto, a population "
+              "(--n 8 --shaping zscore), or --smooth T")
     line = f"{metric}: {result['value']:.4f} after {result['steps']} step{'s' if result['steps'] != 1 else ''}"
+    if result["steps"] and kept == 0:
+        line += " (none kept)"
     if z is not None:
         line += f" (zero-shot {metric}: {z:.4f})"
     print(line)

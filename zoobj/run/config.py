@@ -36,6 +36,10 @@ PAPER_DEFAULTS = {name: (ps.lr, ps.eps) for name, ps in PARAM_SETS.items()}
 AUTO = "auto"  # --eps auto
 # Generation length while training a generation task, at most (answers are short; evaluation keeps the task's).
 TRAIN_MAX_NEW_TOKENS = 24
+# Dev rows a run evaluates by default: enough that the steps --keep best chooses between
+# differ by more than noise (a 95% interval of about +-0.06 on accuracy near 0.5 at 256
+# rows), few enough that a generation task's evaluations stay a small part of its run.
+DEV_LIMITS = {"classification": 256, "generation": 64}
 
 
 def setting(default=dataclasses.MISSING, help: str | None = None, shown: str | None = None, flag: str | None = None,
@@ -94,9 +98,15 @@ class TrainConfig:
                                      flag="--train-embeddings/--freeze-embeddings")
     eval_every: int = setting(10, "Dev evaluation every N steps, 0 = never.")
     eval_limit: int = setting(100, "Final and zero-shot evaluation on the first N examples.")
-    dev_limit: int = setting(32, "Dev evaluations use the first N dev examples.")
-    keep: str = setting("last", "last (the weights after the last step) or best (the step with the best dev "
-                                "metric; needs --eval-every).")
+    dev_limit: int | None = setting(None, "Dev evaluations use the first N dev examples.",
+                                    shown=f"{DEV_LIMITS['classification']} for classification, "
+                                          f"{DEV_LIMITS['generation']} for generation")
+    keep: str | None = setting(None, "last (the weights after the last step) or best (the best dev evaluation, "
+                                     "the unchanged model included: needs --eval-every).",
+                               shown="best where dev evaluations run, else last")
+    dev_at_start: bool = setting(True, "Evaluate dev before the first step too: with --keep best the model you gave "
+                                       "is a candidate, so a run never returns weights worse on dev than it began with.",
+                                 flag="--dev-at-start/--no-dev-at-start")
     eval_batch_size: int = 32
     train_max_new_tokens: int | None = setting(None, "Generation length during training (evaluation keeps the task's).",
                                                shown=f"the task's, at most {TRAIN_MAX_NEW_TOKENS}")
@@ -135,6 +145,10 @@ class TrainConfig:
         c.perturb = c.perturb or ("forward" if low else "inplace")  # exact restore where rounding would drift
         _one_of(c.perturb, PERTURB, "--perturb")
         _one_of(c.parallel, PARALLEL, "--parallel")
+        if c.dev_limit is None:
+            c.dev_limit = DEV_LIMITS.get(task.kind, DEV_LIMITS["classification"])
+        if c.keep is None:  # the best dev step wherever there are dev evaluations to choose by
+            c.keep = "best" if c.eval_every and c.dev_limit else "last"
         _one_of(c.keep, KEEP, "--keep")
         if c.keep == "best" and not (c.eval_every and c.dev_limit):
             raise ConfigError("--keep best picks the step with the best dev metric: it needs --eval-every N > 0")
@@ -259,8 +273,10 @@ RESUMABLE_CHANGES = ("steps", "keep")
 # What a setting missing from an older run's config.json was: what the version that wrote it
 # ran with -- a field's own default, or for a setting resolved later the no-recipe default
 # (n 1, shaping none, peft none: the recipes came later), in-place perturbation and
-# Gaussian directions (the default until 0.3).
-BEFORE_RECORDED = {**DEFAULTS, "perturb": "inplace", "noise": "gaussian"}
+# Gaussian directions (the default until 0.3), the last step kept, no dev evaluation before
+# the first step, and 32 dev rows.
+BEFORE_RECORDED = {**DEFAULTS, "perturb": "inplace", "noise": "gaussian", "keep": "last", "dev_at_start": False,
+                   "dev_limit": 32}
 _DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING},
              **BEFORE_RECORDED}
 

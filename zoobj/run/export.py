@@ -22,7 +22,7 @@ def kept_steps(run_dir: str | Path, n_records: int) -> int:
     if not path.exists():
         return n_records
     result = tj.read_json(path)
-    if result.get("steps") != n_records or not result.get("kept_steps"):
+    if result.get("steps") != n_records or result.get("kept_steps") is None:
         return n_records  # continued since (or never finished): the trajectory's end
     return int(result["kept_steps"])
 

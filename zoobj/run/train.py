@@ -84,6 +84,8 @@ def train_loop(r: RunState, objective: Objective) -> None:
     pass (``MeZO.step(settle=False)``); before a dev evaluation, the end, or an interruption
     between steps, every held move is written."""
     cfg, opt, world = r.cfg, r.session.optimizer, r.world
+    if r.start_step == 0 and dev_due(r, START) and not (r.resume and _logged_dev(r.out, START)):
+        dev_evaluation(r, START)  # the model as given: a candidate for --keep best, the curve's first point
     try:
         for step in range(r.start_step, cfg.steps):
             # sample the (global) batch: a function of (seed, step) only
@@ -404,9 +406,15 @@ def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, param_set: Par
     return cal.as_dict()
 
 
+START = -1  # the "step" of the dev evaluation before the first step (0 steps made)
+
+
 def dev_due(r: RunState, step: int) -> bool:
-    """Whether a dev evaluation follows step ``step`` (0-based)."""
-    return bool(r.cfg.eval_every and (step + 1) % r.cfg.eval_every == 0 and r.dev_rows)
+    """Whether a dev evaluation follows step ``step`` (0-based; ``START``: before the first,
+    with ``--dev-at-start``)."""
+    if not (r.cfg.eval_every and r.dev_rows):
+        return False
+    return bool(r.cfg.dev_at_start) if step == START else (step + 1) % r.cfg.eval_every == 0
 
 
 def dev_evaluation(r: RunState, step: int) -> None:
@@ -447,7 +455,8 @@ def finalise(r: RunState, zero: dict | None, objective: Objective) -> tuple[dict
     if cfg.keep == "best" and best.tensors is not None and best.steps < kept:
         best.restore(r.session.params)  # the final evaluation, --save-model and export see the best dev step
         kept = best.steps
-        r.report("status", {"message": f"keeping step {kept} (best dev {cfg.metric} {best.value:.4f})"})
+        r.report("status", {"message": f"keeping step {kept} (best dev {cfg.metric} {best.value:.4f})" if kept else
+                            f"keeping the model as given: no step beat its dev {cfg.metric} {best.value:.4f}"})
     r.report("status", {"message": f"final evaluation on {len(r.eval_rows)} {r.task.eval_split} examples ..."})
     t0 = time.time()
     final = _evaluate(r.session, r.task, cfg.metric, r.eval_rows, r.world, keep_predictions=True,
