@@ -97,6 +97,8 @@ def eval_cmd(
     batch_size: int = typer.Option(16, "--batch-size"),
     dtype: str = typer.Option(TrainConfig.dtype, "--dtype", help="float32, bf16 or fp16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Contextual calibration (classification): divide "
+                                   "out the model's class prior on content-free inputs (Zhao et al. 2021)."),
 ) -> None:
     """Zero-shot (or any saved model's) metric on a split, with a 95% bootstrap interval."""
     from zoobj.model.loading import load_model
@@ -129,14 +131,15 @@ def eval_cmd(
 
     rows = t.load(split or t.eval_split, data)
     rows = rows[:limit] if limit else rows
-    preds = predict(m, tok, t, rows, batch_size=batch_size)  # once, however many metrics
+    preds = predict(m, tok, t, rows, batch_size=batch_size, calibrate=calibrate)  # once, however many metrics
     results = []
     for name, fn in fns.items():
         r = evaluate(m, tok, t, fn, split=split, rows=rows, predictions=preds)
         r.pop("predictions")
-        r.update(metric=name, model=model)
+        r.update(metric=name, model=model, **({"calibrated": True} if calibrate else {}))
         results.append(r)
-    _print_evaluations(results, f"{t.name} · {results[0]['split']} · {model}", as_json)
+    _print_evaluations(results, f"{t.name} · {results[0]['split']} · {model}{' · calibrated' if calibrate else ''}",
+                       as_json)
 
 
 def _print_evaluations(results: list[dict], title: str, as_json: bool) -> None:
@@ -155,6 +158,30 @@ def _print_evaluations(results: list[dict], title: str, as_json: bool) -> None:
         low, high = r["ci95"]
         table.add_row(r["metric"], str(r["n"]), f"{r['value']:.4f}", f"[{low:.4f}, {high:.4f}]")
     Console().print(table)
+    if "predicted" in results[0]:  # the same predictions for every metric
+        r = results[0]
+        print(f"predicted classes: {_classes(r['predicted'], r['n'])}; labels: {_classes(r['labels'], r['n'])}")
+        note = collapse_note(r, "the model")
+        if note:
+            print(note)
+
+
+def _classes(counts: dict, n: int, top: int = 4) -> str:
+    """``great 491, terrible 9`` (the most frequent first; the rest as ``+k more``)."""
+    shown = [f"{name} {c}" for name, c in list(counts.items())[:top]]
+    return ", ".join(shown) + (f", +{len(counts) - top} more" if len(counts) > top else "") + f" (of {n})"
+
+
+def collapse_note(r: dict, which: str) -> str | None:
+    """One plain line when one class takes most of an evaluation's predictions."""
+    top = r.get("collapsed")
+    if top is None:
+        return None
+    n, count = r["n"], r["predicted"][top]
+    return (f"note: {which} puts {count} of {n} predictions ({count / n:.0%}) in one class, {top!r}, which is "
+            f"{r['labels'].get(top, 0) / n:.0%} of the labels; always answering the most frequent label would "
+            f"score {r['majority_label_share']:.4f} accuracy. --smooth T and --peft template move the classes' "
+            "scores from such a start; zoobj eval --calibrate measures the cheapest fix")
 
 
 def _err_console():
@@ -235,7 +262,8 @@ class _Progress:
         elif event == "dev":
             from zoobj.engine.trajectory import shown_step
 
-            self._say(f"step {shown_step(info)}: dev {info['value']:.4f}")
+            at = shown_step(info)
+            self._say(f"step {at}: dev {info['value']:.4f}" if at else f"before the first step: dev {info['value']:.4f}")
         elif event == "done":
             self.stop()
 
@@ -277,6 +305,11 @@ def _summary(result: dict, metric: str) -> None:
                   f"{result['steps']} (kept step {kept}: best dev {metric} {result['best_dev']:.4f})" if kept else
                   f"{result['steps']} (kept none: the model as given, dev {metric} {result['best_dev']:.4f})")
     table.add_row("tie rate (l+ == l-)", f"{result['tie_rate']:.1%}")
+    if "predicted" in result:  # a classification task: where the predictions went
+        if result.get("zero_shot_predicted"):
+            table.add_row("predicted classes, zero-shot", _classes(result["zero_shot_predicted"], result["n"]))
+        table.add_row("predicted classes, final", _classes(result["predicted"], result["n"]))
+        table.add_row("labels", _classes(result["labels"], result["n"]))
     if result.get("probe_fallbacks"):
         table.add_row("batches with probes one at a time", str(result["probe_fallbacks"]))
     table.add_row("wall time", f"{result['wall_seconds']:.0f} s")
@@ -287,6 +320,11 @@ def _summary(result: dict, metric: str) -> None:
         print("note: every probe tied (l+ == l- along every direction): the weights never moved. Levers: --eps auto "
               "(the smallest eps that unties), a larger --batch-size, a population (--n 8 --shaping zscore), or "
               "--smooth T")
+    zero_note = collapse_note({**result, "collapsed": result.get("zero_shot_collapsed"),
+                               "predicted": result.get("zero_shot_predicted") or {}}, "the model as given")
+    for note in (zero_note, collapse_note(result, "the final model")):
+        if note:
+            print(note)
     if result["steps"] and kept == 0:
         print(f"note: no step beat the model you gave on dev ({metric} {result['best_dev']:.4f} before the first "
               "step), so the result is that model, unchanged. Levers: more --steps, --eps auto, a population "

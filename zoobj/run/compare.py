@@ -47,8 +47,13 @@ def compare(task: str, ce_lr: float | None = None, output: str | None = None, re
     rows = t.load(t.eval_split)[: base.eval_limit]
     zero = evaluate(m, tok, t, metric, rows=rows, batch_size=base.batch_size)
     zero.update(wall_seconds=round(time.time() - start, 1))
-    del m, tok
     arms = {"zero-shot": zero}
+    if _calibrates(t, rows):  # the cheapest fix a user could apply, beside the trained arms
+        began = time.time()
+        arms["zero-shot, calibrated"] = evaluate(m, tok, t, metric, rows=rows, batch_size=base.batch_size,
+                                                 calibrate=True)
+        arms["zero-shot, calibrated"].update(wall_seconds=round(time.time() - began, 1))
+    del m, tok
     for name, objective, arm_lr in (("MeZO (cross-entropy)", "ce", ce_lr if ce_lr is not None else base.lr),
                                     (f"MeZO ({metric})", "metric", base.lr)):
         cfg = dataclasses.replace(base, objective=objective, lr=arm_lr, output=str(out / objective),
@@ -75,6 +80,11 @@ def compare(task: str, ce_lr: float | None = None, output: str | None = None, re
     return report
 
 
+def _calibrates(task, rows) -> bool:
+    """Whether contextual calibration applies: a classification task whose rows share one set of classes."""
+    return task.kind == "classification" and bool(rows) and all(task.choices(r) == task.choices(rows[0]) for r in rows)
+
+
 def _eps(result: dict) -> str:
     """The eps an arm ran with (from its config.json: --eps auto chooses it per arm)."""
     config = Path(result.get("run_dir", "")) / tj.CONFIG
@@ -94,7 +104,9 @@ def _plot(arms: dict, metric: str, path: Path) -> None:
     values = [arms[k]["value"] for k in names]
     errs = [[v - arms[k]["ci95"][0] for k, v in zip(names, values)], [arms[k]["ci95"][1] - v for k, v in zip(names, values)]]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(names, values, yerr=errs, capsize=6, color=["#999999", "#4C72B0", "#DD8452"])
+    colors = {"zero-shot": "#999999", "zero-shot, calibrated": "#C7C7C7"}
+    ax.bar(names, values, yerr=errs, capsize=6, color=[colors.get(k, "#4C72B0" if "cross" in k else "#DD8452")
+                                                      for k in names])
     ax.set_ylabel(metric)
     ax.set_ylim(0, 1)
     ax.set_title("zero-shot vs MeZO-CE vs MeZO-metric (95% CI)")

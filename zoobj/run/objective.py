@@ -12,6 +12,8 @@ arguments, so the training loop binds the batch:
 
 from __future__ import annotations
 
+from collections import Counter
+
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -61,9 +63,13 @@ class Objective(Protocol):
 
 
 def predict(model, tok, task, rows: Sequence[dict], batch_size: int = 16, max_new_tokens: int | None = None,
-            shared=None) -> list:
+            shared=None, calibrate: bool = False) -> list:
     """Predictions for ``rows``: class indices (classification) or answer strings (generation).
-    ``shared``: a fast-path store (``zoobj.model.prefix.SharedPrefix`` or ``PromptBodyStore``)."""
+    ``shared``: a fast-path store (``zoobj.model.prefix.SharedPrefix`` or ``PromptBodyStore``).
+    ``calibrate`` (classification): contextual calibration, ``content_free_prior``."""
+    if calibrate and task.kind == "generation":
+        raise ConfigError(f"calibration divides out a prior over a classification task's classes; {task.name} "
+                          "is a generation task: leave out --calibrate")
     prompts = [task.prompt(r) for r in rows]
     if task.kind == "generation":
         limit = max_new_tokens or getattr(task, "max_new_tokens", 50)
@@ -73,7 +79,37 @@ def predict(model, tok, task, rows: Sequence[dict], batch_size: int = 16, max_ne
         length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size, shared=shared,
         relative=True,
     )
+    if calibrate and rows:
+        prior = content_free_prior(model, tok, task, rows)
+        return [int(np.argmax(_log_softmax(s) - np.log(prior))) for s in scores]
     return [int(np.argmax(s)) for s in scores]
+
+
+# The content-free inputs of contextual calibration (Zhao et al. 2021, "Calibrate Before Use").
+CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+def _log_softmax(scores) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64)
+    return s - (s.max() + np.log(np.exp(s - s.max()).sum()))
+
+
+def content_free_prior(model, tok, task, rows: Sequence[dict]) -> np.ndarray:
+    """Contextual calibration's prior (Zhao et al. 2021): the model's distribution over
+    the classes (softmax of the candidates' scores) for prompts whose every text field is
+    content-free -- ``"N/A"``, ``""``, ``"[MASK]"`` -- averaged over the three. A calibrated
+    prediction is ``argmax(p(class | x) / prior)``: a model that leans to one class
+    whatever the input is pulled back. Needs one set of classes for every row."""
+    first = task.choices(rows[0])
+    if any(task.choices(r) != first for r in rows):
+        raise ConfigError(f"calibration needs the same classes for every row; {task.name}'s rows have candidates "
+                          "of their own: leave out --calibrate")
+    keep = getattr(task, "label_field", "label")
+    prompts = [task.prompt({k: (text if isinstance(v, str) and k != keep else v) for k, v in rows[0].items()})
+               for text in CONTENT_FREE]
+    scores = inference.score_candidates(model, tok, prompts, [first] * len(prompts),
+                                        length_normalize=getattr(task, "length_normalize", True), relative=True)
+    return np.mean([np.exp(_log_softmax(s)) for s in scores], axis=0)
 
 
 def as_read(metric, task, predictions: list, rows: Sequence[dict]) -> list:
@@ -447,7 +483,7 @@ def make_objective(kind: str, model, tok, task, metric, **kw) -> Objective:
 def evaluate(model, tok, task, metric: str | Callable | None = None, split: str | None = None,
              limit: int | None = None, batch_size: int = 16, data: str | None = None,
              rows: Sequence[dict] | None = None, n_resamples: int = 1000,
-             predictions: list | None = None) -> dict:
+             predictions: list | None = None, calibrate: bool = False) -> dict:
     """The metric of the model's predictions on the first ``limit`` rows of ``split``.
 
     ``predictions`` may be passed in (e.g. to score one set of predictions with several
@@ -460,18 +496,57 @@ def evaluate(model, tok, task, metric: str | Callable | None = None, split: str 
     if rows is None:
         rows = task.load(split, data)
     rows = list(rows)[: limit] if limit else list(rows)
-    preds = predictions if predictions is not None else predict(model, tok, task, rows, batch_size=batch_size)
+    preds = predictions if predictions is not None else predict(model, tok, task, rows, batch_size=batch_size,
+                                                                calibrate=calibrate)
     refs = [task.reference(r) for r in rows]
     extra = {"prompts": [task.prompt(r) for r in rows], "rows": rows}
     read = as_read(fn, task, preds, rows)
     value = float(fn(read, refs, **extra))
     low, high = bootstrap_ci(fn, read, refs, n_resamples=n_resamples, **extra)
-    return {
+    out = {
         "task": task.name,
         "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"),
         "split": split,
         "n": len(rows),
         "value": value,
         "ci95": [float(low), float(high)],
-        "predictions": preds,
     }
+    if task.kind == "classification" and rows:
+        out.update(class_counts(task, rows, preds))
+    out["predictions"] = preds
+    return out
+
+
+COLLAPSED = 0.8  # one class taking this share of the predictions, well above its share of the labels: a collapse
+
+
+def class_counts(task, rows: Sequence[dict], preds: Sequence[int]) -> dict:
+    """How a classification task's predictions and labels spread over its classes:
+    ``predicted`` and ``labels`` (counts by class name: the candidate's text, or
+    ``choice k`` where the rows have candidates of their own), ``majority_label_share`` (what
+    always answering the most frequent label would score in accuracy), and ``collapsed``:
+    the class that takes at least ``COLLAPSED`` of the predictions and 0.2 more than
+    its share of the labels, or None.
+
+    >>> from zoobj.tasks import get_task
+    >>> t = get_task("sst2")
+    >>> rows = [{"sentence": "a", "label": 1}, {"sentence": "b", "label": 0}, {"sentence": "c", "label": 1}]
+    >>> c = class_counts(t, rows, [1, 1, 1])
+    >>> c["predicted"], c["labels"], round(c["majority_label_share"], 3), c["collapsed"]
+    ({'great': 3}, {'great': 2, 'terrible': 1}, 0.667, 'great')
+    """
+    first = task.choices(rows[0])
+    fixed = all(task.choices(r) == first for r in rows)  # one set of classes (else each row has its own candidates)
+
+    def name(row, k):
+        return first[k].strip() if fixed else f"choice {k + 1}"
+
+    predicted, labels = Counter(), Counter()
+    for row, p in zip(rows, preds):
+        predicted[name(row, int(p))] += 1
+        labels[name(row, task.label(row))] += 1
+    n = len(rows)
+    top, count = predicted.most_common(1)[0]
+    collapsed = top if count / n >= COLLAPSED and count / n >= labels.get(top, 0) / n + 0.2 else None
+    return {"predicted": dict(predicted.most_common()), "labels": dict(labels.most_common()),
+            "majority_label_share": labels.most_common(1)[0][1] / n, "collapsed": collapsed}

@@ -469,7 +469,10 @@ def finalise(r: RunState, zero: dict | None, objective: Objective) -> tuple[dict
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ties = sum(x["ties"] for x in records) / max(1, sum(len(x["seeds"]) for x in records))
     result = {**final, "zero_shot": zero["value"] if zero else None,
-              "zero_shot_ci95": zero["ci95"] if zero else None, "steps": len(records),
+              "zero_shot_ci95": zero["ci95"] if zero else None,
+              **({"zero_shot_predicted": zero["predicted"], "zero_shot_collapsed": zero["collapsed"]}
+                 if zero and "predicted" in zero else {}),
+              "steps": len(records),
               "tie_rate": ties, "kept_steps": kept, "best_dev": best.value,
               "wall_seconds": round(wall, 1), "eval_seconds": round(time.time() - t0, 4), "peak_rss_mib": round(peak_mib),
               "run_dir": str(r.out)}
