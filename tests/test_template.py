@@ -220,8 +220,9 @@ def test_an_exported_template_run_answers_in_plain_transformers(model_dir, tmp_p
     run_dir, exported = tmp_path / "run", tmp_path / "exported"
     # Gaussian directions: on this tiny model every sign probe of these 3 steps ties, and the
     # test needs a run that moved its answers
-    assert cli("train", *SQUAD_RUN, "--model", model_dir, "--steps", "3", "--lr", "2.0", "--noise", "gaussian",
-               "--output", run_dir) == 0
+    # lr and eps in units of the tail's RMS (0.107 on this tiny model): about 2 and 0.5 absolute
+    assert cli("train", *SQUAD_RUN, "--model", model_dir, "--steps", "3", "--lr", "20", "--eps", "5",
+               "--noise", "gaussian", "--output", run_dir) == 0
     assert cli("export", run_dir, "--output", exported) == 0
     trained = [x["prediction"] for x in tj.read_jsonl(run_dir / tj.PREDICTIONS)]
     task, tok = get_task("squad"), tiny_tokenizer()
@@ -531,3 +532,47 @@ def test_the_tail_is_recorded_and_a_changed_template_is_refused(model_dir, tmp_p
     _qa_task(tmp_path, "Question: {question}\\nReply:")  # reworded since the run
     with pytest.raises(ConfigError, match=r"prompts now end with .*Reply.* but this run trained the tail .*Answer"):
         rebuild(out)
+
+
+def test_template_lr_and_eps_are_fractions_of_the_tail_vectors_rms(model_dir, tmp_path):
+    """A template run's --lr and --eps are in units of the RMS of its tail tokens' input
+    vectors (what carries from a model whose embeddings are 0.1 to one whose are 1): the
+    optimizer gets them times that RMS, config.json records it, a probe moves every tail
+    number by exactly eps x unit (signs), and a rebuild uses the recorded unit -- 1 for a
+    run made before the unit was recorded, whose lr and eps were absolute."""
+    import json
+
+    import torch
+
+    from tests.test_cli import cli
+    from zoobj.engine import trajectory as tj
+    from zoobj.model import template
+    from zoobj.model.loading import load_model
+    from zoobj.run.config import load_run_config
+    from zoobj.run.export import rebuild
+    from zoobj.run.session import prepare
+
+    run_dir = tmp_path / "run"
+    # cross-entropy: it never ties, so the tail moves and the two rebuilds can differ
+    assert cli("train", *SQUAD_RUN, "--objective", "ce", "--model", model_dir, "--steps", "2", "--output", run_dir) == 0
+    config = json.loads((run_dir / tj.CONFIG).read_text())
+    model, tok = load_model(model_dir)
+    tail = template_tail(get_task("squad"), tok, get_task("squad").load("train")[:16])
+    with torch.no_grad():
+        rms = float(model.get_input_embeddings()(torch.tensor([tail])).pow(2).mean().sqrt())
+    assert config["unit"] == pytest.approx(rms, rel=1e-6) and 0.01 < rms < 10 and rms != pytest.approx(1.0, abs=0.05)
+    session = prepare(load_run_config(run_dir))
+    assert session.unit == pytest.approx(rms, rel=1e-6)
+    assert (session.optimizer.lr_at(0), session.optimizer.eps) == pytest.approx((0.5 * rms, 0.5 * rms))
+    delta = template.find(session.model).delta
+    seen = []
+    session.optimizer.step(lambda: seen.append(delta.detach().clone()) or 0.0)
+    assert torch.allclose(seen[0].abs(), torch.full_like(seen[0], 0.5 * rms), rtol=1e-5)
+
+    _, trained = rebuild(run_dir)
+    config_before = dict(config)
+    del config_before["unit"]  # as a template run made before the unit was recorded
+    (run_dir / tj.CONFIG).write_text(json.dumps(config_before))
+    _, old = rebuild(run_dir)
+    assert old.unit == 1.0 and old.optimizer.eps == 0.5
+    assert not torch.equal(template.find(old.model).delta, template.find(trained.model).delta)

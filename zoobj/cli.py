@@ -166,6 +166,11 @@ def _print_evaluations(results: list[dict], title: str, as_json: bool) -> None:
             print(note)
 
 
+def _in_units(unit: float) -> str:
+    """How lr and eps read where the parameter set has units of its own (the template tail)."""
+    return "" if unit == 1.0 else f"(x the tail vectors' RMS {unit:.4g}) "
+
+
 def _classes(counts: dict, n: int, top: int = 4) -> str:
     """``great 491, terrible 9`` (the most frequent first; the rest as ``+k more``)."""
     shown = [f"{name} {c}" for name, c in list(counts.items())[:top]]
@@ -272,6 +277,7 @@ class _Progress:
         self.console.print(f"[bold]zoobj[/] {cfg.task} · objective {cfg.objective}"
                            f"{' (' + cfg.metric + ')' if cfg.objective == 'metric' else ''} · model {cfg.model} · "
                            f"{_count(info['trainable'])} trainable ({cfg.peft}) · lr {cfg.lr:g} eps {cfg.eps:g} "
+                           f"{_in_units(info.get('unit', 1.0))}"
                            f"· batch {cfg.batch_size}"
                            f"{f' · population {cfg.n} ({cfg.shaping})' if (cfg.n or 1) > 1 else ''}", highlight=False)
         self.console.print(f"run dir {cfg.output}", highlight=False, soft_wrap=True)  # whole, to copy from a log

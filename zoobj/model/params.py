@@ -51,6 +51,10 @@ class ParamSet(Protocol):
     - ``save(model, tok, folder) -> str``: the trained model as a folder (``zoobj export``)
       and how to use it (a paragraph of its model card); ``plain``: whether that folder
       loads with plain transformers as the trained model.
+    - optional, ``unit(model, params) -> float``: what one unit of ``lr`` and ``eps`` is in
+      the trained tensors (the template tail: the RMS of its tokens' input vectors, so the
+      same settings carry from one model to another); absent means 1 (absolute units,
+      as the paper's sets give them).
     """
 
     name: str
@@ -243,7 +247,7 @@ class TemplateParams:
     ``find_tail()`` when attached (the task's template and training rows). The defaults
     are zoobj's own, from the SQuAD dev sweep (docs/results.md, SQuAD)."""
 
-    name, lr, eps, paper, plain = "template", 0.2, 0.2, False, True
+    name, lr, eps, paper, plain = "template", 0.2, 0.2, False, True  # in units of the tail vectors' RMS (unit)
 
     def __init__(self, tail: list[int] | None = None, find_tail: Callable[[object], list[int]] | None = None) -> None:
         self.tail, self.find_tail, self.text = tail, find_tail, None
@@ -267,6 +271,15 @@ class TemplateParams:
 
     def record(self) -> dict:
         return {"kind": self.name, "tail": self.tail, "text": self.text}
+
+    def unit(self, model, params: list) -> float:
+        """The RMS of the tail tokens' input vectors as the model embeds them (Gemma-3-270M:
+        1.03, its rows scaled by sqrt(640); SmolLM2-135M: 0.12): lr and eps are fractions
+        of it, so a step moves the tail by the same share of its size on either model."""
+        tail = template.find(model)
+        with torch.no_grad():
+            rows = tail.base(tail.tail.unsqueeze(0)).float()
+        return float(rows.pow(2).mean().sqrt())
 
     def fast_path(self, model, params: list, on_disable: OnDisable = None) -> tuple[object | None, str]:
         tail = template.find(model)

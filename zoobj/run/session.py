@@ -6,6 +6,7 @@ hash of the base weights that ties a run directory to its base model."""
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,20 @@ class Session:
     params: list
     optimizer: MeZO
     param_set: ParamSet
+    unit: float = 1.0  # what one unit of lr and eps is in the trained tensors (ParamSet.unit)
+
+
+def unit_of(param_set: ParamSet, model, params: list, recorded: dict | None = None) -> float:
+    """``param_set.unit`` (1 where the set has none); a recorded run's own value, and 1 for
+    a run made before config.json recorded it (its lr and eps were absolute)."""
+    if recorded is not None:
+        return float(recorded.get("unit", 1.0))
+    unit = getattr(param_set, "unit", None)
+    value = float(unit(model, params)) if unit is not None else 1.0
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"parameter set {param_set.name!r}: its unit of lr and eps came out {value}; "
+                          "it must be a finite number > 0")
+    return value
 
 
 def lr_schedule(step: int) -> float:
@@ -73,12 +88,13 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict |
     param_set = param_set_of(cfg, (recorded or {}).get("param_set"))
     model, named = param_set.attach(model, tok)
     params = [p for _, p in named]
+    unit = unit_of(param_set, model, params, recorded)
     if calibrate is not None:
         calibrate(model, tok, params, param_set)
     query = world is not None and cfg.parallel == "query"
     noise = _recorded_noise(recorded, params, cfg.output)
     try:
-        opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, n=cfg.n, rule=cfg.rule, shaping=cfg.shaping,
+        opt = MeZO(params, lr=cfg.lr * unit, eps=cfg.eps * unit, seed=cfg.seed, n=cfg.n, rule=cfg.rule, shaping=cfg.shaping,
                    weight_decay=cfg.weight_decay, schedule=lr_schedule, perturb=cfg.perturb or "inplace", model=model,
                    shard=(world.rank, world.size) if query else None,
                    exchange=world.exchange_rows if query else None, noise=cfg.noise, noise_backend=noise,
@@ -91,7 +107,7 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict |
                           f"(ZOOBJ_COMPILE=0, or torch.compile failed on {here}: see the warning above); the "
                           "eager kernel differs in the last float32 bits, so replaying with it would not give "
                           "the run's weights: use a machine where torch.compile works (a C++ compiler for CPU)") from exc
-    return Session(model, tok, params, opt, param_set)
+    return Session(model, tok, params, opt, param_set, unit)
 
 
 def param_set_of(cfg: TrainConfig, recorded: dict | None = None) -> ParamSet:

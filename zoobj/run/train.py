@@ -44,7 +44,7 @@ from zoobj.run.export import save_model_dir
 from zoobj.run.objective import Objective, evaluate, make_objective
 from zoobj.run import trackers
 from zoobj.run.plots import plot_curve
-from zoobj.run.session import Session, prepare, weights_hash
+from zoobj.run.session import Session, prepare, unit_of, weights_hash
 
 
 def run(cfg: TrainConfig, resume: bool = False, reporter: Callable[[str, dict], None] | None = None,
@@ -270,7 +270,7 @@ def _create_run_dir(r: RunState, base_hash: str) -> bool:
         "passes": session.optimizer.passes,
         "trainable_parameters": sum(p.numel() for p in session.params), "data_note": r.note,
         "trained_blocks": trained_blocks(session.model, session.params),
-        "param_set": session.param_set.record(),
+        "param_set": session.param_set.record(), "unit": session.unit,
         "world_size": r.world.size if r.world else 1,
         **({"eps_calibration": r.calibration} if r.calibration else {}),
     })
@@ -338,7 +338,7 @@ def begin(r: RunState) -> tuple[Objective, dict | None]:
     elif r.resume and r.main:
         prior = [x for x in tj.read_jsonl(r.out / tj.LOG) if x.get("event") == "zero_shot"]
         zero = prior[-1] if prior else None
-    r.report("start", {"cfg": cfg, "start_step": r.start_step, "zero_shot": zero,
+    r.report("start", {"cfg": cfg, "start_step": r.start_step, "zero_shot": zero, "unit": r.session.unit,
                        "trainable": sum(p.numel() for p in r.session.params), "note": r.note})
     return objective, zero
 
@@ -388,11 +388,16 @@ def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, param_set: Par
                for step in range(PROBES)]
     for b in batches:  # what each batch's probes share, from the unperturbed weights (as before a step)
         objective.prepare(b)
+    unit = unit_of(param_set, model, params)  # the grid and the result in the set's units, probed absolute
     grid = eps_grid(PAPER_DEFAULTS[cfg.peft][1])
     report("status", {"message": f"--eps auto: {PROBES} probe directions at up to 3 of eps "
                                  f"{', '.join(f'{e:g}' for e in grid)} ..."})
-    cal = calibrate_eps(params, [lambda b=b: objective(b) for b in batches], grid, seed=cfg.seed, model=model,
-                        max_tie_fraction=MAX_TIE_FRACTION, kind=cfg.noise)
+    cal = calibrate_eps(params, [lambda b=b: objective(b) for b in batches], [e * unit for e in grid], seed=cfg.seed,
+                        model=model, max_tie_fraction=MAX_TIE_FRACTION, kind=cfg.noise)
+    if unit != 1.0:  # back to the set's units, the eps config.json records and --eps takes
+        cal.eps, cal.grid = None if cal.eps is None else float(f"{cal.eps / unit:.6g}"), grid
+        for row in cal.tested:
+            row["eps"] = float(f"{row['eps'] / unit:.6g}")
     tested = ", ".join(f"{row['eps']:g}: {row['ties']} tied, {row['saturated']} saturated, {row['nonfinite']} "
                        "not finite" for row in cal.tested)
     if cal.eps is None:
