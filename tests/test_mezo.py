@@ -549,8 +549,8 @@ def test_several_moves_in_one_pass_give_the_bits_of_separate_passes(kind, backen
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
-@pytest.mark.parametrize("backend", ["auto", "eager"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend, dtype", [("auto", torch.float32), ("auto", torch.bfloat16),
+                                            ("eager", torch.float32)])
 @pytest.mark.parametrize("fuse", [True, False])
 def test_small_tensors_grouped_in_one_call_get_the_bits_of_one_call_each(monkeypatch, kind, backend, dtype, fuse):
     """moves_params sends small tensors with the same moves through one grouped call: the
