@@ -367,6 +367,9 @@ def test_compare_gives_both_arms_the_shared_settings_and_its_own_defaults(tmp_pa
     report = (tmp_path / "report.md").read_text()
     assert "3 steps, batch 8, seed 0, parameters: none" in report
     assert "| zero-shot, calibrated |" in report  # the cheapest fix, beside the trained arms
+    # every pair said in words: the fakes' arms (0.6 [0.5, 0.7]) against zero-shot (0.5 [0.4, 0.6]) overlap
+    assert "- MeZO (accuracy) is 10.0 points above zero-shot: within the intervals" in report
+    assert "- MeZO (accuracy) is level with MeZO (cross-entropy): within the intervals" in report
 
 
 def test_ctrl_c_in_a_run_without_output_names_the_default_run_directory(model_dir, tmp_path, monkeypatch, capsys):

@@ -69,6 +69,8 @@ def compare(task: str, ce_lr: float | None = None, output: str | None = None, re
         tie = f"{r['tie_rate']:.0%}" if "tie_rate" in r else "-"
         lines.append(f"| {name} | {100 * r['value']:.1f} | [{100 * low:.1f}, {100 * high:.1f}] | "
                      f"{_steps(r)} | {_eps(r)} | {tie} | {r['wall_seconds']:.0f} s |")
+    lines += ["", "Which differences lie outside the 95% intervals (the two intervals do not overlap):", ""]
+    lines += [f"- {line}" for line in differences(arms)]
     lines += ["", "Runs: `ce/` and `metric/` (each a full run directory; `zoobj export` rebuilds its weights).", ""]
     report = out / "report.md"
     tmp = out / ".report.md.tmp"
@@ -78,6 +80,29 @@ def compare(task: str, ce_lr: float | None = None, output: str | None = None, re
                                           for k, v in arms.items()})
     _plot(arms, metric, out / "compare.png")
     return report
+
+
+def differences(arms: dict) -> list[str]:
+    """Each pair of arms, the later against the earlier, in words: which is higher, by how
+    much (in points), and whether their 95% intervals are apart.
+
+    >>> arms = {"zero-shot": {"value": 0.5, "ci95": [0.45, 0.55]},
+    ...         "MeZO (f1)": {"value": 0.7, "ci95": [0.65, 0.75]},
+    ...         "MeZO (cross-entropy)": {"value": 0.52, "ci95": [0.47, 0.57]}}
+    >>> differences(arms)[0]
+    'MeZO (f1) is 20.0 points above zero-shot: outside the intervals'
+    >>> differences(arms)[1]
+    'MeZO (cross-entropy) is 2.0 points above zero-shot: within the intervals'
+    """
+    names, out = list(arms), []
+    for j, b in enumerate(names):
+        for a in names[:j]:
+            (va, (la, ha)), (vb, (lb, hb)) = (arms[a]["value"], arms[a]["ci95"]), (arms[b]["value"], arms[b]["ci95"])
+            apart = lb > ha or hb < la
+            where = (f"is {100 * abs(vb - va):.1f} points {'above' if vb > va else 'below'}" if vb != va
+                     else "is level with")
+            out.append(f"{b} {where} {a}: {'outside' if apart else 'within'} the intervals")
+    return out
 
 
 def _calibrates(task, rows) -> bool:
