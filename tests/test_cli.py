@@ -266,6 +266,16 @@ def test_a_run_whose_steps_never_beat_the_model_as_given_returns_that_model(mode
     assert "0 of 6 steps kept" in (tmp_path / "exported" / "README.md").read_text()
 
 
+def test_a_run_shorter_than_its_dev_interval_still_weighs_its_last_step(model_dir, tmp_path):
+    """3 steps, dev every 10 (the default): dev before the first step and after the last,
+    so --keep best chooses between the model as given and where the run ended."""
+    run_dir = tmp_path / "short"
+    assert cli("train", "--task", "sst2", "--steps", "3", "--batch-size", "4", "--eval-limit", "4", "--dev-limit", "8",
+               "--lr", "5e-2", "--eps", "1e-2", "--model", model_dir, "--output", run_dir) == 0
+    dev = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in dev if r.get("event") == "dev"] == [-1, 2]
+
+
 def test_by_default_a_run_keeps_its_best_dev_step_chosen_on_enough_rows():
     from zoobj.run.config import DEV_LIMITS, TrainConfig
 
@@ -508,7 +518,7 @@ def test_report_to_sends_the_logs_numbers_to_the_tracker(model_dir, tmp_path, mo
         events.Reload()
         assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses)
         assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
-        assert [e.step for e in events.Scalars("dev/accuracy")] == [0, 2]  # the model as given, then after step 2
+        assert [e.step for e in events.Scalars("dev/accuracy")] == [0, 2, 3]  # as given, after step 2, at the end
         assert events.Scalars("eval/accuracy")[0].value == pytest.approx(final["value"])
     elif tracker == "mlflow":
         import mlflow

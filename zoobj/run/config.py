@@ -104,8 +104,9 @@ class TrainConfig:
     keep: str | None = setting(None, "last (the weights after the last step) or best (the best dev evaluation, "
                                      "the unchanged model included: needs --eval-every).",
                                shown="best where dev evaluations run, else last")
-    dev_at_start: bool = setting(True, "Evaluate dev before the first step too: with --keep best the model you gave "
-                                       "is a candidate, so a run never returns weights worse on dev than it began with.",
+    dev_at_start: bool = setting(True, "Evaluate dev before the first step and after the last too: with --keep best "
+                                       "the model you gave is a candidate, so a run never returns weights worse on dev "
+                                       "than it began with.",
                                  flag="--dev-at-start/--no-dev-at-start")
     eval_batch_size: int = 32
     train_max_new_tokens: int | None = setting(None, "Generation length during training (evaluation keeps the task's).",

@@ -415,11 +415,15 @@ START = -1  # the "step" of the dev evaluation before the first step (0 steps ma
 
 
 def dev_due(r: RunState, step: int) -> bool:
-    """Whether a dev evaluation follows step ``step`` (0-based; ``START``: before the first,
-    with ``--dev-at-start``)."""
-    if not (r.cfg.eval_every and r.dev_rows):
+    """Whether a dev evaluation follows step ``step`` (0-based): every ``--eval-every``
+    steps and, with ``--dev-at-start``, before the first (``START``) and after the last, so
+    that --keep best always weighs the model as given against where the run ended."""
+    cfg = r.cfg
+    if not (cfg.eval_every and r.dev_rows):
         return False
-    return bool(r.cfg.dev_at_start) if step == START else (step + 1) % r.cfg.eval_every == 0
+    if step == START:
+        return bool(cfg.dev_at_start)
+    return (step + 1) % cfg.eval_every == 0 or bool(cfg.dev_at_start and step + 1 == cfg.steps)
 
 
 def dev_evaluation(r: RunState, step: int) -> None:
