@@ -11,6 +11,16 @@ def _restore_threads():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _small_dev_sets(monkeypatch):
+    """Tiny models need no 256-row dev sets to test the machinery (a run's default dev
+    evaluations happen at its start and end): 16 rows, 8 for generation, in this process."""
+    from zoobj.run import config
+
+    monkeypatch.setitem(config.DEV_LIMITS, "classification", 16)
+    monkeypatch.setitem(config.DEV_LIMITS, "generation", 8)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Gemma-3 model and tokenizer saved with save_pretrained (a --model folder)."""
