@@ -116,20 +116,8 @@ def _gauss(i: torch.Tensor, k1, k2) -> torch.Tensor:
 
 
 def _sign_bit(i: torch.Tensor, k1) -> torch.Tensor:
-    """Bit 8 of the Mueller hash of ``i ^ k1``, as 0 or 1: the sign of a Rademacher ``z``.
-    The hash's last step, ``x ^ (x >>> 16)``, is needed only at bit 8 here, where the
-    arithmetic shift's fill (bits 16 and up) never reaches: no mask."""
-    x = i ^ k1
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _HASH_MUL
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _HASH_MUL
-    return ((x ^ (x >> 16)) >> 8) & 1
-
-
-def _sign(i: torch.Tensor, k1, k2) -> torch.Tensor:
-    """Rademacher +-1 for element indices ``i`` (``k2`` unused): -1 where the bit is set."""
-    return 1.0 - 2.0 * _sign_bit(i, k1).to(torch.float32)
+    """Bit 8 of the Mueller hash of ``i ^ k1``, as 0 or 1: where a Rademacher ``z`` is -1."""
+    return (_hash32(i ^ k1) >> 8) & 1
 
 
 def _gauss_times(i: torch.Tensor, k1, k2, b) -> torch.Tensor:
@@ -335,11 +323,16 @@ def axpz_param(p: torch.Tensor, seed: int, index: int, a: float, b: float, kerne
     _in_place(p, lambda flat: kernel(flat, seed, index, a, b))
 
 
+def _live(moves: Sequence[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
+    """The moves that change anything (``a = 1, b = 0`` is left out, so -0.0 stays -0.0)."""
+    return [m for m in moves if not (m[1] == 1.0 and m[2] == 0.0)]
+
+
 def moves_param(p: torch.Tensor, index: int, moves: Sequence[tuple[int, float, float]], kernel: Kernel,
                 fuse: bool = True) -> None:
     """``p <- a * p + b * z(seed, index)`` for each ``(seed, a, b)`` in turn, in place: one
     pass over ``p`` (``fuse``) or one pass per move, with the same bits either way."""
-    moves = [m for m in moves if not (m[1] == 1.0 and m[2] == 0.0)]  # no-ops (-0.0 stays -0.0)
+    moves = _live(moves)
     if not fuse:
         for seed, a, b in moves:
             axpz_param(p, seed, index, a, b, kernel)
@@ -359,7 +352,7 @@ def moves_params(items: Sequence[tuple[int, torch.Tensor, Sequence[tuple[int, fl
     elements; one call each cost more than the noise over all the rest)."""
     groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
     for index, p, moves in items:
-        moves = [m for m in moves if not (m[1] == 1.0 and m[2] == 0.0)]
+        moves = _live(moves)
         if not moves:
             continue
         if p.numel() <= SMALL and p.is_contiguous():

@@ -32,7 +32,7 @@ def compare(task: str, ce_lr: float | None = None, output: str | None = None, re
     None is the default (DEFAULTS, else TrainConfig's). ``ce_lr``: the cross-entropy
     arm's learning rate (default: ``lr``)."""
     from zoobj.model.loading import load_model
-    from zoobj.run.objective import evaluate
+    from zoobj.run.objective import evaluate, shared_classes
     from zoobj.tasks import get_task
 
     base = TrainConfig(task=task, zero_shot=False, **{**DEFAULTS, **{k: v for k, v in settings.items() if v is not None}})
@@ -48,7 +48,7 @@ def compare(task: str, ce_lr: float | None = None, output: str | None = None, re
     zero = evaluate(m, tok, t, metric, rows=rows, batch_size=base.batch_size)
     zero.update(wall_seconds=round(time.time() - start, 1))
     arms = {"zero-shot": zero}
-    if _calibrates(t, rows):  # the cheapest fix a user could apply, beside the trained arms
+    if shared_classes(t, rows) is not None:  # calibration applies: the cheapest fix, beside the trained arms
         began = time.time()
         arms["zero-shot, calibrated"] = evaluate(m, tok, t, metric, rows=rows, batch_size=base.batch_size,
                                                  calibrate=True)
@@ -103,11 +103,6 @@ def differences(arms: dict) -> list[str]:
                      else "is level with")
             out.append(f"{b} {where} {a}: {'outside' if apart else 'within'} the intervals")
     return out
-
-
-def _calibrates(task, rows) -> bool:
-    """Whether contextual calibration applies: a classification task whose rows share one set of classes."""
-    return task.kind == "classification" and bool(rows) and all(task.choices(r) == task.choices(rows[0]) for r in rows)
 
 
 def _eps(result: dict) -> str:

@@ -13,7 +13,6 @@ arguments, so the training loop binds the batch:
 from __future__ import annotations
 
 from collections import Counter
-
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -94,14 +93,23 @@ def _log_softmax(scores) -> np.ndarray:
     return s - (s.max() + np.log(np.exp(s - s.max()).sum()))
 
 
+def shared_classes(task, rows: Sequence[dict]) -> list[str] | None:
+    """The candidates every row shares (a classification task's classes), or None where
+    the rows have candidates of their own (COPA) or there are no rows."""
+    if task.kind != "classification" or not rows:
+        return None
+    first = task.choices(rows[0])
+    return first if all(task.choices(r) == first for r in rows) else None
+
+
 def content_free_prior(model, tok, task, rows: Sequence[dict]) -> np.ndarray:
     """Contextual calibration's prior (Zhao et al. 2021): the model's distribution over
     the classes (softmax of the candidates' scores) for prompts whose every text field is
     content-free -- ``"N/A"``, ``""``, ``"[MASK]"`` -- averaged over the three. A calibrated
     prediction is ``argmax(p(class | x) / prior)``: a model that leans to one class
     whatever the input is pulled back. Needs one set of classes for every row."""
-    first = task.choices(rows[0])
-    if any(task.choices(r) != first for r in rows):
+    first = shared_classes(task, rows)
+    if first is None:
         raise ConfigError(f"calibration needs the same classes for every row; {task.name}'s rows have candidates "
                           "of their own: leave out --calibrate")
     keep = getattr(task, "label_field", "label")
@@ -535,11 +543,10 @@ def class_counts(task, rows: Sequence[dict], preds: Sequence[int]) -> dict:
     >>> c["predicted"], c["labels"], round(c["majority_label_share"], 3), c["collapsed"]
     ({'great': 3}, {'great': 2, 'terrible': 1}, 0.667, 'great')
     """
-    first = task.choices(rows[0])
-    fixed = all(task.choices(r) == first for r in rows)  # one set of classes (else each row has its own candidates)
+    classes = shared_classes(task, rows)
 
     def name(row, k):
-        return first[k].strip() if fixed else f"choice {k + 1}"
+        return classes[k].strip() if classes is not None else f"choice {k + 1}"
 
     predicted, labels = Counter(), Counter()
     for row, p in zip(rows, preds):
