@@ -269,3 +269,6 @@ def test_rewards_written_for_trl_work_unchanged(tok, tmp_path):
     words = [sst2.choices(r)[p].strip() for r, p in zip(rows, out["predictions"])]
     assert set(words) <= {"great", "terrible"}
     assert out["value"] == pytest.approx(sum(-abs(20 - len(w)) for w in words) / len(words))  # read as the words
+    # smoothed, the reward reads every candidate's words too: E[-|20 - len|] between the two words' values
+    soft = -metric_objective(model, tok, sst2, length, smooth=1.0)(rows)
+    assert -abs(20 - len("great")) < soft < -abs(20 - len("terrible"))

@@ -126,7 +126,11 @@ def as_read(metric, task, predictions: list, rows: Sequence[dict]) -> list:
     text (``task.choices(row)[index]``, stripped); every other metric gets them as they are."""
     if task.kind != "classification" or getattr(metric, "form", None) != "trl":
         return predictions
-    return [task.choices(r)[p].strip() for p, r in zip(predictions, rows)]
+    return [_choice(task.choices(r), p) for p, r in zip(predictions, rows)]
+
+
+def _choice(choices: list[str], index: int) -> str:
+    return choices[index].strip() if index < len(choices) else ""  # a row with fewer candidates: never counted
 
 
 def expected_metric(model, tok, task, metric, rows: Sequence[dict], temperature: float,
@@ -147,7 +151,8 @@ def expected_metric(model, tok, task, metric, rows: Sequence[dict], temperature:
                                         shared=shared, relative=True)  # a softmax over the candidates
     refs = [task.reference(r) for r in rows]
     widest = max(len(s) for s in scores)
-    value = candidate_values(metric, [[c] * len(rows) for c in range(widest)], refs, prompts, rows)
+    columns = [as_read(metric, task, [c] * len(rows), rows) for c in range(widest)]  # text for TRL's form
+    value = candidate_values(metric, columns, refs, prompts, rows)
     return expectation(scores, value, temperature)
 
 
