@@ -21,6 +21,17 @@ def _small_dev_sets(monkeypatch):
     monkeypatch.setitem(config.DEV_LIMITS, "generation", 8)
 
 
+@pytest.fixture(autouse=True)
+def _no_default_recipe(request, monkeypatch):
+    """Tests of the machinery run a task with the settings they give, full parameters
+    otherwise, as before the default recipe (zoobj.run.recipes); a test marked
+    ``default_recipe`` gets it."""
+    if request.node.get_closest_marker("default_recipe") is None:
+        from zoobj.run import recipes
+
+        monkeypatch.setattr(recipes, "DEFAULT_RECIPES", {})
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Gemma-3 model and tokenizer saved with save_pretrained (a --model folder)."""

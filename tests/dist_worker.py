@@ -16,7 +16,7 @@ def main(model_dir: str, out: str, settings: str) -> None:
     try:
         for mode, extra in json.loads(settings).items():
             model, tok = load_model(model_dir)
-            cfg = TrainConfig(model=model_dir, output=f"{out}/run-{mode}", **extra)
+            cfg = TrainConfig(model=model_dir, output=f"{out}/run-{mode}", **{"peft": "none", **extra})  # full parameters
             result = run(cfg, model=model, tok=tok, world=world)
             state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}  # tied tensors: copies
             save_file(state, f"{out}/weights-{mode}-{world.rank}.safetensors")

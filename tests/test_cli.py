@@ -326,8 +326,8 @@ def test_help_shows_the_defaults_and_choices_of_train_config():
     for flag, choices in {"--peft": PEFT, "--rule": RULES, "--keep": KEEP, "--parallel": PARALLEL,
                           "--objective": OBJECTIVES, "--perturb": PERTURB}.items():
         assert all(re.search(rf"\b{c}\b", shown[flag]) for c in choices), (flag, choices, shown[flag])
-    compared = _help("compare")  # the same settings, with the comparison's own default where it has one
-    assert "[default: 20, or the task's recipe]" in compared["--steps"] and "[default: 0]" in compared["--eval-every"]
+    compared = _help("compare")  # the same settings and defaults: each arm is the run zoobj train makes
+    assert "[default: 20, or the task's recipe]" in compared["--steps"] and "[default: 10]" in compared["--eval-every"]
     assert "[default: --lr]" in compared["--ce-lr"] and "[required]" in compared["--task"]
 
 
@@ -370,7 +370,7 @@ def test_compare_gives_both_arms_the_shared_settings_and_its_own_defaults(tmp_pa
     monkeypatch.setattr(compare, "run", fake_run)
     monkeypatch.setattr(compare, "_plot", lambda *a: None)
     assert cli("compare", "--task", "sst2", "--steps", "3", "--lr", "1e-3", "--ce-lr", "1e-2", "--output", tmp_path) == 0
-    shared = dict(task="sst2", metric="accuracy", steps=3, eval_every=0, zero_shot=False)  # compare: no dev evaluations
+    shared = dict(task="sst2", metric="accuracy", steps=3, zero_shot=False)
     # both arms get the settings resolved once (the task's recipe and the defaults filled in)
     assert arms == [TrainConfig(objective="ce", lr=1e-2, output=str(tmp_path / "ce"), **shared).resolved(),
                     TrainConfig(objective="metric", lr=1e-3, output=str(tmp_path / "metric"), **shared).resolved()]
@@ -380,6 +380,30 @@ def test_compare_gives_both_arms_the_shared_settings_and_its_own_defaults(tmp_pa
     # every pair said in words: the fakes' arms (0.6 [0.5, 0.7]) against zero-shot (0.5 [0.4, 0.6]) overlap
     assert "- MeZO (accuracy) is 10.0 points above zero-shot: within the intervals" in report
     assert "- MeZO (accuracy) is level with MeZO (cross-entropy): within the intervals" in report
+
+
+@pytest.mark.default_recipe
+def test_compare_arms_share_the_default_recipe_but_its_smoothing(tmp_path, monkeypatch):
+    """Under the default recipe both arms train the same tail with the same population, lr
+    and eps (z-scored losses: unit-free); smoothing is the metric's, so the CE arm has none."""
+    from zoobj.model import loading as models
+    from zoobj.run import compare, objective
+
+    arms = []
+    monkeypatch.setattr(models, "load_model", lambda name: (name, None))
+    monkeypatch.setattr(objective, "evaluate", lambda *a, **k: {"value": 0.5, "ci95": [0.4, 0.6], "n": 8,
+                                                                "split": "validation"})
+    monkeypatch.setattr(compare, "run", lambda cfg, reporter=None: arms.append(cfg) or {
+        "value": 0.6, "ci95": [0.5, 0.7], "steps": cfg.steps, "wall_seconds": 1.0})
+    monkeypatch.setattr(compare, "_plot", lambda *a: None)
+    assert cli("compare", "--task", "rte", "--output", tmp_path) == 0
+    ce, metric = arms
+    same = ("peft", "n", "shaping", "lr", "eps", "steps", "batch_size", "seed", "eval_every", "keep", "recipe")
+    assert [getattr(ce, k) for k in same] == [getattr(metric, k) for k in same]
+    assert (metric.peft, metric.n, metric.recipe, metric.keep) == ("template", 8, "default classification", "best")
+    assert (ce.objective, ce.smooth, metric.objective, metric.smooth) == ("ce", 0.0, "metric", 1.0)
+    assert ("population 8 (zscore), lr 0.2, eps 0.2 for both arms, the metric smoothed (T = 1) "
+            "(default classification recipe)") in (tmp_path / "report.md").read_text()
 
 
 def test_ctrl_c_in_a_run_without_output_names_the_default_run_directory(model_dir, tmp_path, monkeypatch, capsys):

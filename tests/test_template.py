@@ -264,7 +264,7 @@ def test_squad_runs_take_the_tasks_recipe_unless_told_otherwise():
     lora = got(peft="lora")  # another parameter set: none of the recipe, the paper's lr/eps for it
     assert (lora.n, lora.shaping, lora.lr, lora.eps, lora.steps, lora.batch_size, lora.train_max_new_tokens) == (
         1, "none", 1e-4, 1e-2, 20, 8, 24)
-    sst2 = TrainConfig(task="sst2").resolved()  # no recipe
+    sst2 = TrainConfig(task="sst2").resolved()  # no recipe of its own (the default one is off here: test_recipes)
     assert (sst2.peft, sst2.n, sst2.shaping, sst2.lr, sst2.steps, sst2.batch_size) == ("none", 1, "none", 1e-6, 20, 8)
 
 

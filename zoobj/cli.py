@@ -166,6 +166,13 @@ def _print_evaluations(results: list[dict], title: str, as_json: bool) -> None:
             print(note)
 
 
+# What the start line says of the recipe that filled a run's unset settings (zoobj.run.recipes).
+RECIPES = {"task": "the task's recipe", "default classification": "the default recipe",
+           "default generation": "the default recipe",
+           "default classification, no template tail": "the default recipe (no template tail: a prefix)",
+           "default generation, no template tail": "the default recipe (no template tail: a prefix)"}
+
+
 def _in_units(unit: float) -> str:
     """How lr and eps read where the parameter set has units of its own (the template tail)."""
     return "" if unit == 1.0 else f"(x the tail vectors' RMS {unit:.4g}) "
@@ -185,8 +192,9 @@ def collapse_note(r: dict, which: str) -> str | None:
     n, count = r["n"], r["predicted"][top]
     return (f"note: {which} puts {count} of {n} predictions ({count / n:.0%}) in one class, {top!r}, which is "
             f"{r['labels'].get(top, 0) / n:.0%} of the labels; always answering the most frequent label would "
-            f"score {r['majority_label_share']:.4f} accuracy. --smooth T and --peft template move the classes' "
-            "scores from such a start; zoobj eval --calibrate measures the cheapest fix")
+            f"score {r['majority_label_share']:.4f} accuracy. The template tail with --smooth T (the default "
+            "recipe for classification) moves the classes' scores from such a start, more --steps further; "
+            "zoobj eval --calibrate measures the cheapest fix")
 
 
 def _err_console():
@@ -279,7 +287,9 @@ class _Progress:
                            f"{_count(info['trainable'])} trainable ({cfg.peft}) · lr {cfg.lr:g} eps {cfg.eps:g} "
                            f"{_in_units(info.get('unit', 1.0))}"
                            f"· batch {cfg.batch_size}"
-                           f"{f' · population {cfg.n} ({cfg.shaping})' if (cfg.n or 1) > 1 else ''}", highlight=False)
+                           f"{f' · population {cfg.n} ({cfg.shaping})' if (cfg.n or 1) > 1 else ''}"
+                           f"{f' · smooth {cfg.smooth:g}' if cfg.smooth else ''}"
+                           f"{f' · {RECIPES[cfg.recipe]}' if cfg.recipe in RECIPES else ''}", highlight=False)
         self.console.print(f"run dir {cfg.output}", highlight=False, soft_wrap=True)  # whole, to copy from a log
         if info.get("note"):
             self.console.print(f"note: {info['note']}", highlight=False)

@@ -156,6 +156,19 @@ def template_tail(task, tok, rows: list[dict]) -> list[int]:
     return tail
 
 
+def ends_with_template(task, rows: list[dict]) -> bool:
+    """Whether the prompts of ``rows`` (the first ``SAMPLE``) and the template rendered with
+    placeholder fields end with the same characters -- words of the template, not of a row:
+    the tail ``template_tail`` finds in tokens, seen without a tokenizer (what the default
+    recipe chooses by before a model is loaded)."""
+    rows = rows[:SAMPLE]
+    try:
+        texts = [task.prompt({k: _blank(v) for k, v in rows[0].items()}), *map(task.prompt, rows)]
+    except Exception:  # no rows, or a template that needs real field values
+        return False
+    return bool(_common_suffix([list(t) for t in texts]))
+
+
 def attach(model, tail: list[int]) -> tuple[object, list[tuple[str, torch.Tensor]]]:
     """Wrap the input embedding in a ``TemplateTail``; returns the model and its one
     trained tensor, named."""

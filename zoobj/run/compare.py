@@ -18,10 +18,11 @@ def _steps(r: dict) -> str:
 
 
 # The settings both arms share, as zoobj train takes them (zoobj.run.config), and the
-# comparison's own defaults where they differ: no dev evaluations (both arms would pay for them).
+# comparison's own defaults where they differ (none now: each arm is the run zoobj train
+# makes, its dev evaluations and best dev step included).
 SETTINGS = ("metric", "model", "steps", "batch_size", "lr", "eps", "n", "shaping", "peft", "layers", "shared", "seed",
             "eval_limit", "eval_every", "dev_limit", "keep", "train_max_new_tokens")
-DEFAULTS = {"eval_every": 0}
+DEFAULTS: dict = {}
 
 
 def compare(task: str, ce_lr: float | None = None, output: str | None = None, reporter_factory=None,
@@ -57,11 +58,15 @@ def compare(task: str, ce_lr: float | None = None, output: str | None = None, re
     for name, objective, arm_lr in (("MeZO (cross-entropy)", "ce", ce_lr if ce_lr is not None else base.lr),
                                     (f"MeZO ({metric})", "metric", base.lr)):
         cfg = dataclasses.replace(base, objective=objective, lr=arm_lr, output=str(out / objective),
-                                  train_max_new_tokens=base.train_max_new_tokens if objective == "metric" else None)
+                                  train_max_new_tokens=base.train_max_new_tokens if objective == "metric" else None,
+                                  smooth=base.smooth if objective == "metric" else 0.0)  # a metric's smoothing
         arms[name] = run(cfg, reporter=reporter_factory() if reporter_factory else None)
 
     lines = [f"# zoobj compare: {t.name}, {metric}", "",
              f"Model {base.model}; {base.steps} steps, batch {base.batch_size}, seed {base.seed}, parameters: {base.peft}; "
+             f"population {base.n} ({base.shaping}), lr {base.lr:g}, eps {base.eps} for both arms"
+             f"{f', the metric smoothed (T = {base.smooth:g})' if base.smooth else ''}"
+             f"{f' ({base.recipe} recipe)' if base.recipe else ''}; "
              f"evaluated on the first {zero['n']} examples of {zero['split']} (95% bootstrap intervals).", "",
              f"| | {metric} | 95% CI | steps | eps | tie rate | wall time |", "|---|---|---|---|---|---|---|"]
     for name, r in arms.items():

@@ -25,6 +25,7 @@ from zoobj.engine.mezo import PERTURB, RULES, SHAPINGS
 from zoobj.engine.noise import NOISE_KINDS
 from zoobj.errors import ConfigError
 from zoobj.model.params import PARAM_SETS
+from zoobj.run import recipes
 from zoobj.run.objective import OBJECTIVES
 
 PEFT = tuple(PARAM_SETS)
@@ -111,9 +112,10 @@ class TrainConfig:
     eval_batch_size: int = 32
     train_max_new_tokens: int | None = setting(None, "Generation length during training (evaluation keeps the task's).",
                                                shown=f"the task's, at most {TRAIN_MAX_NEW_TOKENS}")
-    smooth: float = setting(0.0, "Optimise the metric's expectation under softmax(candidate scores / T) "
-                                 "instead of the hard metric (fewer l+ == l- ties): over the classes for classification, "
-                                 "over the greedy answer before the step and the references for generation; 0 = off.")
+    smooth: float | None = setting(None, "Optimise the metric's expectation under softmax(candidate scores / T) "
+                                   "instead of the hard metric (fewer l+ == l- ties): over the classes for "
+                                   "classification, over the greedy answer before the step and the references for "
+                                   "generation; 0 = off.", shown="0, or the task's recipe (metric objective)")
     data: str | None = setting(None, "'hub' or a folder of <split>.jsonl files.", shown="shipped data")
     dtype: str = setting("float32", "float32, bf16 or fp16.")
     perturb: str | None = setting(None, "inplace (the paper's) or forward (exact in any dtype).",
@@ -127,6 +129,7 @@ class TrainConfig:
     report_to: str = setting("none", "Experiment trackers that get the run's numbers: tensorboard, mlflow, wandb "
                                      "(comma-separated; each an optional extra: pip install 'zoobj[mlflow]'), or none.")
     zero_shot: bool = True
+    recipe: str | None = None  # set by resolved(): whose recipe filled the unset settings (zoobj.run.recipes)
     extra: dict = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
@@ -136,6 +139,8 @@ class TrainConfig:
         _one_of(c.objective, OBJECTIVES, "objective")
         task = get_task(c.task)
         _fill_defaults(c, task)
+        if c.smooth is None:
+            c.smooth = 0.0
         _one_of(c.peft, PEFT, "--peft")
         _one_of(c.rule, RULES, "--rule")
         _one_of(c.noise, NOISE_KINDS, "--noise")
@@ -187,21 +192,24 @@ class TrainConfig:
         return c
 
 
-# What a setting left unset means where the task has no recipe (or the run leaves it).
+# What a setting left unset means where no recipe sets it (or the run leaves the recipe).
 DEFAULTS = {"steps": 20, "batch_size": 8, "n": 1, "shaping": "none", "peft": "none"}
-RECIPE_KEYS = (*DEFAULTS, "lr", "eps", "train_max_new_tokens")
 
 
 def _fill_defaults(c: TrainConfig, task) -> None:
-    """Settings left unset (None) take the task's recipe -- the settings that worked for
-    it, ``task.recipe`` -- when the run keeps the recipe's parameter set (``--peft``
-    unset or the same), then the defaults above. lr and eps left unset after that are
-    the paper's for the parameter set (``PAPER_DEFAULTS``)."""
-    recipe = dict(getattr(task, "recipe", ()) or ())
-    if recipe and c.peft in (None, recipe.get("peft", "none")):
-        for key in RECIPE_KEYS:
-            if getattr(c, key) is None and key in recipe:
-                setattr(c, key, recipe[key])
+    """Settings left unset (None) take the task's recipe -- its own (``task.recipe``) or
+    the default one for its kind (``zoobj.run.recipes``) -- when the run keeps the
+    recipe's parameter set (``--peft`` unset or the same), then the defaults above;
+    ``smooth`` only for the metric objective. lr and eps left unset after that are the
+    paper's for the parameter set (``PAPER_DEFAULTS``). ``recipe`` records whose recipe
+    it was (None: none applied; a resumed run's settings are all set already)."""
+    if c.recipe is None and any(getattr(c, key) is None for key in recipes.KEYS):
+        source, recipe = recipes.recipe_for(task, c.data)
+        if recipe and c.peft in (None, recipe.get("peft", "none")):
+            c.recipe = source
+            for key in recipes.KEYS:
+                if getattr(c, key) is None and key in recipe and (key != "smooth" or c.objective == "metric"):
+                    setattr(c, key, recipe[key])
     for key, value in DEFAULTS.items():
         if getattr(c, key) is None:
             setattr(c, key, value)
@@ -277,7 +285,7 @@ RESUMABLE_CHANGES = ("steps", "keep")
 # Gaussian directions (the default until 0.3), the last step kept, no dev evaluation before
 # the first step, and 32 dev rows.
 BEFORE_RECORDED = {**DEFAULTS, "perturb": "inplace", "noise": "gaussian", "keep": "last", "dev_at_start": False,
-                   "dev_limit": 32}
+                   "dev_limit": 32, "smooth": 0.0}
 _DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING},
              **BEFORE_RECORDED}
 
