@@ -14,7 +14,7 @@ from zoobj.model import inference
 from zoobj.model.loading import load_model
 
 LR0 = ["--task", "sst2", "--objective", "ce", "--batch-size", "4", "--eval-limit", "4", "--eval-every", "0",
-       "--lr", "0", "--eps", "1e-3", "--steps", "200"]
+       "--lr", "0", "--eps", "1e-3", "--steps", "100"]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -26,13 +26,13 @@ def same_bits(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
-def test_200_steps_at_lr_0_leave_low_precision_weights_bit_identical(model_dir, tmp_path, dtype, torch_dtype):
+def test_100_steps_at_lr_0_leave_low_precision_weights_bit_identical(model_dir, tmp_path, dtype, torch_dtype):
     run_dir = tmp_path / "run"
     assert cli("train", *LR0, "--model", model_dir, "--dtype", dtype, "--output", run_dir, "--save-model") == 0
     config = json.loads((run_dir / "config.json").read_text())
     assert config["perturb"] == "forward" and config["dtype"] == dtype  # the exact scheme is the low-precision default
     records = [json.loads(x) for x in (run_dir / "trajectory.jsonl").read_text().splitlines()]
-    assert len(records) == 200 and any(r["grads"][0] != 0 for r in records)  # it did perturb and measure
+    assert len(records) == 100 and any(r["grads"][0] != 0 for r in records)  # it did perturb and measure
     start = {k: v for k, v in load_model(model_dir, dtype=dtype)[0].state_dict().items()}
     saved = load_file(str(run_dir / "model" / "model.safetensors"))
     assert all(v.dtype == torch_dtype for v in saved.values())  # --save-model writes them in the run's dtype
