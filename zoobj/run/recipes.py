@@ -6,8 +6,10 @@ SQuAD's); every other task -- the bundled ones and a user's TOML or Python task 
 takes ``DEFAULT_RECIPES`` for its kind. Both train the template tail (the input vectors of
 the prompt's closing words, ``zoobj.model.template``) with a z-scored population of 8:
 
-- the tail's lr and eps are in units of its own vectors' RMS, so they carry from one
-  model to another (Gemma-3-270M's tail vectors have RMS 1.03, SmolLM2-135M's 0.12);
+- the tail's lr and eps are in units of its own vectors' RMS, so a step moves the tail
+  by the same fraction of its size on any model (Gemma-3-270M's tail vectors have RMS
+  1.03, SmolLM2-135M's about 0.1) -- what the model makes of that move differs
+  (docs/results.md, the default recipe);
 - z-scored losses make lr a step length per unit of noise whatever the loss's scale,
   so the cross-entropy and the metric arms of ``zoobj compare`` share one lr and eps;
 - the tail shifts every candidate's score at once: it can move a classification task
