@@ -20,6 +20,7 @@ import zoobj
 from zoobj.errors import ZoobjError
 from zoobj.run import compare
 from zoobj.run.config import TrainConfig, cli_fields, shown_default
+from zoobj.run.recipes import said
 
 app = typer.Typer(
     add_completion=False,
@@ -166,13 +167,6 @@ def _print_evaluations(results: list[dict], title: str, as_json: bool) -> None:
             print(note)
 
 
-# What the start line says of the recipe that filled a run's unset settings (zoobj.run.recipes).
-RECIPES = {"task": "the task's recipe", "default classification": "the default recipe",
-           "default generation": "the default recipe",
-           "default classification, no template tail": "the default recipe (no template tail: a prefix)",
-           "default generation, no template tail": "the default recipe (no template tail: a prefix)"}
-
-
 def _in_units(unit: float) -> str:
     """How lr and eps read where the parameter set has units of its own (the template tail)."""
     return "" if unit == 1.0 else f"(x the tail vectors' RMS {unit:.4g}) "
@@ -289,7 +283,7 @@ class _Progress:
                            f"· batch {cfg.batch_size}"
                            f"{f' · population {cfg.n} ({cfg.shaping})' if (cfg.n or 1) > 1 else ''}"
                            f"{f' · smooth {cfg.smooth:g}' if cfg.smooth else ''}"
-                           f"{f' · {RECIPES[cfg.recipe]}' if cfg.recipe in RECIPES else ''}", highlight=False)
+                           f"{f' · {said(cfg.recipe)}' if cfg.recipe else ''}", highlight=False)
         self.console.print(f"run dir {cfg.output}", highlight=False, soft_wrap=True)  # whole, to copy from a log
         if info.get("note"):
             self.console.print(f"note: {info['note']}", highlight=False)

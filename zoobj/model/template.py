@@ -136,10 +136,9 @@ def _common_suffix(seqs: list[list[int]]) -> list[int]:
     return seqs[0][len(seqs[0]) - n:] if n else []
 
 
-def template_tail(task, tok, rows: list[dict]) -> list[int]:
-    """The token ids every prompt ends with and no row writes: the longest common suffix
-    of the prompts of ``rows`` (the first ``SAMPLE``) and of the template rendered with
-    every text field set to a placeholder word."""
+def _texts(task, rows: list[dict]) -> list[str]:
+    """The template rendered with every text field set to a placeholder word, then the
+    prompts of ``rows`` (the first ``SAMPLE``): what a template tail is the common end of."""
     rows = rows[:SAMPLE]
     if not rows:
         raise ConfigError(f"--peft template: task {task.name!r} has no training rows to find its template in")
@@ -148,8 +147,14 @@ def template_tail(task, tok, rows: list[dict]) -> list[int]:
     except Exception as exc:  # a template that needs real field values
         raise ConfigError(f"--peft template: task {task.name!r} cannot render its template with placeholder "
                           f"fields ({exc}); use --peft lora or prefix") from None
-    seqs = [tok(text, add_special_tokens=False).input_ids for text in [skeleton, *map(task.prompt, rows)]]
-    tail = _common_suffix(seqs)
+    return [skeleton, *map(task.prompt, rows)]
+
+
+def template_tail(task, tok, rows: list[dict]) -> list[int]:
+    """The token ids every prompt ends with and no row writes: the longest common suffix
+    of the prompts of ``rows`` (the first ``SAMPLE``) and of the template rendered with
+    every text field set to a placeholder word."""
+    tail = _common_suffix([tok(text, add_special_tokens=False).input_ids for text in _texts(task, rows)])
     if not tail:
         raise ConfigError(f"--peft template: the prompts of task {task.name!r} end with the row's own text, not "
                           "with template words (nothing to train); use --peft lora or prefix")
@@ -157,14 +162,12 @@ def template_tail(task, tok, rows: list[dict]) -> list[int]:
 
 
 def ends_with_template(task, rows: list[dict]) -> bool:
-    """Whether the prompts of ``rows`` (the first ``SAMPLE``) and the template rendered with
-    placeholder fields end with the same characters -- words of the template, not of a row:
-    the tail ``template_tail`` finds in tokens, seen without a tokenizer (what the default
-    recipe chooses by before a model is loaded)."""
-    rows = rows[:SAMPLE]
+    """Whether the same texts as ``template_tail``'s end with the same characters -- words of
+    the template, not of a row: the tail seen without a tokenizer (what the default recipe
+    chooses by before a model is loaded)."""
     try:
-        texts = [task.prompt({k: _blank(v) for k, v in rows[0].items()}), *map(task.prompt, rows)]
-    except Exception:  # no rows, or a template that needs real field values
+        texts = _texts(task, rows)
+    except ConfigError:  # no rows, or a template that needs real field values
         return False
     return bool(_common_suffix([list(t) for t in texts]))
 

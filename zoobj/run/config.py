@@ -139,8 +139,6 @@ class TrainConfig:
         _one_of(c.objective, OBJECTIVES, "objective")
         task = get_task(c.task)
         _fill_defaults(c, task)
-        if c.smooth is None:
-            c.smooth = 0.0
         _one_of(c.peft, PEFT, "--peft")
         _one_of(c.rule, RULES, "--rule")
         _one_of(c.noise, NOISE_KINDS, "--noise")
@@ -193,7 +191,7 @@ class TrainConfig:
 
 
 # What a setting left unset means where no recipe sets it (or the run leaves the recipe).
-DEFAULTS = {"steps": 20, "batch_size": 8, "n": 1, "shaping": "none", "peft": "none"}
+DEFAULTS = {"steps": 20, "batch_size": 8, "n": 1, "shaping": "none", "peft": "none", "smooth": 0.0}
 
 
 def _fill_defaults(c: TrainConfig, task) -> None:
@@ -281,11 +279,11 @@ NOT_RECORDED = ("output", "save_model", "zero_shot", "device", "device_map", "re
 RESUMABLE_CHANGES = ("steps", "keep")
 # What a setting missing from an older run's config.json was: what the version that wrote it
 # ran with -- a field's own default, or for a setting resolved later the no-recipe default
-# (n 1, shaping none, peft none: the recipes came later), in-place perturbation and
+# (n 1, shaping none, peft none, no smoothing: the recipes came later), in-place perturbation and
 # Gaussian directions (the default until 0.3), the last step kept, no dev evaluation before
 # the first step, and 32 dev rows.
 BEFORE_RECORDED = {**DEFAULTS, "perturb": "inplace", "noise": "gaussian", "keep": "last", "dev_at_start": False,
-                   "dev_limit": 32, "smooth": 0.0}
+                   "dev_limit": 32}
 _DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING},
              **BEFORE_RECORDED}
 

@@ -37,18 +37,34 @@ NO_TAIL = {
 KEYS = ("peft", "n", "shaping", "lr", "eps", "steps", "batch_size", "train_max_new_tokens", "smooth")
 
 
+TASK, DEFAULT, NO_TAIL_SAID = "task", "default", "no template tail"
+
+
+def said(source: str | None) -> str:
+    """A recipe's source (``recipe_for``, config.json ``recipe``) as the start line says it.
+
+    >>> said("task"), said("default classification"), said("default generation, no template tail"), said(None)
+    ("the task's recipe", 'the default recipe', 'the default recipe (no template tail: a prefix)', '')
+    """
+    if source == TASK:
+        return "the task's recipe"
+    if source and source.startswith(DEFAULT):
+        return "the default recipe" + (" (no template tail: a prefix)" if source.endswith(NO_TAIL_SAID) else "")
+    return ""
+
+
 def recipe_for(task, data: str | None = None) -> tuple[str | None, dict]:
     """Which recipe a run of ``task`` takes and its settings: ``("task", ...)`` for the
     task's own, ``("default <kind>", ...)`` or ``("default <kind>, no template tail", ...)``,
     or ``(None, {})`` where there is none (a kind without a default)."""
     own = tuple(getattr(task, "recipe", ()) or ())
     if own:
-        return "task", dict(own)
+        return TASK, dict(own)
     kind = getattr(task, "kind", None)
     if kind not in DEFAULT_RECIPES or not DEFAULT_RECIPES[kind]:
         return None, {}
     from zoobj.model.template import ends_with_template
 
     if ends_with_template(task, task.load("train", data)):
-        return f"default {kind}", dict(DEFAULT_RECIPES[kind])
-    return f"default {kind}, no template tail", dict(NO_TAIL[kind])
+        return f"{DEFAULT} {kind}", dict(DEFAULT_RECIPES[kind])
+    return f"{DEFAULT} {kind}, {NO_TAIL_SAID}", dict(NO_TAIL[kind])
