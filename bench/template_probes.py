@@ -24,6 +24,12 @@ the call above the one it started at (sampled every 5 ms). Last line: one JSON o
     python bench/template_probes.py                 # about 7 minutes on 2 CPU cores
     python bench/template_probes.py --rows 64 --n 4
     python bench/template_probes.py --ce-only --start 115 --rows 16 32 64   # a batch with a 45-token answer
+    python bench/template_probes.py --choice sst2 --rows 32 64 128    # a classification task's candidates
+
+``--choice TASK`` times a classification task's candidate scores instead (its own
+template tail and training rows): ``inference.score_candidates`` one point at a time
+against ``PromptBodyStore.choice_probes``; agreement: the largest difference of a
+point's softmax over the candidates (what the smoothed metric weighs).
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[16, 64, 256], help="rows per forward, together")
     ap.add_argument("--start", type=int, default=0, help="the batch: training questions start .. start + batch size")
     ap.add_argument("--ce-only", action="store_true", help="only the cross-entropy part")
+    ap.add_argument("--choice", metavar="TASK", help="a classification task's candidate scores instead of SQuAD")
     ap.add_argument("--unbounded", action="store_true",
                     help="CE together also without the cap on logits per forward (zoobj.model.tail_probes.PROBE_LOGITS)")
     args = ap.parse_args()
@@ -99,7 +106,7 @@ def main() -> None:
     from zoobj.model.template import template_tail
     from zoobj.tasks import get_task
 
-    task = get_task("squad")
+    task = get_task(args.choice or "squad")
     rows = task.load("train")[args.start : args.start + args.batch_size]
     model, tok = load_model(args.model)
     model, named = trainable_parameters(model, "template", tok=tok, template_tail=template_tail(task, tok, rows))
@@ -110,10 +117,16 @@ def main() -> None:
     stacked = torch.stack([p[0] for p in points])
 
     print(f"CPU: {cpu_label()}, {torch.get_num_threads()} threads; {args.model}, template tail "
-          f"({delta.numel():,} numbers); {len(points)} points x {len(prompts)} questions "
-          f"(training {args.start}..{args.start + len(prompts) - 1}), {args.max_new_tokens}-token answers")
+          f"({delta.numel():,} numbers); {len(points)} points x {len(prompts)} {task.name} rows "
+          f"(training {args.start}..{args.start + len(prompts) - 1})"
+          + ("" if args.choice else f", {args.max_new_tokens}-token answers"))
     t0 = time.perf_counter()
-    inference.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=len(prompts), shared=shared)
+    if args.choice:
+        inference.score_candidates(model, tok, prompts, [task.choices(r) for r in rows], batch_size=len(prompts),
+                                   shared=shared, relative=True)
+    else:
+        inference.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=len(prompts),
+                           shared=shared)
     print(f"bodies + one probe first: {time.perf_counter() - t0:.1f} s")
     result = {"cpu": cpu_label(), "points": len(points), "questions": len(prompts), "start": args.start}
     print(f"{'way':<30}{'seconds':>9}{'ratio':>8}{'agreement':>16}{'memory':>12}")
@@ -133,6 +146,9 @@ def main() -> None:
             delta.copy_(base)
         return out
 
+    if args.choice:
+        choice(args, model, tok, task, rows, shared, stacked, each_point, line, result)
+        return
     if not args.ce_only:
         t0 = time.perf_counter()
         with rss_growth() as mem:
@@ -173,6 +189,38 @@ def main() -> None:
             result.update({f"{key}_ratio": round(sec / one, 3), f"{key}_max_rel_diff": float(f"{worst:.2e}"),
                            f"{key}_mib": round(mem["mib"])})
         shared_mod.PROBE_LOGITS = budgets[""]
+    print(json.dumps(result))
+
+
+def choice(args, model, tok, task, rows, shared, stacked, each_point, line, result) -> None:
+    """--choice: the candidates' scores one point at a time, then together."""
+    import numpy as np
+
+    from zoobj.model import inference
+
+    prompts, cands = [task.prompt(r) for r in rows], [task.choices(r) for r in rows]
+    norm = getattr(task, "length_normalize", True)
+
+    def soft(scores):
+        return [np.exp(np.asarray(s) - max(s)) / np.exp(np.asarray(s) - max(s)).sum() for s in scores]
+
+    t0 = time.perf_counter()
+    with rss_growth() as mem:
+        alone = each_point(lambda: inference.score_candidates(model, tok, prompts, cands, length_normalize=norm,
+                                                              batch_size=len(prompts), shared=shared, relative=True))
+    one = time.perf_counter() - t0
+    line("one at a time", one, one, "-", mem["mib"])
+    result.update(task=task.name, one_at_a_time_s=round(one, 2), one_at_a_time_mib=round(mem["mib"]))
+    for r in args.rows:
+        t0 = time.perf_counter()
+        with rss_growth() as mem:
+            together = shared.choice_probes(tok, prompts, cands, stacked, length_normalize=norm, rows=r)
+        sec = time.perf_counter() - t0
+        worst = max(float(np.abs(a - b).max()) for pa, pb in zip(alone, together)
+                    for a, b in zip(soft(pa), soft(pb)))
+        line(f"together, {r} rows", sec, one, f"max {worst:.1e}", mem["mib"])
+        result.update({f"together_{r}_ratio": round(sec / one, 3), f"together_{r}_max_prob_diff": float(f"{worst:.2e}"),
+                       f"together_{r}_mib": round(mem["mib"])})
     print(json.dumps(result))
 
 

@@ -427,6 +427,45 @@ def test_smoothed_f1_of_the_probes_together_is_each_probe_alone(tok):
     assert shared.misses == computed  # the prompt bodies the answers were generated over, reused
 
 
+@pytest.mark.parametrize("name", ["sst2", "rte"])  # " terrible" is two tokens here; RTE's Yes/No one each
+def test_classification_probes_together_score_as_each_probe_alone(tok, name):
+    """The smoothed accuracy and the hard accuracy of a classification task, its probes
+    together on the template tail, are each point's value alone (both candidate paths:
+    one-token candidates from the tail's logits, longer ones scored as targets)."""
+    from zoobj.run.objective import metric_objective
+
+    task = get_task(name)
+    rows = task.load("train")[:8]
+    model = tiny_gemma(len(tok), seed=3, layers=2, sliding_window=4096)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(30.0)
+    model, named = trainable_parameters(model, "template", tok=tok, template_tail=template_tail(task, tok, rows))
+    delta = named[0][1]
+    shared, _ = TemplateParams().fast_path(model, [delta])
+    gen = torch.Generator().manual_seed(6)
+    points = [[delta.detach() + 3.0 * torch.randn(delta.shape, generator=gen)] for _ in range(4)]
+    for smooth in (1.0, 0.0):
+        fn = metric_objective(model, tok, task, "accuracy", shared=shared, smooth=smooth, batch_size=4)
+        assert fn.together
+        alone = _moved(delta, [p[0] for p in points], lambda: fn(rows))
+        if smooth:
+            assert len({round(x, 6) for x in alone}) == 4  # the points score apart
+            assert fn.probes(rows, points) == pytest.approx(alone, rel=1e-5, abs=1e-7)
+        else:
+            assert fn.probes(rows, points) == alone
+    scores = shared.choice_probes(tok, [task.prompt(r) for r in rows], [task.choices(r) for r in rows],
+                                  torch.stack([p[0] for p in points]), rows=4)  # one point per forward
+    for point, p in zip(scores, points):
+        with torch.no_grad():
+            delta.copy_(p[0])
+        ref = inference.score_candidates(model, tok, [task.prompt(r) for r in rows], [task.choices(r) for r in rows],
+                                         relative=True)
+        for a, b in zip(point, ref):  # equal up to one constant per row
+            assert [x - a[0] for x in a] == pytest.approx([x - b[0] for x in b], abs=1e-4)
+    with torch.no_grad():
+        delta.zero_()
+
+
 def _moved(delta, points, fn):
     """``fn()`` with ``delta`` moved to each point in turn (the probes one at a time)."""
     base, out = delta.detach().clone(), []

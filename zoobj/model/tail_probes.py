@@ -277,6 +277,50 @@ class PromptBodyStore:
                     add(first + j, i, out.logits[j, : len(t)].float())
         return totals
 
+    @torch.inference_mode()
+    def choice_probes(self, tok, prompts: list[str], candidates: list[list[str]], deltas: torch.Tensor,
+                      length_normalize: bool = True, rows: int = PROBE_ROWS) -> list[list[list[float]]]:
+        """``scores[p][i][c]``: candidate ``c`` of prompt ``i`` at the point ``deltas[p]`` of
+        the tail, as ``inference.score_candidates(..., relative=True)`` gives with ``delta``
+        moved there (each row's scores may be off by one constant of that row: the softmax
+        over the candidates and the argmax are exact). Where every candidate is one token,
+        a point costs the tail's forward over each body and the candidates' logits; longer
+        candidates are scored as targets (``nll_rows``: mean or summed log-probability)."""
+        cand_ids = [encode(tok, cs, special=False) for cs in candidates]
+        for cs, ids in zip(candidates, cand_ids):
+            for c, i in zip(cs, ids):
+                if not i:
+                    raise ValueError(f"candidate {c!r} encodes to no tokens")
+        if any(len(i) != 1 for ids in cand_ids for i in ids):
+            pairs = [(i, c) for i, cs in enumerate(candidates) for c in range(len(cs))]
+            nll = self.nll_rows(tok, [prompts[i] for i, _ in pairs], [candidates[i][c] for i, c in pairs], deltas, rows)
+            scores: list[list[list[float]]] = [[[] for _ in prompts] for _ in nll]
+            for point, got in zip(scores, nll):
+                for (i, _), (total, count) in zip(pairs, got):
+                    point[i].append(-total / count if length_normalize else -total)
+            return scores
+        ids = encode(tok, prompts, special=True)
+        self.store.begin(tuple(p) for p in ids)
+        tail, dev = self.tail.tail, self.tail.delta.device
+        fit, long = self._split(ids, 0)
+        scores = [[[] for _ in prompts] for _ in range(deltas.shape[0])]
+        some = [ids[i] for i in fit]
+        for first, points, sel, cache, mask, starts in (self._points(some, deltas, rows) if some else ()):
+            n = len(mask)
+            out, _ = self._tails(deltas, first, points, len(sel), cache, mask, starts, tail[None].expand(n, -1),
+                                 torch.ones((n, len(tail)), dtype=torch.long, device=dev), keep=1)
+            logits = out.logits[:, -1].float()
+            for r in range(n):
+                i = fit[sel[r % len(sel)]]
+                scores[first + r // len(sel)][i] = [float(logits[r, c[0]]) for c in cand_ids[i]]
+        for i in long:
+            per = max(1, self._fit(1))
+            for first in range(0, deltas.shape[0], per):
+                out, _ = self._whole(ids[i], len(ids[i]), deltas[first : first + per], keep=1)
+                for j in range(out.logits.shape[0]):
+                    scores[first + j][i] = [float(out.logits[j, -1, c[0]]) for c in cand_ids[i]]
+        return scores
+
     def decode(self, keys: list, **inputs):
         self.decode_misses += 1
         return self.model(**inputs, use_cache=True)

@@ -145,15 +145,18 @@ def expected_metric(model, tok, task, metric, rows: Sequence[dict], temperature:
     """
     if not rows:
         return 0.0, 0
-    prompts = [task.prompt(r) for r in rows]
-    scores = inference.score_candidates(model, tok, prompts, [task.choices(r) for r in rows],
+    scores = inference.score_candidates(model, tok, [task.prompt(r) for r in rows], [task.choices(r) for r in rows],
                                         length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size,
                                         shared=shared, relative=True)  # a softmax over the candidates
-    refs = [task.reference(r) for r in rows]
-    widest = max(len(s) for s in scores)
+    return expectation(scores, choice_values(metric, task, rows), temperature)
+
+
+def choice_values(metric, task, rows: Sequence[dict]) -> np.ndarray:
+    """``value[i, c]``: the metric of answering candidate ``c`` on classification row ``i``
+    (NaN: the row has fewer candidates); what ``expected_metric`` weighs."""
+    widest = max(len(task.choices(r)) for r in rows)
     columns = [as_read(metric, task, [c] * len(rows), rows) for c in range(widest)]  # text for TRL's form
-    value = candidate_values(metric, columns, refs, prompts, rows)
-    return expectation(scores, value, temperature)
+    return candidate_values(metric, columns, [task.reference(r) for r in rows], [task.prompt(r) for r in rows], rows)
 
 
 def candidate_values(metric, columns: Sequence[list], refs: Sequence, prompts: Sequence[str],
@@ -244,7 +247,7 @@ class HardMetric:
     With a ``world`` (data-parallel), each rank predicts its shard, the predictions are
     gathered, and rank 0 computes the metric on the whole batch and broadcasts it: the
     loss is exactly the single-process one, for any metric (not only means). On a
-    template tail (a ``PromptBodyStore``) a generation task's probes run together."""
+    template tail (a ``PromptBodyStore``) the probes run together."""
 
     reads_weights = False  # prepare reads nothing of the model
 
@@ -252,7 +255,7 @@ class HardMetric:
                  world=None, shared=None, notify: Notify | None = None) -> None:
         self.model, self.tok, self.task, self.metric = model, tok, task, metric
         self.batch_size, self.max_new_tokens, self.world, self.shared = batch_size, max_new_tokens, world, shared
-        self._probes = _together(shared, world, self._at_points, notify) if task.kind == "generation" else None
+        self._probes = _together(shared, world, self._at_points, notify)
         self.together = self._probes is not None
 
     def _value(self, rows: Sequence[dict], preds: list) -> float:
@@ -285,6 +288,9 @@ class HardMetric:
     fallbacks = property(_fallbacks_of)
 
     def _at_points(self, rows: Sequence[dict], deltas) -> list[float]:
+        if self.task.kind == "classification":  # each point's prediction: its best-scored candidate
+            return [self._value(rows, [int(np.argmax(s)) for s in point])
+                    for point in _choice_scores(self.shared, self.tok, self.task, rows, deltas)]
         limit = self.max_new_tokens or getattr(self.task, "max_new_tokens", 50)
         answers = self.shared.generate_probes(self.tok, [self.task.prompt(r) for r in rows], deltas, limit)
         return [self._value(rows, a) for a in answers]
@@ -292,16 +298,17 @@ class HardMetric:
 
 class SmoothedChoice:
     """``--smooth T`` for classification: ``-E[metric]`` with predictions drawn from
-    ``softmax(scores / T)`` (see ``expected_metric``); its probes run one by one."""
+    ``softmax(scores / T)`` (see ``expected_metric``). On a template tail (a
+    ``PromptBodyStore``) the probes run together: every candidate scored at every point."""
 
     reads_weights = False  # prepare reads nothing of the model
 
-    together, fallbacks = False, 0
-
     def __init__(self, model, tok, task, metric: Callable, temperature: float, batch_size: int = 16,
-                 world=None, shared=None) -> None:
+                 world=None, shared=None, notify: Notify | None = None) -> None:
         self.model, self.tok, self.task, self.metric = model, tok, task, metric
         self.temperature, self.batch_size, self.world, self.shared = temperature, batch_size, world, shared
+        self._probes = _together(shared, world, self._at_points, notify)
+        self.together = self._probes is not None
 
     def __call__(self, rows: Sequence[dict]) -> float:
         mine = rows if self.world is None else self.world.shard(rows)
@@ -312,8 +319,20 @@ class SmoothedChoice:
     def prepare(self, rows: Sequence[dict]) -> None:
         """Nothing: the candidates are the task's."""
 
-    def probes(self, rows: Sequence[dict], points: Sequence) -> None:
-        return None
+    probes = _probes_of  # ProbesTogether where it applies, else None
+    fallbacks = property(_fallbacks_of)
+
+    def _at_points(self, rows: Sequence[dict], deltas) -> list[float]:
+        value = choice_values(self.metric, self.task, rows)
+        return [-total / counted if counted else float("nan")
+                for total, counted in (expectation(scores, value, self.temperature)
+                                       for scores in _choice_scores(self.shared, self.tok, self.task, rows, deltas))]
+
+
+def _choice_scores(store, tok, task, rows: Sequence[dict], deltas) -> list[list[list[float]]]:
+    """Each classification row's candidate scores at every point of the tail at once."""
+    return store.choice_probes(tok, [task.prompt(r) for r in rows], [task.choices(r) for r in rows], deltas,
+                               length_normalize=getattr(task, "length_normalize", True))
 
 
 class AnswerSet:
@@ -473,7 +492,7 @@ def metric_objective(model, tok, task, metric: str | Callable, batch_size: int =
     if smooth and task.kind == "generation":
         return SmoothedGeneration(model, tok, task, fn, smooth, batch_size, max_new_tokens, world, shared, notify)
     if smooth:
-        return SmoothedChoice(model, tok, task, fn, smooth, batch_size, world, shared)
+        return SmoothedChoice(model, tok, task, fn, smooth, batch_size, world, shared, notify)
     return HardMetric(model, tok, task, fn, batch_size, max_new_tokens, world, shared, notify)
 
 
