@@ -256,3 +256,67 @@ def test_eps_auto_with_smooth_builds_each_answer_set_at_the_unperturbed_weights(
         base = predict(model, tok, task, b, max_new_tokens=3)
         held = objective.held[tuple(task.prompt(r) for r in b)]  # prepared during the calibration, not now
         assert [t[0] for t in held.texts] == [g.strip() or t[0] for g, t in zip(base, held.texts)]
+
+
+def linear_losses(sensitivity: float, w: torch.Tensor) -> list:
+    """Eight batches' losses: an offset each (the spread over batches) plus a linear answer
+    to the weights, ``sensitivity`` times as strong."""
+    g = torch.Generator().manual_seed(7)
+    return [lambda o=float(o), v=torch.randn(w.shape, generator=g): o + sensitivity * float((w * v).sum())
+            for o in torch.randn(8, generator=g)]
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["probes-together", "one-by-one"])
+def test_scale_auto_grows_the_step_as_much_as_the_model_answers_less(hooks):
+    from zoobj.engine.calibrate import calibrate_scale
+
+    w = torch.zeros(32)
+    strong, weak = linear_losses(1.0, w), linear_losses(0.25, w)
+    r1 = calibrate_scale([w], strong, 0.01, grid=[1.0], target=0.0).tested[0]["response"]  # at x1, the strong loss
+    assert r1 > 0
+    probes = None
+    if hooks:  # the closures' points together, as an objective's probes give them
+        def together(closure):
+            def at(points):
+                base = w.clone()
+                out = []
+                for p in points:
+                    w.copy_(p[0])
+                    out.append(closure())
+                w.copy_(base)
+                return out
+            return at
+        probes = [together(c) for c in weak]
+    found = calibrate_scale([w], weak, 0.01, target=0.99 * r1, probes=probes)
+    assert found.scale == 4.0 and found.why is None  # a quarter the answer: four times the step
+    assert [t["scale"] for t in found.tested] == [1.0, 4.0, 2.0, 3.0]  # 1 first, then bisection over 1.5 .. 8
+    assert [t["scale"] for t in calibrate_scale([w], strong, 0.01, target=0.99 * r1).tested] == [1.0]  # one round
+    assert bool((w == 0).all())  # the weights as they were
+    flat = calibrate_scale([w], [lambda: 1.0] * 4, 0.01)
+    assert flat.scale == 1.0 and "no spread" in flat.why
+    deaf = calibrate_scale([w], linear_losses(1e-9, w), 0.01)
+    assert deaf.scale == 8.0 and "no factor up to 8" in deaf.why
+
+
+def test_a_run_with_scale_auto_records_it_and_is_the_run_given_that_scale(model_dir, tmp_path):
+    from zoobj.engine import trajectory as tj
+    from zoobj.run.export import rebuild
+    from zoobj.run.train import TrainConfig, run
+
+    out = tmp_path / "auto"
+    run(TrainConfig(output=str(out), model=model_dir, scale="auto", eps=1e-3, **SETTINGS))
+    saved = tj.read_json(out / tj.CONFIG)
+    cal = saved["scale_calibration"]
+    assert saved["scale"] == cal["scale"] in cal["grid"] and cal["directions"] == 4
+    assert [x for x in tj.read_jsonl(out / tj.LOG) if x.get("event") == "scale_auto"][0]["scale"] == cal["scale"]
+    given = tmp_path / "given"
+    run(TrainConfig(output=str(given), model=model_dir, scale=cal["scale"], eps=1e-3, **SETTINGS))
+    assert tj.read_trajectory(given / tj.TRAJECTORY) == tj.read_trajectory(out / tj.TRAJECTORY)
+    run(TrainConfig(output=str(out), model=model_dir, scale="auto", eps=1e-3, **{**SETTINGS, "steps": 3}), resume=True)
+    assert len([x for x in tj.read_jsonl(out / tj.LOG) if x.get("event") == "scale_auto"]) == 1  # not probed again
+    run(TrainConfig(output=str(given), model=model_dir, scale=cal["scale"], eps=1e-3, **{**SETTINGS, "steps": 3}),
+        resume=True)
+    assert tj.read_trajectory(given / tj.TRAJECTORY) == tj.read_trajectory(out / tj.TRAJECTORY)
+    (_, ours), (_, theirs) = rebuild(out), rebuild(given)
+    for a, b in zip(ours.params, theirs.params, strict=True):
+        assert torch.equal(a, b)

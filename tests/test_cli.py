@@ -398,11 +398,11 @@ def test_compare_arms_share_the_default_recipe_but_its_smoothing(tmp_path, monke
     monkeypatch.setattr(compare, "_plot", lambda *a: None)
     assert cli("compare", "--task", "rte", "--output", tmp_path) == 0
     ce, metric = arms
-    same = ("peft", "n", "shaping", "lr", "eps", "steps", "batch_size", "seed", "eval_every", "keep", "recipe")
+    same = ("peft", "n", "shaping", "lr", "eps", "scale", "steps", "batch_size", "seed", "eval_every", "keep", "recipe")
     assert [getattr(ce, k) for k in same] == [getattr(metric, k) for k in same]
     assert (metric.peft, metric.n, metric.recipe, metric.keep) == ("template", 8, "default classification", "best")
     assert (ce.objective, ce.smooth, metric.objective, metric.smooth) == ("ce", 0.0, "metric", 1.0)
-    assert ("population 8 (zscore), lr 0.2, eps 0.2 for both arms, the metric smoothed (T = 1) "
+    assert ("population 8 (zscore), lr 0.2, eps 0.2, scale auto for both arms, the metric smoothed (T = 1) "
             "(default classification recipe)") in (tmp_path / "report.md").read_text()
 
 
@@ -435,7 +435,7 @@ def test_export_of_a_prefix_run_says_it_is_a_peft_adapter(model_dir, tmp_path, c
 
 @pytest.mark.parametrize("args, said", [
     (["train", "--task", "sst2", "--lr", "abc"], "Invalid value for '--lr'"),
-    (["train", "--tsak", "sst2"], "No such option: --tsak (Possible options: --task)"),
+    (["train", "--tsak", "sst2"], "No such option: --tsak (Possible options: --scale, --task)"),
     (["trian"], "No such command 'trian'. Did you mean 'train'?"),
     (["export", "RUN"], "Missing option '--output'"),
 ])

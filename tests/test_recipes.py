@@ -7,6 +7,8 @@ import random
 
 import pytest
 
+from zoobj.errors import ConfigError
+
 from tests.test_tasks import CLASSIFICATION_TOML, write_jsonl, write_toml
 from zoobj.run.config import TrainConfig
 from zoobj.run.recipes import DEFAULT_RECIPES, NO_TAIL
@@ -48,6 +50,21 @@ def test_any_flag_given_wins_and_the_cross_entropy_arm_shares_lr_and_eps():
     assert (full.recipe, full.n, full.shaping, full.lr, full.steps, full.smooth) == (None, 1, "none", 1e-6, 20, 0.0)
     metric, ce = (TrainConfig(task="rte", objective=o).resolved() for o in ("metric", "ce"))
     assert settings(ce) == (*settings(metric)[:-1], 0.0)  # smoothing is the metric's; the rest is shared
+    assert metric.scale == ce.scale == "auto"  # the same rule for both arms
+
+
+def test_the_recipes_scale_auto_yields_to_a_given_lr_or_eps_or_scale():
+    assert TrainConfig(task="sst2").resolved().scale == "auto"
+    assert TrainConfig(task="sst2", lr=0.3).resolved().scale == 1.0  # the lr given is the lr used
+    assert TrainConfig(task="sst2", eps=0.3).resolved().scale == 1.0
+    assert TrainConfig(task="sst2", scale="3").resolved().scale == 3.0
+    assert TrainConfig(task="squad").resolved().scale == 1.0  # a task's own recipe sets its lr and eps as they are
+    with pytest.raises(ConfigError, match="--scale must be a number > 0 or auto, got 'big'"):
+        TrainConfig(task="sst2", scale="big").resolved()
+    with pytest.raises(ConfigError, match="--scale must be a finite number > 0 or auto, got -1"):
+        TrainConfig(task="sst2", scale=-1.0).resolved()
+    with pytest.raises(ConfigError, match="choose one"):
+        TrainConfig(task="sst2", scale="auto", eps="auto").resolved()
 
 
 def test_a_user_task_whose_prompts_end_with_the_row_trains_a_prefix(tmp_path, model_dir):
@@ -96,6 +113,8 @@ def test_a_user_toml_task_goes_through_the_default_recipe(tmp_path, model_dir):
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"] == "default classification"
     assert (config["peft"], config["n"], config["shaping"], config["smooth"]) == ("template", 8, "zscore", 1.0)
+    cal = config["scale_calibration"]  # settings calibrated before the first step, recorded
+    assert config["scale"] == cal["scale"] in cal["grid"] and cal["spread"] > 0 and cal["tested"]
     assert config["param_set"]["text"] == "\nTopic:" and config["unit"] > 0
     assert config["keep"] == "best" and config["dev_at_start"]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

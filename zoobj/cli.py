@@ -280,6 +280,7 @@ class _Progress:
                            f"{' (' + cfg.metric + ')' if cfg.objective == 'metric' else ''} · model {cfg.model} · "
                            f"{_count(info['trainable'])} trainable ({cfg.peft}) · lr {cfg.lr:g} eps {cfg.eps:g} "
                            f"{_in_units(info.get('unit', 1.0))}"
+                           f"{f'(x{cfg.scale:g}: --scale) ' if cfg.scale not in (None, 1) else ''}"
                            f"· batch {cfg.batch_size}"
                            f"{f' · population {cfg.n} ({cfg.shaping})' if (cfg.n or 1) > 1 else ''}"
                            f"{f' · smooth {cfg.smooth:g}' if cfg.smooth else ''}"
@@ -297,7 +298,23 @@ class _Progress:
             self.task_id = None
 
 
-def _summary(result: dict, metric: str) -> None:
+def _levers(cfg) -> str:
+    """What a run that did not move could try next, leaving out what it already used."""
+    out = ["more --steps"]
+    if cfg is not None and cfg.scale not in (None, 1, 1.0):
+        out.append(f"a larger --scale (this run's: x{cfg.scale:g})")
+    elif cfg is None or cfg.eps != "auto":
+        out.append("--eps auto (the smallest eps that unties)")
+    if cfg is None or (cfg.n or 1) == 1:
+        out.append("a population (--n 8 --shaping zscore)")
+    if cfg is None or (cfg.objective == "metric" and not cfg.smooth):
+        out.append("--smooth T")
+    if cfg is None or cfg.batch_size < 32:
+        out.append("a larger --batch-size")
+    return ", ".join(out[:-1]) + " or " + out[-1]
+
+
+def _summary(result: dict, metric: str, cfg=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -327,9 +344,7 @@ def _summary(result: dict, metric: str) -> None:
     Console().print(table)
     print(f"run dir: {result['run_dir']}")  # whole, on its own line: a log's width never cuts it
     if result["steps"] and result["tie_rate"] >= 1.0:
-        print("note: every probe tied (l+ == l- along every direction): the weights never moved. Levers: --eps auto "
-              "(the smallest eps that unties), a larger --batch-size, a population (--n 8 --shaping zscore), or "
-              "--smooth T")
+        print(f"note: every probe tied (l+ == l- along every direction): the weights never moved. Levers: {_levers(cfg)}")
     zero_note = collapse_note({**result, "collapsed": result.get("zero_shot_collapsed"),
                                "predicted": result.get("zero_shot_predicted") or {}}, "the model as given")
     for note in (zero_note, collapse_note(result, "the final model")):
@@ -337,8 +352,7 @@ def _summary(result: dict, metric: str) -> None:
             print(note)
     if result["steps"] and kept == 0:
         print(f"note: no step beat the model you gave on dev ({metric} {result['best_dev']:.4f} before the first "
-              "step), so the result is that model, unchanged. Levers: more --steps, --eps auto, a population "
-              "(--n 8 --shaping zscore), or --smooth T")
+              f"step), so the result is that model, unchanged. Levers: {_levers(cfg)}")
     line = f"{metric}: {result['value']:.4f} after {result['steps']} step{'s' if result['steps'] != 1 else ''}"
     if result["steps"] and kept == 0:
         line += " (none kept)"
@@ -400,7 +414,7 @@ def train_cmd(**flags) -> None:
     finally:
         distributed.close(world)
     if main:
-        _summary(result, cfg.metric or result["metric"])
+        _summary(result, cfg.metric or result["metric"], cfg)
 
 
 def _steps_on_disk(run_dir) -> int:

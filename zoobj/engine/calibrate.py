@@ -1,4 +1,5 @@
-"""``--eps auto``: the smallest perturbation scale at which the loss notices the perturbation.
+"""``--eps auto``: the smallest perturbation scale at which the loss notices the perturbation;
+``--scale auto``: how much larger lr and eps must be for this model to answer a probe.
 
 A metric with steps -- accuracy over a batch, F1 of a few greedy answers -- returns
 exactly the same number at ``theta + eps z`` and ``theta - eps z`` when ``eps`` is too
@@ -21,6 +22,14 @@ trained tensors), which is also the fallback where a trained tensor is used outs
 its module's forward. The probe directions come from a step index no run reaches, so
 they are not the directions of the run's first steps.
 
+``calibrate_scale`` measures how far a probe moves the loss against how far the loss
+moves from one batch to the next (its spread at the unperturbed weights): a model that
+answers the same relative perturbation a quarter as much gets a larger step and probe,
+the smallest factor of an ascending grid at which the median probe's ``|l+ - l-| / 2``
+reaches ``target`` times the spread (never below 1: the settings it scales were chosen
+where the model answers). The grid's first factor is tried first (one round where it is
+enough), then the rest by bisection.
+
 >>> import torch
 >>> w = torch.zeros(8)
 >>> flips = lambda: float((w > 0.05).sum())   # a loss with plateaus
@@ -32,6 +41,7 @@ they are not the directions of the run's first steps.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +53,11 @@ from zoobj.engine.perturb import Forward, InPlace, NotReachable, atomic
 CALIBRATION_STEP = 1 << 40  # the step index of the probe directions: a step no run reaches
 MAX_TIE_FRACTION = 0.25
 PROBES = 8
+SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # --scale auto's grid
+# a probe's median |l+ - l-| / 2 as a share of the loss's spread over batches: what Gemma-3-270M's
+# template tail gives at the default recipe's lr and eps on SST-2's training batches (0.06; docs/guide.md)
+TARGET_RESPONSE = 0.05
+DIRECTIONS = 4  # --scale auto: probe directions per batch
 
 
 def eps_grid(base: float, low: int = 0, high: int = 4) -> list[float]:
@@ -110,6 +125,113 @@ def calibrate_eps(params: Sequence[torch.Tensor], closures: Sequence[Callable[[]
             lo = mid + 1
     cal.eps = grid[best] if best is not None else None
     return cal
+
+
+@dataclass
+class ScaleCalibration:
+    """What ``calibrate_scale`` found: ``scale``; ``spread``, the standard deviation of the
+    closures' losses at the unperturbed weights; ``tested``: each factor tried, in order,
+    with ``response``, the median probe's ``|l+ - l-| / 2`` over ``spread``; ``why``: a
+    line where the factor was not found by the target (no spread, or none reached it)."""
+
+    scale: float
+    spread: float
+    target: float
+    directions: int
+    grid: list[float]
+    tested: list[dict] = field(default_factory=list)
+    why: str | None = None
+
+    def as_dict(self) -> dict:
+        out = {"scale": self.scale, "spread": self.spread, "target": self.target, "directions": self.directions,
+               "grid": self.grid, "tested": self.tested}
+        return {**out, "why": self.why} if self.why else out
+
+
+def calibrate_scale(params: Sequence[torch.Tensor], closures: Sequence[Callable[[], float]], eps: float, *,
+                    grid: Sequence[float] = SCALES, target: float = TARGET_RESPONSE, directions: int = DIRECTIONS,
+                    seed: int = 0, model: torch.nn.Module | None = None, noise: str = "auto", kind: str = "gaussian",
+                    probes: Sequence[Callable[[list], list[float] | None]] | None = None) -> ScaleCalibration:
+    """The smallest factor ``k`` in ``grid`` at which ``directions`` seeded probes per
+    closure at ``k * eps`` move the loss by at least ``target`` times its spread over the
+    closures (see the module docstring); the largest where none does, 1 where the losses
+    have no spread. ``probes[j]`` (optional): closure ``j``'s points together, as
+    ``MeZO.step(probes=)`` takes them (None: one by one). The weights are never left moved."""
+    grid = sorted(float(k) for k in grid)
+    if not grid or not all(math.isfinite(k) and k > 0 for k in grid):
+        raise ValueError(f"the scale grid must hold finite values > 0, got {list(grid)!r}")
+    if len(closures) < 2:
+        raise ValueError("calibrate_scale needs at least two closures (the loss's spread is over them)")
+    base = [float(c()) for c in closures]
+    spread = float(torch.tensor(base, dtype=torch.float64).std(unbiased=False)) if all(map(math.isfinite, base)) else 0.0
+    cal = ScaleCalibration(grid[0], spread, target, directions, grid)
+    if not spread > 0:
+        cal.why = "the loss is the same on every batch (or not finite): no spread to measure a probe against"
+        return cal
+    lo, hi, best = 0, len(grid), None
+    while lo < hi:
+        mid = 0 if not cal.tested else (lo + hi) // 2  # the smallest first: where the settings were chosen it is enough
+        pairs = _pairs(list(params), closures, eps * grid[mid], seed, directions, model, kernel_for(noise, kind), probes)
+        response = statistics.median(abs(lp - lm) / 2 if math.isfinite(lp) and math.isfinite(lm) else 0.0
+                                     for lp, lm in pairs)
+        cal.tested.append({"scale": grid[mid], "response": round(response / spread, 4)})
+        if response >= target * spread:
+            best, hi = mid, mid
+        else:
+            lo = mid + 1
+    if best is None:
+        best, cal.why = len(grid) - 1, f"no factor up to {grid[-1]:g} moved the loss by {target:g} of its spread"
+    cal.scale = grid[best]
+    return cal
+
+
+def _pairs(params: list, closures, eps: float, seed: int, directions: int, model, kernel,
+           probes=None) -> list[tuple[float, float]]:
+    """``(l+, l-)`` of ``directions`` seeded probes per closure at scale ``eps`` (the scale
+    calibration's; its own seeds), together through ``probes[j]`` where it answers."""
+    out = []
+    for j, closure in enumerate(closures):
+        seeds = [step_seed(seed, CALIBRATION_STEP + 1, j * directions + d) for d in range(directions)]
+        losses = None
+        if probes is not None and probes[j] is not None:
+            losses = probes[j](InPlace(list(enumerate(params)), eps, kernel).points(seeds))
+        if losses is not None:
+            out += [(float(losses[2 * d]), float(losses[2 * d + 1])) for d in range(directions)]
+            continue
+        for s in seeds:
+            out.append(_one_probe(params, closure, eps, s, model, kernel))
+    return out
+
+
+def _one_probe(params: list, closure, eps: float, s: int, model, kernel) -> tuple[float, float]:
+    """l+ and l- of one direction, through forward hooks where ``model`` allows, else
+    written in place and copied back; the weights as they were, also when ``closure`` raises."""
+    trained = list(enumerate(params))
+    try:
+        if model is not None:
+            return _pair(Forward(trained, eps, kernel, model), closure, s, None, params)
+    except NotReachable:
+        pass
+    return _pair(InPlace(trained, eps, kernel), closure, s, [p.detach().to("cpu", copy=True) for p in params], params)
+
+
+def _pair(perturb, closure, s: int, held, params) -> tuple[float, float]:
+    try:
+        perturb.shift(s, +1.0)
+        lp = float(closure())
+        perturb.check_reached()
+        perturb.shift(s, -2.0)
+        lm = float(closure())
+        perturb.shift(s, +1.0)
+        return lp, lm
+    finally:
+        if held is None:
+            perturb.restore(0)
+            perturb.release()
+        else:
+            with atomic(), torch.no_grad():
+                for p, h in zip(params, held):
+                    p.copy_(h.to(p.device))
 
 
 def _probe_round(params: list, closures, base: list[float], eps: float, seed: int, model, kernel) -> dict:

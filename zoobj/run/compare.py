@@ -64,7 +64,7 @@ def compare(task: str, ce_lr: float | None = None, output: str | None = None, re
 
     lines = [f"# zoobj compare: {t.name}, {metric}", "",
              f"Model {base.model}; {base.steps} steps, batch {base.batch_size}, seed {base.seed}, parameters: {base.peft}; "
-             f"population {base.n} ({base.shaping}), lr {base.lr:g}, eps {base.eps} for both arms"
+             f"population {base.n} ({base.shaping}), lr {base.lr:g}, eps {base.eps}{_scale(base)} for both arms"
              f"{f', the metric smoothed (T = {base.smooth:g})' if base.smooth else ''}"
              f"{f' ({base.recipe} recipe)' if base.recipe else ''}; "
              f"evaluated on the first {zero['n']} examples of {zero['split']} (95% bootstrap intervals).", "",
@@ -110,13 +110,20 @@ def differences(arms: dict) -> list[str]:
     return out
 
 
+def _scale(cfg) -> str:
+    return f", scale {cfg.scale}" if cfg.scale != 1 else ""
+
+
 def _eps(result: dict) -> str:
-    """The eps an arm ran with (from its config.json: --eps auto chooses it per arm)."""
+    """The eps an arm ran with and its scale (from its config.json: --eps auto and --scale
+    auto choose them per arm)."""
     config = Path(result.get("run_dir", "")) / tj.CONFIG
     if "run_dir" not in result or not config.exists():
         return "-"
     saved = tj.read_json(config)
-    return f"{saved['eps']:g}" + (" (auto)" if "eps_calibration" in saved else "")
+    scale = saved.get("scale", 1.0)
+    return (f"{saved['eps']:g}" + (" (auto)" if "eps_calibration" in saved else "")
+            + (f" x{scale:g}" if scale != 1 else "") + (" (scale auto)" if "scale_calibration" in saved else ""))
 
 
 def _plot(arms: dict, metric: str, path: Path) -> None:

@@ -76,6 +76,12 @@ class TrainConfig:
                                       "on a half-decade grid from the default up to 100x at which at most 2 of 8 "
                                       "seeded probe directions leave the loss unchanged (recorded in config.json).",
                                       shown=_paper(1), cli_type=str)
+    scale: float | str | None = setting(None, "Multiply lr and eps by this, or auto: before the first step, the "
+                                        "smallest of 1, 1.5, 2, 3, 4, 6, 8 at which a probe moves the loss by 1/20 of "
+                                        "its spread from batch to batch (recorded in config.json): the same settings "
+                                        "for a model that answers a perturbation less.",
+                                        shown="1, or the default recipe's auto unless --lr or --eps is given",
+                                        cli_type=str)
     n: int | None = setting(None, "Perturbations per step (n-SPSA), all evaluated on the same batch.",
                             shown="1, or the task's recipe")
     shaping: str | None = setting(None, "How a step's 2n losses become the update: none ((l+ - l-) / 2 eps, the "
@@ -176,13 +182,7 @@ class TrainConfig:
 
         get_metric(c.metric)  # a bad name fails here, before any model is loaded
         check_fits(c.metric, task.kind, task.name)
-        lr, eps = PAPER_DEFAULTS[c.peft]
-        c.lr = lr if c.lr is None else c.lr
-        c.eps = eps if c.eps is None else _eps_value(c.eps)
-        if not (math.isfinite(c.lr) and c.lr >= 0):
-            raise ConfigError(f"--lr must be a finite number >= 0, got {c.lr}")
-        if c.eps != AUTO and not (math.isfinite(c.eps) and c.eps > 0):
-            raise ConfigError(f"--eps must be a finite number > 0 or auto, got {c.eps}")
+        _step_settings(c)
         if c.output is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             c.output = str(Path("runs") / f"{_plain(task.name)}-{_plain(c.metric) if c.objective == 'metric' else 'ce'}"
@@ -191,14 +191,15 @@ class TrainConfig:
 
 
 # What a setting left unset means where no recipe sets it (or the run leaves the recipe).
-DEFAULTS = {"steps": 20, "batch_size": 8, "n": 1, "shaping": "none", "peft": "none", "smooth": 0.0}
+DEFAULTS = {"steps": 20, "batch_size": 8, "n": 1, "shaping": "none", "peft": "none", "smooth": 0.0, "scale": 1.0}
 
 
 def _fill_defaults(c: TrainConfig, task) -> None:
     """Settings left unset (None) take the task's recipe -- its own (``task.recipe``) or
     the default one for its kind (``zoobj.run.recipes``) -- when the run keeps the
     recipe's parameter set (``--peft`` unset or the same), then the defaults above;
-    ``smooth`` only for the metric objective. lr and eps left unset after that are the
+    ``smooth`` only for the metric objective, ``scale`` only where neither lr nor eps is
+    given (a given lr or eps is the one used). lr and eps left unset after that are the
     paper's for the parameter set (``PAPER_DEFAULTS``). ``recipe`` records whose recipe
     it was (None: none applied; a resumed run's settings are all set already)."""
     if c.recipe is None and any(getattr(c, key) is None for key in recipes.KEYS):
@@ -206,11 +207,29 @@ def _fill_defaults(c: TrainConfig, task) -> None:
         if recipe and c.peft in (None, recipe.get("peft", "none")):
             c.recipe = source
             for key in recipes.KEYS:
-                if getattr(c, key) is None and key in recipe and (key != "smooth" or c.objective == "metric"):
+                if getattr(c, key) is None and key in recipe and (key != "smooth" or c.objective == "metric") \
+                        and (key != "scale" or (c.lr is None and c.eps is None)):
                     setattr(c, key, recipe[key])
     for key, value in DEFAULTS.items():
         if getattr(c, key) is None:
             setattr(c, key, value)
+
+
+def _step_settings(c: TrainConfig) -> None:
+    """lr, eps and scale: the parameter set's lr and eps where unset (``PAPER_DEFAULTS``),
+    each checked."""
+    lr, eps = PAPER_DEFAULTS[c.peft]
+    c.lr = lr if c.lr is None else c.lr
+    c.eps = eps if c.eps is None else _eps_value(c.eps)
+    if not (math.isfinite(c.lr) and c.lr >= 0):
+        raise ConfigError(f"--lr must be a finite number >= 0, got {c.lr}")
+    if c.eps != AUTO and not (math.isfinite(c.eps) and c.eps > 0):
+        raise ConfigError(f"--eps must be a finite number > 0 or auto, got {c.eps}")
+    c.scale = _eps_value(c.scale, "--scale")
+    if c.scale != AUTO and not (math.isfinite(c.scale) and c.scale > 0):
+        raise ConfigError(f"--scale must be a finite number > 0 or auto, got {c.scale}")
+    if c.scale == AUTO and c.eps == AUTO:
+        raise ConfigError("--scale auto and --eps auto each calibrate eps before the first step: choose one")
 
 
 def _plain(name: str) -> str:
@@ -226,7 +245,7 @@ def _plain(name: str) -> str:
     return re.sub(r"[^\w.-]+", "-", name).strip("-.") or "run"
 
 
-def _eps_value(eps: float | str) -> float | str:
+def _eps_value(eps: float | str, flag: str = "--eps") -> float | str:
     """A number, or ``AUTO`` (calibrated before the first step: ``zoobj.engine.calibrate``)."""
     if not isinstance(eps, str):
         return eps
@@ -235,7 +254,7 @@ def _eps_value(eps: float | str) -> float | str:
     try:
         return float(eps)
     except ValueError:
-        raise ConfigError(f"--eps must be a number > 0 or auto, got {eps!r}") from None
+        raise ConfigError(f"{flag} must be a number > 0 or auto, got {eps!r}") from None
 
 
 def _one_of(value: str, choices: tuple[str, ...], what: str) -> None:
@@ -298,8 +317,9 @@ def check_same_run(cfg: TrainConfig, saved: dict, out: Path) -> None:
     the trajectory or its evaluation must be the run's own (``steps`` and ``keep`` may change)."""
     ours = {k: v for k, v in recorded_settings(cfg).items()
             if k not in RESUMABLE_CHANGES and k != "model"}  # the model is compared by its weights' hash
-    if ours.get("eps") == AUTO and "eps_calibration" in saved:  # the run calibrated its eps when it began
-        del ours["eps"]
+    for key in ("eps", "scale"):
+        if ours.get(key) == AUTO and f"{key}_calibration" in saved:  # the run calibrated it when it began
+            del ours[key]
     differ = [k for k, v in ours.items() if (saved[k] if k in saved else _DEFAULTS.get(k)) != v]
     if differ:
         shown = ", ".join(f"{k} {ours[k]!r} (the run's: {saved.get(k, _DEFAULTS.get(k))!r})" for k in differ)
@@ -325,14 +345,14 @@ def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
     trajectory: resuming a finished run with ``--keep best`` re-does only its final
     evaluation), any other flag must agree."""
     cfg = load_run_config(run_dir)
-    calibrated = "eps_calibration" in tj.read_json(Path(run_dir) / tj.CONFIG)
+    saved = tj.read_json(Path(run_dir) / tj.CONFIG)
     for key, value in overrides.items():
         if value is None or key in ("output", "steps", "keep", "save_model", "report_to"):  # per invocation, not saved
             continue
-        if key == "eps":  # the command line gives it as text
-            value = _eps_value(value)
-            if value == AUTO and calibrated:
-                continue  # the run was made with --eps auto: its calibrated eps stands
+        if key in ("eps", "scale"):  # the command line gives them as text
+            value = _eps_value(value, f"--{key}")
+            if value == AUTO and f"{key}_calibration" in saved:
+                continue  # the run was made with --eps / --scale auto: what it calibrated stands
         if getattr(cfg, key) != value:
             raise ConfigError(f"--{key.replace('_', '-')} {value!r} contradicts the run's {getattr(cfg, key)!r} "
                               f"({run_dir}/config.json); leave it out when resuming")

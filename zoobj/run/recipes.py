@@ -8,8 +8,10 @@ the prompt's closing words, ``zoobj.model.template``) with a z-scored population
 
 - the tail's lr and eps are in units of its own vectors' RMS, so a step moves the tail
   by the same fraction of its size on any model (Gemma-3-270M's tail vectors have RMS
-  1.03, SmolLM2-135M's about 0.1) -- what the model makes of that move differs
-  (docs/results.md, the default recipe);
+  1.03, SmolLM2-135M's about 0.1); what the model makes of that move differs, so for
+  classification ``scale auto`` multiplies both by the smallest factor at which a probe
+  moves the loss as much, against its spread over batches, as Gemma's does at 1
+  (``zoobj.engine.calibrate.calibrate_scale``; never below 1);
 - z-scored losses make lr a step length per unit of noise whatever the loss's scale,
   so the cross-entropy and the metric arms of ``zoobj compare`` share one lr and eps;
 - the tail shifts every candidate's score at once: it can move a classification task
@@ -26,15 +28,17 @@ from __future__ import annotations
 
 POPULATION = (("n", 8), ("shaping", "zscore"))
 DEFAULT_RECIPES = {
-    "classification": (("peft", "template"), *POPULATION, ("steps", 40), ("batch_size", 16), ("smooth", 1.0)),
+    "classification": (("peft", "template"), *POPULATION, ("steps", 40), ("batch_size", 16), ("smooth", 1.0),
+                       ("scale", "auto")),
     "generation": (("peft", "template"), *POPULATION, ("steps", 20), ("batch_size", 16),
                    ("train_max_new_tokens", 16)),
 }
 NO_TAIL = {
-    "classification": (("peft", "prefix"), *POPULATION, ("steps", 40), ("batch_size", 16), ("smooth", 1.0)),
+    "classification": (("peft", "prefix"), *POPULATION, ("steps", 40), ("batch_size", 16), ("smooth", 1.0),
+                       ("scale", "auto")),
     "generation": (("peft", "prefix"), *POPULATION, ("steps", 20), ("batch_size", 16), ("train_max_new_tokens", 16)),
 }
-KEYS = ("peft", "n", "shaping", "lr", "eps", "steps", "batch_size", "train_max_new_tokens", "smooth")
+KEYS = ("peft", "n", "shaping", "lr", "eps", "steps", "batch_size", "train_max_new_tokens", "smooth", "scale")
 
 
 TASK, DEFAULT, NO_TAIL_SAID = "task", "default", "no template tail"

@@ -80,7 +80,9 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict |
     is replayed with the noise kernel that made it (compiled and eager agree only to
     float32 rounding), or a ConfigError says why that cannot be done here.
     ``calibrate(model, tok, params, param_set)``: called once the trained tensors are chosen and
-    before the optimizer is built (``--eps auto`` sets ``cfg.eps`` there)."""
+    before the optimizer is built (``--eps auto`` sets ``cfg.eps`` there, ``--scale auto``
+    ``cfg.scale``). The optimizer's lr and eps are ``cfg.lr`` and ``cfg.eps`` times the
+    parameter set's unit times ``cfg.scale``."""
     from zoobj.model.loading import load_model
 
     if model is None:
@@ -91,10 +93,11 @@ def prepare(cfg: TrainConfig, model=None, tok=None, world=None, recorded: dict |
     unit = unit_of(param_set, model, params, recorded)
     if calibrate is not None:
         calibrate(model, tok, params, param_set)
+    step = unit * float(cfg.scale if cfg.scale is not None else 1.0)  # the set's unit, times --scale
     query = world is not None and cfg.parallel == "query"
     noise = _recorded_noise(recorded, params, cfg.output)
     try:
-        opt = MeZO(params, lr=cfg.lr * unit, eps=cfg.eps * unit, seed=cfg.seed, n=cfg.n, rule=cfg.rule, shaping=cfg.shaping,
+        opt = MeZO(params, lr=cfg.lr * step, eps=cfg.eps * step, seed=cfg.seed, n=cfg.n, rule=cfg.rule, shaping=cfg.shaping,
                    weight_decay=cfg.weight_decay, schedule=lr_schedule, perturb=cfg.perturb or "inplace", model=model,
                    shard=(world.rank, world.size) if query else None,
                    exchange=world.exchange_rows if query else None, noise=cfg.noise, noise_backend=noise,

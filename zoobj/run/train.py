@@ -173,7 +173,7 @@ class RunState:
     world: object
     resume: bool
     report: Callable[[str, dict], None]
-    calibration: dict | None = None  # --eps auto: what calibrate_eps found (a new run)
+    calibration: dict | None = None  # --eps / --scale auto: what each calibration found, by setting (a new run)
     start_step: int = 0  # the steps already on disk (a resumed run)
     created: bool = False  # this call made the run directory (a failure before the first step removes it)
     best: _Best = field(default_factory=_Best)
@@ -222,13 +222,19 @@ def open_run(cfg: TrainConfig, resume: bool, model, tok, world, report) -> RunSt
     if resume:  # the run's own settings, checked before anything is loaded
         saved = tj.read_json(out / tj.CONFIG)
         check_same_run(cfg, saved, out)
-        if cfg.eps == AUTO:  # calibrated when the run began
-            cfg.eps = saved["eps"]
+        for key in ("eps", "scale"):
+            if getattr(cfg, key) == AUTO:  # calibrated when the run began
+                setattr(cfg, key, saved[key])
 
-    def calibrate(model, tok, params, param_set):  # --eps auto, before the optimizer is built
-        calibration.update(calibrate_run_eps(cfg, model, tok, params, param_set, task, train_rows, world, report))
+    def calibrate(model, tok, params, param_set):  # --eps / --scale auto, before the optimizer is built
+        if cfg.eps == AUTO:
+            calibration["eps"] = calibrate_run_eps(cfg, model, tok, params, param_set, task, train_rows, world, report)
+        if cfg.scale == AUTO:
+            calibration["scale"] = calibrate_run_scale(cfg, model, tok, params, param_set, task, train_rows, world,
+                                                       report)
 
-    session = prepare(cfg, model, tok, world, recorded=saved, calibrate=calibrate if cfg.eps == AUTO else None)
+    session = prepare(cfg, model, tok, world, recorded=saved,
+                      calibrate=calibrate if AUTO in (cfg.eps, cfg.scale) else None)
     r = RunState(cfg, session, task, train_rows, dev_rows[: cfg.dev_limit], eval_rows, note, out, world, resume, report,
                  calibration=calibration or None)
     base_hash = weights_hash(session.model)
@@ -272,7 +278,7 @@ def _create_run_dir(r: RunState, base_hash: str) -> bool:
         "trained_blocks": trained_blocks(session.model, session.params),
         "param_set": session.param_set.record(), "unit": session.unit,
         "world_size": r.world.size if r.world else 1,
-        **({"eps_calibration": r.calibration} if r.calibration else {}),
+        **{f"{key}_calibration": found for key, found in (r.calibration or {}).items()},
     })
     return created
 
@@ -327,8 +333,8 @@ def begin(r: RunState) -> tuple[Objective, dict | None]:
         _log_status(r, entry)
     if r.note:
         r.log.append({"event": "note", "message": r.note})
-    if r.calibration:
-        r.log.append({"event": "eps_auto", **r.calibration})
+    for key, found in (r.calibration or {}).items():
+        r.log.append({"event": f"{key}_auto", **found})
     zero = None
     if cfg.zero_shot and not r.resume:
         r.report("status", {"message": f"zero-shot evaluation on {len(r.eval_rows)} {r.task.eval_split} examples ..."})
@@ -408,6 +414,33 @@ def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, param_set: Par
                           "steps, or --eps N")
     cfg.eps = cal.eps
     report("status", {"message": f"--eps auto: eps {cal.eps:g} (of {PROBES} probes, by eps: {tested})"})
+    return cal.as_dict()
+
+
+def calibrate_run_scale(cfg: TrainConfig, model, tok, params: list, param_set: ParamSet, task, train_rows: list,
+                        world, report) -> dict:
+    """``--scale auto``: ``zoobj.engine.calibrate.calibrate_scale`` on the batches of the run's
+    first steps, the probes together where the objective runs them so; sets ``cfg.scale``
+    and returns what was found (config.json's ``scale_calibration``). The weights are never
+    left moved."""
+    from zoobj.engine.calibrate import DIRECTIONS, PROBES, SCALES, TARGET_RESPONSE, calibrate_scale
+
+    objective, _ = _objective(cfg, model, tok, task, world, params, param_set)
+    batches = [[train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(train_rows))]
+               for step in range(PROBES)]
+    for b in batches:
+        objective.prepare(b)
+    report("status", {"message": f"--scale auto: {DIRECTIONS} probe directions on each of {PROBES} batches, factors "
+                                 f"{', '.join(f'{k:g}' for k in SCALES)} of lr {cfg.lr:g} and eps {cfg.eps:g} ..."})
+    cal = calibrate_scale(params, [lambda b=b: objective(b) for b in batches], cfg.eps * unit_of(param_set, model, params),
+                          seed=cfg.seed, model=model, noise="auto", kind=cfg.noise,
+                          probes=[(lambda pts, b=b: objective.probes(b, pts)) if objective.together else None
+                                  for b in batches])
+    cfg.scale = cal.scale
+    tested = ", ".join(f"x{row['scale']:g}: {row['response']:.3f}" for row in cal.tested)
+    report("status", {"message": f"--scale auto: x{cal.scale:g} (a probe moved the loss by this share of its spread "
+                                 f"{cal.spread:.3g} over batches: {tested or 'not measured'}; target {TARGET_RESPONSE:g})"
+                                 + (f"; {cal.why}" if cal.why else "")})
     return cal.as_dict()
 
 
