@@ -40,6 +40,7 @@ enough), then the rest by bisection.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -205,64 +206,60 @@ def _pairs(params: list, closures, eps: float, seed: int, directions: int, model
 
 def _one_probe(params: list, closure, eps: float, s: int, model, kernel) -> tuple[float, float]:
     """l+ and l- of one direction, through forward hooks where ``model`` allows, else
-    written in place and copied back; the weights as they were, also when ``closure`` raises."""
+    written in place (``_perturbing``)."""
+    try:
+        with _perturbing(params, eps, kernel, model) as perturb:
+            return _plus_minus(perturb, closure, s)
+    except NotReachable:  # a tensor no module's forward owns: write the shifts, copy back
+        if model is None:
+            raise
+        with _perturbing(params, eps, kernel, None) as perturb:
+            return _plus_minus(perturb, closure, s)
+
+
+@contextlib.contextmanager
+def _perturbing(params: list, eps: float, kernel, model):
+    """Shifts of ``params`` at scale ``eps``: by forward hooks with ``model`` (nothing
+    written), else in place from a host copy that is copied back; the weights exactly as
+    they were afterwards, also when a closure raises."""
     trained = list(enumerate(params))
+    held = None if model is not None else [p.detach().to("cpu", copy=True) for p in params]
+    perturb = Forward(trained, eps, kernel, model) if model is not None else InPlace(trained, eps, kernel)
     try:
-        if model is not None:
-            return _pair(Forward(trained, eps, kernel, model), closure, s, None, params)
-    except NotReachable:
-        pass
-    return _pair(InPlace(trained, eps, kernel), closure, s, [p.detach().to("cpu", copy=True) for p in params], params)
-
-
-def _pair(perturb, closure, s: int, held, params) -> tuple[float, float]:
-    try:
-        perturb.shift(s, +1.0)
-        lp = float(closure())
-        perturb.check_reached()
-        perturb.shift(s, -2.0)
-        lm = float(closure())
-        perturb.shift(s, +1.0)
-        return lp, lm
+        yield perturb
     finally:
         if held is None:
-            perturb.restore(0)
+            perturb.restore(0)  # the hooks' temporaries dropped; nothing was written
             perturb.release()
-        else:
+        else:  # bit for bit where it began
             with atomic(), torch.no_grad():
                 for p, h in zip(params, held):
                     p.copy_(h.to(p.device))
+
+
+def _plus_minus(perturb, closure, s: int) -> tuple[float, float]:
+    """l+ at +eps z(s), l- at -eps z(s), then back."""
+    perturb.shift(s, +1.0)
+    lp = float(closure())
+    perturb.check_reached()
+    perturb.shift(s, -2.0)
+    lm = float(closure())
+    perturb.shift(s, +1.0)
+    return lp, lm
 
 
 def _probe_round(params: list, closures, base: list[float], eps: float, seed: int, model, kernel) -> dict:
     """l+ and l- of each probe direction at scale ``eps``: how many tie at the unperturbed
     loss (too small to flip anything), how many tie away from it (saturated: both sides
     broken alike, as F1 is 0 for two garbled answers), how many are not finite."""
-    trained = list(enumerate(params))
-    held = None if model is not None else [p.detach().to("cpu", copy=True) for p in params]
-    perturb = Forward(trained, eps, kernel, model) if model is not None else InPlace(trained, eps, kernel)
     ties = saturated = nonfinite = 0
-    try:
+    with _perturbing(params, eps, kernel, model) as perturb:
         for j, closure in enumerate(closures):
-            s = step_seed(seed, CALIBRATION_STEP, j)
-            perturb.shift(s, +1.0)
-            lp = float(closure())
-            perturb.check_reached()
-            perturb.shift(s, -2.0)
-            lm = float(closure())
-            perturb.shift(s, +1.0)
+            lp, lm = _plus_minus(perturb, closure, step_seed(seed, CALIBRATION_STEP, j))
             if not (math.isfinite(lp) and math.isfinite(lm)):
                 nonfinite += 1
             elif lp == lm == base[j]:
                 ties += 1
             elif lp == lm:
                 saturated += 1
-    finally:
-        if held is None:
-            perturb.restore(0)  # the hooks' temporaries dropped; nothing was written
-            perturb.release()
-        else:  # bit for bit where the round began
-            with atomic(), torch.no_grad():
-                for p, h in zip(params, held):
-                    p.copy_(h.to(p.device))
     return {"eps": eps, "ties": ties, "saturated": saturated, "nonfinite": nonfinite}
