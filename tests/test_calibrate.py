@@ -289,7 +289,7 @@ def test_scale_auto_grows_the_step_as_much_as_the_model_answers_less(hooks):
         probes = [together(c) for c in weak]
     found = calibrate_scale([w], weak, 0.01, target=0.99 * r1, probes=probes)
     assert found.scale == 4.0 and found.why is None  # a quarter the answer: four times the step
-    assert [t["scale"] for t in found.tested] == [1.0, 4.0, 2.0, 3.0]  # 1 first, then bisection over 1.5 .. 8
+    assert [t["scale"] for t in found.tested] == [1.0, 4.0, 3.0]  # 1, the guess from 1's response, the one below
     assert [t["scale"] for t in calibrate_scale([w], strong, 0.01, target=0.99 * r1).tested] == [1.0]  # one round
     assert bool((w == 0).all())  # the weights as they were
     flat = calibrate_scale([w], [lambda: 1.0] * 4, 0.01)
