@@ -402,8 +402,8 @@ def test_compare_arms_share_the_default_recipe_but_its_smoothing(tmp_path, monke
     assert [getattr(ce, k) for k in same] == [getattr(metric, k) for k in same]
     assert (metric.peft, metric.n, metric.recipe, metric.keep) == ("template", 8, "default classification", "best")
     assert (ce.objective, ce.smooth, metric.objective, metric.smooth) == ("ce", 0.0, "metric", 1.0)
-    assert ("population 8 (zscore), lr 0.2, eps 0.2, scale auto for both arms, the metric smoothed (T = 1) "
-            "(default classification recipe)") in (tmp_path / "report.md").read_text()
+    assert ("population 8 (zscore), lr 0.2, eps 0.2, scale auto for both arms, the metric smoothed (T = 1)"
+            ", cross-entropy over the candidates (default classification recipe)") in (tmp_path / "report.md").read_text()
 
 
 def test_ctrl_c_in_a_run_without_output_names_the_default_run_directory(model_dir, tmp_path, monkeypatch, capsys):

@@ -84,9 +84,12 @@ def train_run(name: str, model_dir: str, out: Path) -> dict:
     from zoobj.engine import trajectory as tj
     from zoobj.run.train import TrainConfig, run
 
-    # recorded with Gaussian directions, the default then, and before the dev evaluation at the start existed
+    # recorded with Gaussian directions, the default then, before the dev evaluation at the start existed, and
+    # with cross-entropy over the vocabulary (a classification task's default became the candidates)
     settings = dict(steps=4, batch_size=4, lr=1e-3, eps=1e-2, eval_limit=8, eval_every=0, dev_limit=4,
                     noise="gaussian", dev_at_start=False)
+    if TRAIN[name]["objective"] == "ce":
+        settings["ce_over"] = "vocabulary"
     cfg = TrainConfig(task="sst2", model=model_dir, output=str(out), **{**settings, **TRAIN[name]})
     result = run(cfg)
     events = [(r["event"], r.get("step")) for r in tj.read_jsonl(out / tj.LOG)]

@@ -272,3 +272,40 @@ def test_rewards_written_for_trl_work_unchanged(tok, tmp_path):
     # smoothed, the reward reads every candidate's words too: E[-|20 - len|] between the two words' values
     soft = -metric_objective(model, tok, sst2, length, smooth=1.0)(rows)
     assert -abs(20 - len("great")) < soft < -abs(20 - len("terrible"))
+
+
+def test_cross_entropy_over_the_candidates_is_the_gold_classs_share_and_old_runs_keep_the_vocabulary(tmp_path):
+    """--objective ce on a classification task: minus the log of the gold candidate's share
+    of a softmax over the candidates' scores (MeZO's train_as_classification); over the
+    vocabulary on request and for generation; a run recorded before the setting existed
+    was over the vocabulary."""
+    import json
+    import math
+
+    from tests.tiny import tiny_gemma, tiny_tokenizer
+    from zoobj.errors import ConfigError
+    from zoobj.model import inference
+    from zoobj.run.config import TrainConfig, check_same_run, load_run_config
+    from zoobj.run.objective import ce_objective
+    from zoobj.tasks import get_task
+
+    tok = tiny_tokenizer()
+    model = tiny_gemma(len(tok), seed=1)
+    task = get_task("sst2")
+    rows = task.load("train")[:6]
+    scores = inference.score_candidates(model, tok, [task.prompt(r) for r in rows], [task.choices(r) for r in rows])
+    want = sum(-(s[task.reference(r)] - math.log(sum(math.exp(x) for x in s))) for s, r in zip(scores, rows)) / len(rows)
+    assert ce_objective(model, tok, task)(rows) == pytest.approx(want, rel=1e-5)
+    vocabulary = ce_objective(model, tok, task, over="vocabulary")(rows)
+    assert vocabulary != pytest.approx(want, rel=1e-3)  # the gold words' NLL among every token: another number
+    with pytest.raises(ConfigError, match="--ce-over candidates needs a classification task"):
+        ce_objective(model, tok, get_task("squad"), over="candidates")
+    assert TrainConfig(task="sst2", objective="ce").resolved().ce_over == "candidates"
+    assert TrainConfig(task="squad", objective="ce").resolved().ce_over == "vocabulary"
+    assert TrainConfig(task="sst2").resolved().ce_over is None  # the metric objective: not used
+    old = {**{k: v for k, v in vars(TrainConfig(task="sst2", objective="ce").resolved()).items()}}
+    del old["ce_over"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert load_run_config(tmp_path).ce_over == "vocabulary"
+    with pytest.raises(ConfigError, match="ce_over 'candidates' \\(the run's: 'vocabulary'\\)"):
+        check_same_run(TrainConfig(task="sst2", objective="ce").resolved(), old, tmp_path)

@@ -429,10 +429,11 @@ def test_smoothed_f1_of_the_probes_together_is_each_probe_alone(tok):
 
 @pytest.mark.parametrize("name", ["sst2", "rte"])  # " terrible" is two tokens here; RTE's Yes/No one each
 def test_classification_probes_together_score_as_each_probe_alone(tok, name):
-    """The smoothed accuracy and the hard accuracy of a classification task, its probes
-    together on the template tail, are each point's value alone (both candidate paths:
-    one-token candidates from the tail's logits, longer ones scored as targets)."""
-    from zoobj.run.objective import metric_objective
+    """The smoothed accuracy, the hard accuracy and the cross-entropy over the candidates of
+    a classification task, its probes together on the template tail, are each point's
+    value alone (both candidate paths: one-token candidates from the tail's logits, longer
+    ones scored as targets)."""
+    from zoobj.run.objective import ce_objective, metric_objective
 
     task = get_task(name)
     rows = task.load("train")[:8]
@@ -453,6 +454,11 @@ def test_classification_probes_together_score_as_each_probe_alone(tok, name):
             assert fn.probes(rows, points) == pytest.approx(alone, rel=1e-5, abs=1e-7)
         else:
             assert fn.probes(rows, points) == alone
+    ce = ce_objective(model, tok, task, shared=shared, batch_size=4)  # over the candidates: a classification task
+    assert ce.over == "candidates" and ce.together
+    alone = _moved(delta, [p[0] for p in points], lambda: ce(rows))
+    assert len({round(x, 6) for x in alone}) == 4 and all(x > 0 for x in alone)
+    assert ce.probes(rows, points) == pytest.approx(alone, rel=1e-5)
     scores = shared.choice_probes(tok, [task.prompt(r) for r in rows], [task.choices(r) for r in rows],
                                   torch.stack([p[0] for p in points]), rows=4)  # one point per forward
     for point, p in zip(scores, points):

@@ -33,7 +33,7 @@ def compare(task: str, ce_lr: float | None = None, output: str | None = None, re
     None is the default (DEFAULTS, else TrainConfig's). ``ce_lr``: the cross-entropy
     arm's learning rate (default: ``lr``)."""
     from zoobj.model.loading import load_model
-    from zoobj.run.objective import evaluate, shared_classes
+    from zoobj.run.objective import ce_over_for, evaluate, shared_classes
     from zoobj.tasks import get_task
 
     base = TrainConfig(task=task, zero_shot=False, **{**DEFAULTS, **{k: v for k, v in settings.items() if v is not None}})
@@ -57,15 +57,13 @@ def compare(task: str, ce_lr: float | None = None, output: str | None = None, re
     del m, tok
     for name, objective, arm_lr in (("MeZO (cross-entropy)", "ce", ce_lr if ce_lr is not None else base.lr),
                                     (f"MeZO ({metric})", "metric", base.lr)):
-        cfg = dataclasses.replace(base, objective=objective, lr=arm_lr, output=str(out / objective),
-                                  train_max_new_tokens=base.train_max_new_tokens if objective == "metric" else None,
-                                  smooth=base.smooth if objective == "metric" else 0.0)  # a metric's smoothing
-        arms[name] = run(cfg, reporter=reporter_factory() if reporter_factory else None)
+        arms[name] = run(_arm(base, t, objective, arm_lr, out), reporter=reporter_factory() if reporter_factory else None)
 
     lines = [f"# zoobj compare: {t.name}, {metric}", "",
              f"Model {base.model}; {base.steps} steps, batch {base.batch_size}, seed {base.seed}, parameters: {base.peft}; "
              f"population {base.n} ({base.shaping}), lr {base.lr:g}, eps {base.eps}{_scale(base)} for both arms"
              f"{f', the metric smoothed (T = {base.smooth:g})' if base.smooth else ''}"
+             f", cross-entropy over the {base.ce_over or ce_over_for(t)}"
              f"{f' ({base.recipe} recipe)' if base.recipe else ''}; "
              f"evaluated on the first {zero['n']} examples of {zero['split']} (95% bootstrap intervals).", "",
              f"| | {metric} | 95% CI | steps | eps | tie rate | wall time |", "|---|---|---|---|---|---|---|"]
@@ -108,6 +106,18 @@ def differences(arms: dict) -> list[str]:
                      else "is level with")
             out.append(f"{b} {where} {a}: {'outside' if apart else 'within'} the intervals")
     return out
+
+
+def _arm(base: TrainConfig, task, objective: str, lr: float, out: Path) -> TrainConfig:
+    """One trained arm's settings: the shared ones, and what is the objective's own (the
+    metric's smoothing and generation length; what cross-entropy normalises over)."""
+    from zoobj.run.objective import ce_over_for
+
+    metric = objective == "metric"
+    return dataclasses.replace(base, objective=objective, lr=lr, output=str(out / objective),
+                               ce_over=None if metric else (base.ce_over or ce_over_for(task)),
+                               train_max_new_tokens=base.train_max_new_tokens if metric else None,
+                               smooth=base.smooth if metric else 0.0)
 
 
 def _scale(cfg) -> str:

@@ -68,6 +68,10 @@ class TrainConfig:
     task: str = setting(help="Task name, task .toml file, or package.module:object.")
     metric: str | None = setting(None, "Metric name, module:function or file.py:function.", shown="the task's")
     objective: str = setting("metric", "metric (optimise the metric itself) or ce (cross-entropy MeZO).")
+    ce_over: str | None = setting(None, "What --objective ce normalises over: candidates (a classification task: the "
+                                  "gold candidate's share of a softmax over the candidates' scores, as MeZO trained "
+                                  "classification) or vocabulary (the gold words' likelihood among all tokens).",
+                                  shown="candidates for classification, vocabulary for generation")
     model: str = setting("gemma-3-270m", "Model alias, local directory, .gguf file or Hub id.")
     steps: int | None = setting(None, "Steps in all.", shown="20, or the task's recipe")
     batch_size: int | None = setting(None, "Global batch size.", shown="8, or the task's recipe")
@@ -183,6 +187,10 @@ class TrainConfig:
         get_metric(c.metric)  # a bad name fails here, before any model is loaded
         check_fits(c.metric, task.kind, task.name)
         _step_settings(c)
+        if c.objective == "ce" and c.ce_over is None:
+            from zoobj.run.objective import ce_over_for
+
+            c.ce_over = ce_over_for(task)
         if c.output is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             c.output = str(Path("runs") / f"{_plain(task.name)}-{_plain(c.metric) if c.objective == 'metric' else 'ce'}"
@@ -320,11 +328,21 @@ def check_same_run(cfg: TrainConfig, saved: dict, out: Path) -> None:
     for key in ("eps", "scale"):
         if ours.get(key) == AUTO and f"{key}_calibration" in saved:  # the run calibrated it when it began
             del ours[key]
-    differ = [k for k, v in ours.items() if (saved[k] if k in saved else _DEFAULTS.get(k)) != v]
+    differ = [k for k, v in ours.items() if _recorded(saved, k) != v]
     if differ:
-        shown = ", ".join(f"{k} {ours[k]!r} (the run's: {saved.get(k, _DEFAULTS.get(k))!r})" for k in differ)
+        shown = ", ".join(f"{k} {ours[k]!r} (the run's: {_recorded(saved, k)!r})" for k in differ)
         raise ConfigError(f"{out}: resuming with settings that differ from {out / tj.CONFIG}: {shown}; "
                           "resume with the run's own settings (zoobj.run.config.load_run_config, or zoobj train --resume)")
+
+
+def _recorded(saved: dict, key: str):
+    """A run's setting from its config.json; one it predates, as the run was made: a
+    cross-entropy run before ``ce_over`` was recorded normalised over the vocabulary."""
+    if key in saved:
+        return saved[key]
+    if key == "ce_over":
+        return "vocabulary" if saved.get("objective") == "ce" else None
+    return _DEFAULTS.get(key)
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
@@ -333,9 +351,9 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     saved = tj.read_json(Path(run_dir) / tj.CONFIG)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
-    for key, value in BEFORE_RECORDED.items():  # a run made before the setting was recorded
+    for key in (*BEFORE_RECORDED, "ce_over"):  # a run made before the setting was recorded
         if key not in saved:
-            setattr(cfg, key, value)
+            setattr(cfg, key, _recorded(saved, key))
     cfg.output = str(run_dir)
     return cfg
 

@@ -444,22 +444,42 @@ class SmoothedGeneration:
         return losses
 
 
+CE_OVER = ("candidates", "vocabulary")  # what --objective ce normalises over (--ce-over)
+
+
 class CrossEntropy:
     """``batch -> mean NLL of the gold continuation tokens`` (over every target token of
-    the batch; data-parallel ranks all-reduce the sum and the count). On a template tail
-    the probes run together."""
+    the batch; data-parallel ranks all-reduce the sum and the count) -- ``over="vocabulary"``;
+    or, for a classification task, ``over="candidates"``: the mean over rows of minus the
+    log of the gold candidate's share of a softmax over the candidates' scores (MeZO's
+    ``train_as_classification``: a loss that only separating the classes lowers). On a
+    template tail the probes run together."""
 
     reads_weights = False  # prepare reads nothing of the model
 
     def __init__(self, model, tok, task, batch_size: int = 16, world=None, shared=None,
-                 notify: Notify | None = None) -> None:
-        self.model, self.tok, self.task = model, tok, task
+                 notify: Notify | None = None, over: str = "vocabulary") -> None:
+        if over not in CE_OVER:
+            raise ConfigError(f"unknown --ce-over {over!r}; choose one of {', '.join(CE_OVER)}")
+        if over == "candidates" and task.kind != "classification":
+            raise ConfigError(f"--ce-over candidates needs a classification task; {task.name} is a {task.kind} task: "
+                              "use --ce-over vocabulary")
+        self.model, self.tok, self.task, self.over = model, tok, task, over
         self.batch_size, self.world, self.shared = batch_size, world, shared
         self._probes = _together(shared, world, self._at_points, notify)
         self.together = self._probes is not None
 
+    def _choice_nll(self, scores: Sequence[Sequence[float]], rows: Sequence[dict]) -> tuple[float, int]:
+        return sum(-_log_softmax(s)[self.task.reference(r)] for s, r in zip(scores, rows)), len(rows)
+
     def __call__(self, rows: Sequence[dict]) -> float:
         mine = rows if self.world is None else self.world.shard(rows)
+        if self.over == "candidates":
+            total, count = self._choice_nll(inference.score_candidates(
+                self.model, self.tok, [self.task.prompt(r) for r in mine], [self.task.choices(r) for r in mine],
+                length_normalize=getattr(self.task, "length_normalize", True), batch_size=self.batch_size,
+                shared=self.shared, relative=True), mine) if mine else (0.0, 0)
+            return -_mean_over_ranks(self.world, total, count)  # (it negates: a mean NLL)
         total, count = inference.target_nll_sum(self.model, self.tok, [self.task.prompt(r) for r in mine],
                                                 [self.task.target(r) for r in mine], batch_size=self.batch_size,
                                                 shared=self.shared)
@@ -476,6 +496,9 @@ class CrossEntropy:
     fallbacks = property(_fallbacks_of)
 
     def _at_points(self, rows: Sequence[dict], deltas) -> list[float]:
+        if self.over == "candidates":
+            return [total / count for total, count in (self._choice_nll(point, rows) for point in
+                                                       _choice_scores(self.shared, self.tok, self.task, rows, deltas))]
         sums = self.shared.nll_probes(self.tok, [self.task.prompt(r) for r in rows],
                                       [self.task.target(r) for r in rows], deltas)
         if any(count == 0 for _, count in sums):
@@ -497,20 +520,27 @@ def metric_objective(model, tok, task, metric: str | Callable, batch_size: int =
 
 
 def ce_objective(model, tok, task, batch_size: int = 16, world=None, shared=None,
-                 notify: Notify | None = None) -> Objective:
-    """The cross-entropy objective (``CrossEntropy``)."""
-    return CrossEntropy(model, tok, task, batch_size, world, shared, notify)
+                 notify: Notify | None = None, over: str | None = None) -> Objective:
+    """The cross-entropy objective (``CrossEntropy``); ``over`` None: ``ce_over_for(task)``."""
+    return CrossEntropy(model, tok, task, batch_size, world, shared, notify, over or ce_over_for(task))
+
+
+def ce_over_for(task) -> str:
+    """What cross-entropy normalises over where unset: the candidates for a classification
+    task (as MeZO trained classification), the vocabulary for generation."""
+    return "candidates" if task.kind == "classification" else "vocabulary"
 
 
 def make_objective(kind: str, model, tok, task, metric, **kw) -> Objective:
     """``kind``: ``"metric"`` or ``"ce"``; ``kw`` as ``metric_objective`` takes (the metric's
-    own settings are ignored for ``ce``)."""
+    own settings are ignored for ``ce``), and ``over`` for ``ce`` (``--ce-over``)."""
+    over = kw.pop("over", None)
     if kind == "metric":
         return metric_objective(model, tok, task, metric, **kw)
     if kind == "ce":
         kw.pop("max_new_tokens", None)
         kw.pop("smooth", None)
-        return ce_objective(model, tok, task, **kw)
+        return ce_objective(model, tok, task, over=over, **kw)
     raise ConfigError(f"unknown objective {kind!r}; choose one of {', '.join(OBJECTIVES)}")
 def evaluate(model, tok, task, metric: str | Callable | None = None, split: str | None = None,
              limit: int | None = None, batch_size: int = 16, data: str | None = None,

@@ -375,7 +375,7 @@ def _objective(cfg: TrainConfig, model, tok, task, world, params: list, param_se
     objective = make_objective(cfg.objective, model, tok, task, cfg.metric, batch_size=cfg.batch_size,
                                world=data_world, shared=store, notify=notify,
                                **({"max_new_tokens": cfg.train_max_new_tokens, "smooth": cfg.smooth}
-                                  if cfg.objective == "metric" else {}))
+                                  if cfg.objective == "metric" else {"over": cfg.ce_over}))
     if objective.together and note:
         note += f"; a step's {2 * cfg.n} probes run together, {PROBE_ROWS} rows per forward"
     return objective, ({"event": "shared", "on": store is not None, "message": note} if note else None)
