@@ -303,6 +303,10 @@ def test_cross_entropy_over_the_candidates_is_the_gold_classs_share_and_old_runs
     assert TrainConfig(task="sst2", objective="ce").resolved().ce_over == "candidates"
     assert TrainConfig(task="squad", objective="ce").resolved().ce_over == "vocabulary"
     assert TrainConfig(task="sst2").resolved().ce_over is None  # the metric objective: not used
+    with pytest.raises(ConfigError, match="--ce-over candidates needs a classification task"):
+        TrainConfig(task="squad", objective="ce", ce_over="candidates").resolved()  # before any model loads
+    with pytest.raises(ConfigError, match="unknown --ce-over 'words'; choose one of candidates, vocabulary"):
+        TrainConfig(task="sst2", objective="ce", ce_over="words").resolved()
     old = {**{k: v for k, v in vars(TrainConfig(task="sst2", objective="ce").resolved()).items()}}
     del old["ce_over"]
     (tmp_path / "config.json").write_text(json.dumps(old))

@@ -187,10 +187,7 @@ class TrainConfig:
         get_metric(c.metric)  # a bad name fails here, before any model is loaded
         check_fits(c.metric, task.kind, task.name)
         _step_settings(c)
-        if c.objective == "ce" and c.ce_over is None:
-            from zoobj.run.objective import ce_over_for
-
-            c.ce_over = ce_over_for(task)
+        _ce_over(c, task)
         if c.output is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             c.output = str(Path("runs") / f"{_plain(task.name)}-{_plain(c.metric) if c.objective == 'metric' else 'ce'}"
@@ -238,6 +235,20 @@ def _step_settings(c: TrainConfig) -> None:
         raise ConfigError(f"--scale must be a finite number > 0 or auto, got {c.scale}")
     if c.scale == AUTO and c.eps == AUTO:
         raise ConfigError("--scale auto and --eps auto each calibrate eps before the first step: choose one")
+
+
+def _ce_over(c: TrainConfig, task) -> None:
+    """What cross-entropy normalises over: checked where given, the task's default for the
+    ce objective where not (the metric objective leaves it unset)."""
+    from zoobj.run.objective import CE_OVER, ce_over_for
+
+    if c.ce_over is not None:
+        _one_of(c.ce_over, CE_OVER, "--ce-over")
+        if c.ce_over == "candidates" and task.kind != "classification":
+            raise ConfigError(f"--ce-over candidates needs a classification task; {task.name} is a {task.kind} task: "
+                              "use --ce-over vocabulary")
+    elif c.objective == "ce":
+        c.ce_over = ce_over_for(task)
 
 
 def _plain(name: str) -> str:
