@@ -302,7 +302,8 @@ def _levers(cfg) -> str:
     """What a run that did not move could try next, leaving out what it already used."""
     out = ["more --steps"]
     if cfg is not None and cfg.scale not in (None, 1, 1.0):
-        out.append(f"a larger --scale (this run's: x{cfg.scale:g})")
+        chosen = "auto's choice, in config.json" if isinstance(cfg.scale, str) else f"x{cfg.scale:g}"
+        out.append(f"a larger --scale (this run's: {chosen})")
     elif cfg is None or cfg.eps != "auto":
         out.append("--eps auto (the smallest eps that unties)")
     if cfg is None or (cfg.n or 1) == 1:
