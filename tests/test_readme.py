@@ -118,3 +118,7 @@ def test_the_results_commands_run_on_a_slice(model_dir, tmp_path, args):
     assert set(results[task]) == {"zero-shot", "ce", "metric"}
     assert results[task]["metric"]["forward_passes"] == 2 * 8 * 1  # a population of 8, one step
     assert f"{task} metric: 1 steps, 16 training forward passes" in out.stdout
+    if task == "sst2":  # the table's settings, not the default recipe's: full parameters, CE over the vocabulary
+        configs = {arm: json.loads(next(tmp_path.rglob(f"{arm}/config.json")).read_text()) for arm in ("ce", "metric")}
+        assert configs["ce"]["peft"] == configs["metric"]["peft"] == "none"
+        assert configs["ce"]["ce_over"] == "vocabulary"
