@@ -171,31 +171,34 @@ def calibrate_scale(params: Sequence[torch.Tensor], closures: Sequence[Callable[
     if not spread > 0:
         cal.why = "the loss is the same on every batch (or not finite): no spread to measure a probe against"
         return cal
-    def reaches(i: int) -> bool:  # one round: the median probe at grid[i] against the target
+    def response(i: int) -> float:  # one round: the median probe at grid[i], in units of the spread
         pairs = _pairs(list(params), closures, eps * grid[i], seed, directions, model, kernel_for(noise, kind), probes)
-        response = statistics.median(abs(lp - lm) / 2 if math.isfinite(lp) and math.isfinite(lm) else 0.0
-                                     for lp, lm in pairs) / spread
-        cal.tested.append({"scale": grid[i], "response": round(response, 4)})
-        return response >= target
+        value = statistics.median(abs(lp - lm) / 2 if math.isfinite(lp) and math.isfinite(lm) else 0.0
+                                  for lp, lm in pairs) / spread
+        cal.tested.append({"scale": grid[i], "response": round(value, 4)})
+        return value
 
-    best = _smallest(grid, reaches, target, lambda: cal.tested[0]["response"])
+    best = _smallest(grid, response, target)
     if best is None:
         best, cal.why = len(grid) - 1, f"no factor up to {grid[-1]:g} moved the loss by {target:g} of its spread"
     cal.scale = grid[best]
     return cal
 
 
-def _smallest(grid: list[float], reaches: Callable[[int], bool], target: float,
-              first: Callable[[], float]) -> int | None:
-    """The index of the smallest grid value that ``reaches`` the target (None: none), on the
-    premise that the response grows with the factor: the first value; else a guess from
-    its response taken as proportional to the factor, then down or up one value at a time
-    (2 or 3 rounds where the guess is near)."""
-    if reaches(0):
+def _smallest(grid: list[float], response: Callable[[int], float], target: float) -> int | None:
+    """The index of the smallest grid value whose ``response`` reaches ``target`` (None:
+    none), on the premise that the response grows with the factor: the first value; else a
+    guess from its response taken as proportional to the factor, then down or up one value
+    at a time (2 or 3 rounds where the guess is near)."""
+    def reaches(i: int) -> bool:
+        return response(i) >= target
+
+    first = response(0)
+    if first >= target:
         return 0
     if len(grid) == 1:
         return None
-    want = grid[0] * target / first() if first() > 0 else grid[-1]
+    want = grid[0] * target / first if first > 0 else grid[-1]
     i = max(1, next((k for k, g in enumerate(grid) if g >= want), len(grid) - 1))
     if reaches(i):
         while i > 1 and reaches(i - 1):

@@ -35,6 +35,7 @@ from zoobj.model.kv import (
     cache_out,
     device_of,
     encode,
+    encode_candidates,
     keeps_whole_prompt,
     left_pad,
     positions,
@@ -117,11 +118,7 @@ def score_candidates(
     """
     dev, pad = device_of(model), tok.pad_token_id
     prompt_ids = encode(tok, prompts, special=True)
-    cand_ids = [encode(tok, cs, special=False) for cs in candidates]
-    for i, cs in enumerate(cand_ids):
-        for j, c in enumerate(cs):
-            if not c:
-                raise ValueError(f"candidate {candidates[i][j]!r} encodes to no tokens")
+    cand_ids = encode_candidates(tok, candidates)
     scores: list[list[float]] = [[] for _ in prompts]
     if shared is not None:
         shared.store.begin(tuple(p) for p in prompt_ids)

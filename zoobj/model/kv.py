@@ -59,6 +59,17 @@ def encode(tok, texts: Sequence[str], special: bool) -> list[list[int]]:
     return [tok(t, add_special_tokens=special)["input_ids"] for t in texts]
 
 
+def encode_candidates(tok, candidates: Sequence[Sequence[str]]) -> list[list[list[int]]]:
+    """Token ids of each row's candidate continuations (no special tokens); a candidate
+    that encodes to no tokens is a ValueError naming it."""
+    ids = [encode(tok, cs, special=False) for cs in candidates]
+    for cs, row in zip(candidates, ids):
+        for c, i in zip(cs, row):
+            if not i:
+                raise ValueError(f"candidate {c!r} encodes to no tokens")
+    return ids
+
+
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, attention mask)`` of the sequences, left-padded to the longest."""
     width = max(len(s) for s in seqs)

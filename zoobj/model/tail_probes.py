@@ -26,6 +26,7 @@ from zoobj.model.kv import (
     cache_kw,
     cache_out,
     encode,
+    encode_candidates,
     keeps_whole_prompt,
     stack_caches,
     stop_tensor,
@@ -286,11 +287,7 @@ class PromptBodyStore:
         over the candidates and the argmax are exact). Where every candidate is one token,
         a point costs the tail's forward over each body and the candidates' logits; longer
         candidates are scored as targets (``nll_rows``: mean or summed log-probability)."""
-        cand_ids = [encode(tok, cs, special=False) for cs in candidates]
-        for cs, ids in zip(candidates, cand_ids):
-            for c, i in zip(cs, ids):
-                if not i:
-                    raise ValueError(f"candidate {c!r} encodes to no tokens")
+        cand_ids = encode_candidates(tok, candidates)
         if any(len(i) != 1 for ids in cand_ids for i in ids):
             pairs = [(i, c) for i, cs in enumerate(candidates) for c in range(len(cs))]
             nll = self.nll_rows(tok, [prompts[i] for i, _ in pairs], [candidates[i][c] for i, c in pairs], deltas, rows)

@@ -240,13 +240,10 @@ def _step_settings(c: TrainConfig) -> None:
 def _ce_over(c: TrainConfig, task) -> None:
     """What cross-entropy normalises over: checked where given, the task's default for the
     ce objective where not (the metric objective leaves it unset)."""
-    from zoobj.run.objective import CE_OVER, ce_over_for
+    from zoobj.run.objective import ce_over_for, check_ce_over
 
     if c.ce_over is not None:
-        _one_of(c.ce_over, CE_OVER, "--ce-over")
-        if c.ce_over == "candidates" and task.kind != "classification":
-            raise ConfigError(f"--ce-over candidates needs a classification task; {task.name} is a {task.kind} task: "
-                              "use --ce-over vocabulary")
+        check_ce_over(c.ce_over, task)
     elif c.objective == "ce":
         c.ce_over = ce_over_for(task)
 

@@ -69,19 +69,23 @@ def predict(model, tok, task, rows: Sequence[dict], batch_size: int = 16, max_ne
     if calibrate and task.kind == "generation":
         raise ConfigError(f"calibration divides out a prior over a classification task's classes; {task.name} "
                           "is a generation task: leave out --calibrate")
-    prompts = [task.prompt(r) for r in rows]
     if task.kind == "generation":
         limit = max_new_tokens or getattr(task, "max_new_tokens", 50)
-        return inference.generate(model, tok, prompts, max_new_tokens=limit, batch_size=batch_size, shared=shared)
-    scores = inference.score_candidates(
-        model, tok, prompts, [task.choices(r) for r in rows],
-        length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size, shared=shared,
-        relative=True,
-    )
+        return inference.generate(model, tok, [task.prompt(r) for r in rows], max_new_tokens=limit,
+                                  batch_size=batch_size, shared=shared)
+    scores = choice_scores(model, tok, task, rows, batch_size, shared)
     if calibrate and rows:
         prior = content_free_prior(model, tok, task, rows)
         return [int(np.argmax(_log_softmax(s) - np.log(prior))) for s in scores]
     return [int(np.argmax(s)) for s in scores]
+
+
+def choice_scores(model, tok, task, rows: Sequence[dict], batch_size: int = 16, shared=None) -> list[list[float]]:
+    """Each classification row's candidate scores as the task scores them (each row's may be
+    off by one constant of that row: enough for an argmax or a softmax over the candidates)."""
+    return inference.score_candidates(model, tok, [task.prompt(r) for r in rows], [task.choices(r) for r in rows],
+                                      length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size,
+                                      shared=shared, relative=True)
 
 
 # The content-free inputs of contextual calibration (Zhao et al. 2021, "Calibrate Before Use").
@@ -145,9 +149,7 @@ def expected_metric(model, tok, task, metric, rows: Sequence[dict], temperature:
     """
     if not rows:
         return 0.0, 0
-    scores = inference.score_candidates(model, tok, [task.prompt(r) for r in rows], [task.choices(r) for r in rows],
-                                        length_normalize=getattr(task, "length_normalize", True), batch_size=batch_size,
-                                        shared=shared, relative=True)  # a softmax over the candidates
+    scores = choice_scores(model, tok, task, rows, batch_size, shared)  # a softmax over the candidates
     return expectation(scores, choice_values(metric, task, rows), temperature)
 
 
@@ -459,11 +461,7 @@ class CrossEntropy:
 
     def __init__(self, model, tok, task, batch_size: int = 16, world=None, shared=None,
                  notify: Notify | None = None, over: str = "vocabulary") -> None:
-        if over not in CE_OVER:
-            raise ConfigError(f"unknown --ce-over {over!r}; choose one of {', '.join(CE_OVER)}")
-        if over == "candidates" and task.kind != "classification":
-            raise ConfigError(f"--ce-over candidates needs a classification task; {task.name} is a {task.kind} task: "
-                              "use --ce-over vocabulary")
+        check_ce_over(over, task)
         self.model, self.tok, self.task, self.over = model, tok, task, over
         self.batch_size, self.world, self.shared = batch_size, world, shared
         self._probes = _together(shared, world, self._at_points, notify)
@@ -475,10 +473,8 @@ class CrossEntropy:
     def __call__(self, rows: Sequence[dict]) -> float:
         mine = rows if self.world is None else self.world.shard(rows)
         if self.over == "candidates":
-            total, count = self._choice_nll(inference.score_candidates(
-                self.model, self.tok, [self.task.prompt(r) for r in mine], [self.task.choices(r) for r in mine],
-                length_normalize=getattr(self.task, "length_normalize", True), batch_size=self.batch_size,
-                shared=self.shared, relative=True), mine) if mine else (0.0, 0)
+            total, count = self._choice_nll(choice_scores(self.model, self.tok, self.task, mine, self.batch_size,
+                                                          self.shared), mine) if mine else (0.0, 0)
             return -_mean_over_ranks(self.world, total, count)  # (it negates: a mean NLL)
         total, count = inference.target_nll_sum(self.model, self.tok, [self.task.prompt(r) for r in mine],
                                                 [self.task.target(r) for r in mine], batch_size=self.batch_size,
@@ -523,6 +519,15 @@ def ce_objective(model, tok, task, batch_size: int = 16, world=None, shared=None
                  notify: Notify | None = None, over: str | None = None) -> Objective:
     """The cross-entropy objective (``CrossEntropy``); ``over`` None: ``ce_over_for(task)``."""
     return CrossEntropy(model, tok, task, batch_size, world, shared, notify, over or ce_over_for(task))
+
+
+def check_ce_over(over: str, task) -> None:
+    """A ConfigError for an unknown ``--ce-over`` or candidates on a task without them."""
+    if over not in CE_OVER:
+        raise ConfigError(f"unknown --ce-over {over!r}; choose one of {', '.join(CE_OVER)}")
+    if over == "candidates" and task.kind != "classification":
+        raise ConfigError(f"--ce-over candidates needs a classification task; {task.name} is a {task.kind} task: "
+                          "use --ce-over vocabulary")
 
 
 def ce_over_for(task) -> str:

@@ -381,6 +381,20 @@ def _objective(cfg: TrainConfig, model, tok, task, world, params: list, param_se
     return objective, ({"event": "shared", "on": store is not None, "message": note} if note else None)
 
 
+def _calibration_batches(cfg: TrainConfig, model, tok, params: list, param_set: ParamSet, task, train_rows: list,
+                         world) -> tuple[Objective, list[list[dict]]]:
+    """The run's objective and the batches of its first ``PROBES`` steps, each prepared from
+    the unperturbed weights (as before a step): what ``--eps auto`` and ``--scale auto`` probe."""
+    from zoobj.engine.calibrate import PROBES
+
+    objective, _ = _objective(cfg, model, tok, task, world, params, param_set)
+    batches = [[train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(train_rows))]
+               for step in range(PROBES)]
+    for b in batches:
+        objective.prepare(b)
+    return objective, batches
+
+
 def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, param_set: ParamSet, task, train_rows: list,
                       world, report) -> dict:
     """``--eps auto``: ``zoobj.engine.calibrate.calibrate_eps`` on the batches of the run's first
@@ -389,11 +403,7 @@ def calibrate_run_eps(cfg: TrainConfig, model, tok, params: list, param_set: Par
     written. A metric that no grid value un-ties is one ConfigError naming the levers left."""
     from zoobj.engine.calibrate import MAX_TIE_FRACTION, PROBES, calibrate_eps, eps_grid
 
-    objective, _ = _objective(cfg, model, tok, task, world, params, param_set)
-    batches = [[train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(train_rows))]
-               for step in range(PROBES)]
-    for b in batches:  # what each batch's probes share, from the unperturbed weights (as before a step)
-        objective.prepare(b)
+    objective, batches = _calibration_batches(cfg, model, tok, params, param_set, task, train_rows, world)
     unit = unit_of(param_set, model, params)  # the grid and the result in the set's units, probed absolute
     grid = eps_grid(PAPER_DEFAULTS[cfg.peft][1])
     report("status", {"message": f"--eps auto: {PROBES} probe directions at up to 3 of eps "
@@ -425,11 +435,7 @@ def calibrate_run_scale(cfg: TrainConfig, model, tok, params: list, param_set: P
     left moved."""
     from zoobj.engine.calibrate import DIRECTIONS, PROBES, SCALES, TARGET_RESPONSE, calibrate_scale
 
-    objective, _ = _objective(cfg, model, tok, task, world, params, param_set)
-    batches = [[train_rows[i] for i in batch_indices(cfg.seed, step, cfg.batch_size, len(train_rows))]
-               for step in range(PROBES)]
-    for b in batches:
-        objective.prepare(b)
+    objective, batches = _calibration_batches(cfg, model, tok, params, param_set, task, train_rows, world)
     report("status", {"message": f"--scale auto: {DIRECTIONS} probe directions on each of {PROBES} batches, factors "
                                  f"{', '.join(f'{k:g}' for k in SCALES)} of lr {cfg.lr:g} and eps {cfg.eps:g} ..."})
     cal = calibrate_scale(params, [lambda b=b: objective(b) for b in batches], cfg.eps * unit_of(param_set, model, params),
